@@ -1,0 +1,298 @@
+"""Domain configuration: the YAML a subnet owner writes, parsed into frozen pydantic models.
+
+Every protocol parameter (phase lengths, selection rule, scoring and merge settings) lives here
+and nowhere else; it is hashed into ``config_digest`` which nodes log at start and commitments
+bind. Unknown keys are errors, and a bad file fails with one line: ``file: field.path: reason``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from connito.errors import ConfigError
+
+__all__ = [
+    "ModelConfig",
+    "DataSource",
+    "TokenizerConfig",
+    "DataConfig",
+    "SelectionConfig",
+    "TrainingConfig",
+    "CycleConfig",
+    "ScoringConfig",
+    "MergeConfig",
+    "DomainConfig",
+    "load_domain_config",
+    "parse_domain_config",
+    "config_digest",
+]
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Strict):
+    """Which base MoE model the domain adapts.
+
+    Exactly one of ``id`` (a Hub model id or a local folder), ``inline`` (a transformers config
+    dict with ``model_type``, for tiny offline models) or ``base`` (``library:VERSION``) is set.
+    """
+
+    id: str | None = Field(None, description="Hub model id or local folder of a pretrained MoE")
+    revision: str = Field("main", description="Hub revision (commit sha preferred) of the base model")
+    inline: dict[str, Any] | None = Field(None, description="transformers config dict for a tiny model")
+    base: str | None = Field(None, description="start from an expert library version: library:VERSION")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="weights dtype")
+    experts_implementation: Literal["eager", "grouped_mm", "batched_mm"] | None = Field(
+        None, description="transformers experts kernel; None keeps the model default"
+    )
+    init_seed: int = Field(0, description="seed for initialising an inline model's weights")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelConfig:
+        sources = [name for name in ("id", "inline", "base") if getattr(self, name) is not None]
+        if len(sources) != 1:
+            raise ValueError(f"set exactly one of id, inline, base (got {sources or 'none'})")
+        if self.inline is not None and "model_type" not in self.inline:
+            raise ValueError("inline config needs a model_type")
+        if self.base is not None and not self.base.startswith("library:"):
+            raise ValueError(f"base must look like library:VERSION, got {self.base!r}")
+        return self
+
+    @property
+    def name(self) -> str:
+        """A stable human name for the base model (used in manifests and selections)."""
+        if self.id is not None:
+            return self.id
+        if self.base is not None:
+            return self.base
+        return f"inline:{self.inline['model_type']}"  # type: ignore[index]
+
+
+class DataSource(_Strict):
+    """One text source.
+
+    ``kind``: ``generated`` (``name`` is one of connito's offline generators: ``math``,
+    ``english``, ``code``), ``hub`` (``name`` is a Hub dataset id loaded with ``datasets``) or
+    ``files`` (``name`` is a glob of local json/jsonl/txt/parquet files).
+    """
+
+    kind: Literal["generated", "hub", "files"]
+    name: str = Field(min_length=1)
+    subset: str | None = Field(None, description="datasets config name")
+    split: str = Field("train", description="datasets split")
+    text_field: str = Field("text", description="column holding the document text")
+    max_documents: int | None = Field(None, ge=1, description="cap on documents read; None reads all")
+    weight: float = Field(1.0, gt=0, description="mixing weight when several sources are given")
+
+
+class TokenizerConfig(_Strict):
+    """Tokenizer: a Hub/local tokenizer, or a byte-level BPE connito trains and caches."""
+
+    kind: Literal["pretrained", "local_bpe"] = "pretrained"
+    id: str | None = Field(None, description="tokenizer id or folder; None uses the model id")
+    vocab_size: int = Field(4096, ge=256, description="vocabulary size of a local_bpe tokenizer")
+
+
+class DataConfig(_Strict):
+    """Where training, held-out and general text come from."""
+
+    train: list[DataSource] = Field(min_length=1, description="domain text miners train on")
+    validation: list[DataSource] = Field(
+        default_factory=list,
+        description="explicit held-out domain text; when empty, held-out docs are split from train by hash",
+    )
+    general: list[DataSource] = Field(default_factory=list, description="general-domain reference text")
+    heldout_fraction: float = Field(0.05, gt=0, lt=0.5, description="share of train docs held out by hash")
+    sequence_length: int = Field(256, ge=8, description="tokens per packed sequence")
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+
+
+class SelectionConfig(_Strict):
+    """ESFT expert selection (paper: Wang et al. 2024, section 3)."""
+
+    method: Literal["token_ratio", "gate_score", "differential"] = "token_ratio"
+    p: float | None = Field(
+        None, gt=0, le=1, description="cumulative share to reach per layer; default 0.2 token_ratio, 0.1 gate_score"
+    )
+    min_experts_per_layer: int = Field(1, ge=1)
+    max_experts_per_layer: int | None = Field(None, ge=1, description="None: no cap")
+    probe_tokens: int = Field(131072, ge=16, description="domain tokens forwarded to measure routing")
+    probe_batch_size: int = Field(8, ge=1, description="sequences per probing forward pass")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> SelectionConfig:
+        if self.max_experts_per_layer is not None and self.max_experts_per_layer < self.min_experts_per_layer:
+            raise ValueError(
+                f"max_experts_per_layer ({self.max_experts_per_layer}) < min_experts_per_layer "
+                f"({self.min_experts_per_layer})"
+            )
+        return self
+
+    @property
+    def threshold(self) -> float:
+        """The p actually used: explicit, or the ESFT default for the method."""
+        if self.p is not None:
+            return self.p
+        return 0.1 if self.method == "gate_score" else 0.2
+
+
+class TrainingConfig(_Strict):
+    """The miners' inner optimisation: AdamW on the selected experts only."""
+
+    inner_steps: int = Field(100, ge=1, description="H: optimizer steps per cycle")
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    batch_size: int = Field(8, ge=1, description="sequences per micro-batch")
+    grad_accum_steps: int = Field(1, ge=1)
+    grad_clip: float | None = Field(1.0, gt=0, description="max global grad norm; None disables")
+    residency: Literal["full", "subset"] = Field(
+        "subset", description="full: whole model resident; subset: only selected experts resident"
+    )
+    gradient_checkpointing: bool = False
+    seed: int = 0
+
+
+class CycleConfig(_Strict):
+    """Phase lengths in blocks; a cycle is train, commit, reveal, evaluate, merge in that order."""
+
+    train_blocks: int = Field(ge=1)
+    commit_blocks: int = Field(ge=1)
+    reveal_blocks: int = Field(ge=1)
+    evaluate_blocks: int = Field(ge=1)
+    merge_blocks: int = Field(ge=1)
+    genesis_block: int = Field(0, ge=0, description="block at which cycle 0 starts")
+
+    @property
+    def cycle_blocks(self) -> int:
+        return (
+            self.train_blocks + self.commit_blocks + self.reveal_blocks + self.evaluate_blocks + self.merge_blocks
+        )
+
+
+class ScoringConfig(_Strict):
+    """Proof-of-Loss scoring, ranking and weights."""
+
+    eval_batches: int = Field(8, ge=1, description="held-out batches in each cycle's seeded sample")
+    eval_batch_size: int = Field(8, ge=1)
+    general_batches: int = Field(4, ge=0, description="general-domain batches for the forgetting guard")
+    general_tolerance: float = Field(
+        0.02, ge=0, description="max relative general-loss increase over the global model"
+    )
+    min_improvement: float = Field(0.0, ge=0, description="loss drop below which a submission is lazy")
+    duplicate_cosine: float = Field(0.99, gt=0, le=1, description="pseudo-gradient cosine marking a copy")
+    top_k: int = Field(8, ge=1, description="miners rewarded per cycle")
+    rank_weighting: Literal["linear", "exponential", "winner_take_all"] = "exponential"
+    rank_decay: float = Field(0.5, gt=0, lt=1, description="ratio between consecutive ranks (exponential)")
+    ema_alpha: float = Field(0.5, gt=0, le=1, description="weight of the newest cycle in the score EMA")
+    burn_share: float = Field(0.0, ge=0, le=1, description="share of weight sent to owner_uid")
+    owner_uid: int | None = Field(None, ge=0)
+    max_payload_bytes: int = Field(512 * 2**20, ge=1, description="cap on a checkpoint's download size")
+    max_manifest_bytes: int = Field(64 * 1024, ge=256)
+
+    @model_validator(mode="after")
+    def _burn(self) -> ScoringConfig:
+        if self.burn_share > 0 and self.owner_uid is None:
+            raise ValueError("burn_share > 0 needs owner_uid")
+        return self
+
+
+class MergeConfig(_Strict):
+    """The DiLoCo outer step applied by the lead validator."""
+
+    top_n: int = Field(3, ge=1, description="accepted submissions merged per cycle")
+    outer_lr: float = Field(0.7, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = True
+    clip_norm: float | None = Field(
+        None, gt=0, description="clip each pseudo-gradient to this multiple of the median norm; None disables"
+    )
+
+
+class DomainConfig(_Strict):
+    """A whole domain: the one file a subnet owner edits."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,31}$", description="domain name, bound into commitments")
+    netuid: int = Field(0, ge=0, description="subnet uid")
+    model: ModelConfig
+    data: DataConfig
+    selection: SelectionConfig = Field(default_factory=SelectionConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    cycle: CycleConfig
+    scoring: ScoringConfig = Field(default_factory=ScoringConfig)
+    merge: MergeConfig = Field(default_factory=MergeConfig)
+
+
+def _field_path(loc: tuple[Any, ...]) -> str:
+    parts: list[str] = []
+    for item in loc:
+        if isinstance(item, int):
+            parts.append(f"[{item}]")
+        else:
+            parts.append(("." if parts else "") + str(item))
+    return "".join(parts) or "<root>"
+
+
+def _first_error(exc: ValidationError) -> tuple[str, str]:
+    err = exc.errors(include_url=False)[0]
+    loc = tuple(x for x in err["loc"] if not (isinstance(x, str) and x.startswith("function-after")))
+    message = err["msg"]
+    if err["type"] == "extra_forbidden":
+        message = "unknown key"
+    elif err["type"] == "missing":
+        message = "required field is missing"
+    elif "input" in err and err["type"] not in ("model_type", "dict_type"):
+        message = f"{message}, got {err['input']!r}"
+    return _field_path(loc), message.replace("Value error, ", "")
+
+
+def parse_domain_config(data: Any, *, path: str = "<config>") -> DomainConfig:
+    """Validate an already-parsed YAML document.
+
+    Raises:
+        ConfigError: the first violation, as ``path: field: reason``.
+    """
+    if not isinstance(data, dict):
+        raise ConfigError(f"top level must be a mapping, got {type(data).__name__}", path=path)
+    try:
+        return DomainConfig.model_validate(data)
+    except ValidationError as exc:
+        field, message = _first_error(exc)
+        raise ConfigError(message, path=path, field=field) from None
+
+
+def load_domain_config(path: str | Path) -> DomainConfig:
+    """Read and validate a domain YAML file (``yaml.safe_load``: data, never code).
+
+    Raises:
+        ConfigError: unreadable file, bad YAML, or a schema violation.
+    """
+    path_str = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read: {exc.__class__.__name__}: {exc}", path=path_str) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark is not None else "yaml"
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"invalid YAML: {problem}", path=path_str, field=where) from None
+    return parse_domain_config(data, path=path_str)
+
+
+def config_digest(config: DomainConfig) -> str:
+    """sha256 of the canonical JSON of every protocol parameter (hex, 64 chars)."""
+    canonical = json.dumps(config.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
