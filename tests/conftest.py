@@ -1,0 +1,104 @@
+"""Shared fixtures: tiny seeded MoE models of every supported family, built from configs offline."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+_COMMON = dict(
+    vocab_size=128,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    tie_word_embeddings=False,
+)
+
+# model_type -> extra config: 8 routed experts, top-2 (DeepSeek-V3 grouped: 4 groups of 2).
+TINY_CONFIGS: dict[str, dict] = {
+    "qwen3_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, intermediate_size=64, head_dim=8),
+    "qwen2_moe": dict(
+        num_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=16,
+        shared_expert_intermediate_size=32,
+        intermediate_size=64,
+    ),
+    "olmoe": dict(num_experts=8, num_experts_per_tok=2, intermediate_size=16),
+    "mixtral": dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=16),
+    "deepseek_v2": dict(
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=16,
+        intermediate_size=64,
+        n_shared_experts=1,
+        num_key_value_heads=4,
+        first_k_dense_replace=0,
+        kv_lora_rank=16,
+        q_lora_rank=None,
+        qk_rope_head_dim=4,
+        qk_nope_head_dim=8,
+        v_head_dim=8,
+        topk_method="greedy",
+        n_group=1,
+        topk_group=1,
+    ),
+    "deepseek_v3": dict(
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=16,
+        intermediate_size=64,
+        n_shared_experts=1,
+        num_key_value_heads=4,
+        first_k_dense_replace=0,
+        kv_lora_rank=16,
+        q_lora_rank=None,
+        qk_rope_head_dim=4,
+        qk_nope_head_dim=8,
+        v_head_dim=8,
+        n_group=4,
+        topk_group=2,
+        norm_topk_prob=True,
+    ),
+}
+MODEL_TYPES = tuple(TINY_CONFIGS)
+
+
+def tiny_config(model_type: str, **overrides):
+    """A transformers config for a 2-layer, 8-expert, hidden-32 model of ``model_type``."""
+    values = {**_COMMON, **TINY_CONFIGS[model_type], **overrides}
+    return AutoConfig.for_model(model_type, **values)
+
+
+def tiny_model(model_type: str, seed: int = 0, **overrides):
+    """A seeded tiny model in eval mode; router weights randomised so routing is non-trivial."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type, **overrides))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("mlp.gate.weight"):
+                param.normal_(0.0, 0.5)  # some families zero-init routers: make routing non-uniform
+            if name.endswith("e_score_correction_bias"):
+                param.uniform_(-0.1, 0.1)
+        for name, buf in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buf.uniform_(-0.1, 0.1)
+    return model.eval()
+
+
+def random_batch(batch_size: int = 2, seq_len: int = 16, vocab: int = 128, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (batch_size, seq_len), generator=generator)
+
+
+@pytest.fixture(params=MODEL_TYPES)
+def model_type(request) -> str:
+    return request.param
