@@ -1,0 +1,621 @@
+"""LocalChain: the embedded chain, one SQLite ledger file shared by processes on one machine.
+
+It is the default backend of ``connito localnet`` and of the tests, and it keeps the rules the
+neurons rely on from the real chain: blocks advance (with the wall clock or by hand), block hashes
+are unpredictable before the block exists, every write is sr25519-signed by a registered hotkey
+and verified before it is stored, commitments and weights are rate limited, and a new commitment
+replaces the old one. The rule it keeps: the ledger is only changed inside one ``BEGIN IMMEDIATE``
+transaction per write, so concurrent writers never lose an update and a crash never leaves half
+a write behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import math
+import numbers
+import os
+import sqlite3
+import struct
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import bittensor as bt
+from bittensor.sp_core import Keypair, ss58_decode
+from bittensor.sp_core import verify as sr25519_verify
+
+from connito.chain.base import ChainParams, Commitment, Neuron
+from connito.errors import ChainError
+
+__all__ = [
+    "MAX_COMMITMENT_BYTES",
+    "GenesisNeuron",
+    "LocalChain",
+    "create_wallet",
+    "signing_message",
+    "verify_signature",
+]
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+MAX_COMMITMENT_BYTES = 128  # the chain's Raw field budget; protocol commitments fit in it
+BUSY_TIMEOUT_S = 60.0  # how long a writer waits for another process's transaction to finish
+SIGNING_DOMAIN = b"connito-localchain-v1"  # a local-chain signature is useless anywhere else
+MAX_UID = 0xFFFF  # uids are u16 on chain and in the weights payload
+_OPERATION = {"commitment": "commit", "weights": "set_weights"}  # write kind -> method name
+_WEIGHT_ENTRY = struct.Struct(">Hd")  # (uid u16, weight f64): exact, canonical, sorted by uid
+
+_SCHEMA = """
+CREATE TABLE chain (
+    id INTEGER PRIMARY KEY CHECK (id = 0),
+    schema_version INTEGER NOT NULL,
+    netuid INTEGER NOT NULL,
+    seed INTEGER NOT NULL,
+    block_time_s REAL,                      -- NULL: manual clock, blocks move only by advance
+    genesis_time REAL NOT NULL,             -- unix seconds of block 0
+    block_offset INTEGER NOT NULL,          -- blocks added by advance_blocks
+    tempo INTEGER NOT NULL,
+    weights_rate_limit INTEGER NOT NULL,
+    commitment_rate_limit INTEGER NOT NULL
+);
+CREATE TABLE neurons (
+    uid INTEGER PRIMARY KEY,
+    hotkey TEXT NOT NULL UNIQUE,
+    stake REAL NOT NULL,
+    validator_permit INTEGER NOT NULL,
+    registered_block INTEGER NOT NULL
+);
+CREATE TABLE writes (                       -- every signed write ever accepted, in order
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind TEXT NOT NULL CHECK (kind IN ('commitment', 'weights')),
+    hotkey TEXT NOT NULL,
+    uid INTEGER NOT NULL,
+    block INTEGER NOT NULL,
+    payload BLOB NOT NULL,
+    signature BLOB NOT NULL
+);
+CREATE INDEX writes_by_hotkey ON writes (kind, hotkey, seq);
+"""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GenesisNeuron:
+    """A neuron registered at block 0; uids follow the order of the genesis list."""
+
+    hotkey: str
+    stake: float = 0.0
+    validator_permit: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _ChainRow:
+    netuid: int
+    seed: int
+    block_time_s: float | None
+    genesis_time: float
+    block_offset: int
+    params: ChainParams
+
+
+def signing_message(*, netuid: int, kind: str, block: int, payload: bytes) -> bytes:
+    """The canonical bytes a hotkey signs for one write.
+
+    Fixed-width, length-prefixed fields under a domain tag: no two writes (other subnet, other
+    kind, other block, other payload) share a message, so a signature cannot be replayed.
+    """
+    kind_bytes = kind.encode("ascii")
+    header = struct.pack(">HQB", netuid, block, len(kind_bytes))
+    return SIGNING_DOMAIN + header + kind_bytes + struct.pack(">I", len(payload)) + payload
+
+
+def verify_signature(*, hotkey: str, message: bytes, signature: bytes) -> None:
+    """Check an sr25519 signature against the hotkey's ss58 address, like the chain's runtime.
+
+    Raises:
+        ChainError: the signature is malformed or was not made by ``hotkey`` over ``message``.
+    """
+    try:
+        is_valid = bool(sr25519_verify(message, signature, hotkey))
+    except ValueError as e:  # wrong length, bad ss58: malformed, so invalid
+        raise ChainError(f"write refused hotkey={hotkey}: malformed signature: {e}") from e
+    if not is_valid:
+        raise ChainError(f"write refused hotkey={hotkey}: bad sr25519 signature over the write")
+
+
+def create_wallet(wallets_dir: str | Path, name: str, *, hotkey: str = "default") -> bt.Wallet:
+    """Create (or load, if its files exist) an unencrypted bittensor wallet, offline and silent.
+
+    For localnet and tests: no password prompt (there is no stdin) and the mnemonic is never
+    printed or logged. A second hotkey under an existing coldkey is added without touching it.
+    """
+    wallet = bt.Wallet(name=name, hotkey=hotkey, path=str(wallets_dir))
+    discard_mnemonic: Callable[[str], None] = lambda _mnemonic: None  # noqa: E731
+    if not wallet.coldkeypub_file.exists_on_device():
+        wallet.create_new_coldkey(use_password=False, on_mnemonic=discard_mnemonic)
+    if not wallet.hotkey_file.exists_on_device():
+        wallet.create_new_hotkey(use_password=False, on_mnemonic=discard_mnemonic)
+    return wallet
+
+
+class LocalChain:
+    """The embedded chain: one subnet in one SQLite ledger (see the module docstring).
+
+    Each method opens its own connection, so one object is safe across threads and fork, and any
+    number of processes may open the same ledger.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        wallet: bt.Wallet | Keypair | None = None,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        self._path = Path(path)
+        self._clock = clock if clock is not None else time.time
+        self._keypair = _hotkey_keypair(wallet)
+        self._chain_row()  # fail now, not at the first read, if the ledger is missing or foreign
+
+    @classmethod
+    def open(
+        cls,
+        path: str | Path,
+        *,
+        wallet: bt.Wallet | Keypair | None = None,
+        clock: Callable[[], float] | None = None,
+    ) -> LocalChain:
+        """Open an existing ledger; without a wallet the chain is read-only.
+
+        Raises:
+            ChainError: the ledger is missing, not a ledger, or from another schema version.
+        """
+        return cls(path, wallet=wallet, clock=clock)
+
+    @classmethod
+    def genesis(
+        cls,
+        path: str | Path,
+        *,
+        netuid: int,
+        seed: int,
+        neurons: list[GenesisNeuron],
+        block_time_s: float | None = None,
+        tempo: int = 360,
+        weights_rate_limit: int = 100,
+        commitment_rate_limit: int = 100,
+        genesis_time: float | None = None,
+        clock: Callable[[], float] | None = None,
+    ) -> LocalChain:
+        """Create a new ledger at block 0 and return it opened read-only.
+
+        The ledger is built in a temp file and hard-linked into place, so a crash leaves no
+        half-made ledger and an existing one is never overwritten. ``block_time_s`` None or 0
+        gives the manual clock (tests); otherwise blocks follow the wall clock from
+        ``genesis_time`` (default: now).
+
+        Raises:
+            ChainError: the path exists, or a parameter or neuron is invalid.
+        """
+        target = Path(path)
+        _check_genesis_params(target, netuid=netuid, seed=seed, neurons=neurons)
+        _check_genesis_limits(target, tempo, weights_rate_limit, commitment_rate_limit, block_time_s)
+        start = genesis_time if genesis_time is not None else (clock or time.time)()
+        row = (SCHEMA_VERSION, netuid, seed, block_time_s or None, start, 0, tempo)
+        row += (weights_rate_limit, commitment_rate_limit)
+        _write_new_ledger(target, row, neurons)
+        logger.info("chain=local genesis path=%s netuid=%s neurons=%s", target, netuid, len(neurons))
+        return cls(target, clock=clock)
+
+    # ---- reads ---------------------------------------------------------------------------
+
+    @property
+    def hotkey(self) -> str | None:
+        """ss58 of the hotkey this object writes as (None: read-only)."""
+        return self._keypair.ss58_address if self._keypair is not None else None
+
+    @property
+    def path(self) -> Path:
+        """The ledger file."""
+        return self._path
+
+    @property
+    def netuid(self) -> int:
+        """The subnet this ledger holds."""
+        return self._chain_row().netuid
+
+    def current_block(self) -> int:
+        """The latest block: wall-clock blocks since genesis plus manual advances."""
+        return self._block_of(self._chain_row())
+
+    def block_hash(self, block: int) -> str:
+        """``0x`` + sha256(seed, block): deterministic per ledger, unknown before it exists.
+
+        Raises:
+            ChainError: the block is negative or in the future.
+        """
+        row = self._chain_row()
+        current = self._block_of(row)
+        if block < 0 or block > current:
+            raise ChainError(f"block_hash refused block={block}: must be in [0, {current}] (current block)")
+        return _block_hash(row.seed, block)
+
+    def params(self) -> ChainParams:
+        """The subnet hyperparameters fixed at genesis."""
+        return self._chain_row().params
+
+    def metagraph(self) -> list[Neuron]:
+        """Every registered neuron, ordered by uid."""
+        with self._transaction(write=False) as conn:
+            return _neurons(conn)
+
+    def commitments(self) -> list[Commitment]:
+        """The latest commitment of every registered hotkey that has one, ordered by uid."""
+        with self._transaction(write=False) as conn:
+            rows = conn.execute(
+                "SELECT w.hotkey, w.block, w.payload FROM writes w JOIN neurons n ON n.hotkey = w.hotkey"
+                " WHERE w.seq = (SELECT MAX(seq) FROM writes WHERE kind = 'commitment'"
+                " AND hotkey = w.hotkey) ORDER BY n.uid"
+            ).fetchall()
+        return [Commitment(hotkey=h, block=b, data=bytes(d)) for h, b, d in rows]
+
+    def commitment_history(self, hotkey: str | None = None) -> list[Commitment]:
+        """Every commitment ever accepted (optionally of one hotkey), in write order; for audits."""
+        query = "SELECT hotkey, block, payload FROM writes WHERE kind = 'commitment'"
+        args: tuple[str, ...] = ()
+        if hotkey is not None:
+            query, args = query + " AND hotkey = ?", (hotkey,)
+        with self._transaction(write=False) as conn:
+            rows = conn.execute(query + " ORDER BY seq", args).fetchall()
+        return [Commitment(hotkey=h, block=b, data=bytes(d)) for h, b, d in rows]
+
+    def weights(self) -> dict[int, dict[int, float]]:
+        """The latest normalised weights of every registered hotkey that set any, by its uid."""
+        with self._transaction(write=False) as conn:
+            rows = conn.execute(
+                "SELECT n.uid, w.payload FROM writes w JOIN neurons n ON n.hotkey = w.hotkey"
+                " WHERE w.seq = (SELECT MAX(seq) FROM writes WHERE kind = 'weights'"
+                " AND hotkey = w.hotkey) ORDER BY n.uid"
+            ).fetchall()
+        return {uid: _decode_weights(bytes(payload)) for uid, payload in rows}
+
+    def audit(self) -> int:
+        """Re-verify the signature of every stored write; returns how many were checked.
+
+        Raises:
+            ChainError: a stored write's signature does not verify (the ledger was tampered with).
+        """
+        with self._transaction(write=False) as conn:
+            netuid = self._chain_row(conn).netuid
+            rows = conn.execute("SELECT seq, kind, hotkey, block, payload, signature FROM writes").fetchall()
+        for seq, kind, hotkey, block, payload, signature in rows:
+            message = signing_message(netuid=netuid, kind=kind, block=block, payload=bytes(payload))
+            try:
+                verify_signature(hotkey=hotkey, message=message, signature=bytes(signature))
+            except ChainError as e:
+                raise ChainError(f"ledger {self._path}: write seq={seq} kind={kind}: {e}") from e
+        return len(rows)
+
+    # ---- signed writes -------------------------------------------------------------------
+
+    def commit(self, data: bytes) -> int:
+        """Write this hotkey's commitment, replacing its previous one; returns its block.
+
+        Raises:
+            ChainError: read-only, too long, not registered, or rate limited.
+        """
+        if len(data) > MAX_COMMITMENT_BYTES:
+            raise ChainError(
+                f"commit refused hotkey={self.hotkey}: {len(data)} bytes, max {MAX_COMMITMENT_BYTES}"
+            )
+        payload = bytes(data)
+        return self._signed_write("commitment", lambda _conn, _neuron: payload)
+
+    def set_weights(self, weights: dict[int, float]) -> int:
+        """Set this validator's weights, normalised to sum 1; returns the block.
+
+        Raises:
+            ChainError: read-only, not registered, no validator permit, rate limited, or the
+                weights are empty, non-finite, negative, all zero or name an unknown uid.
+        """
+
+        def payload(conn: sqlite3.Connection, neuron: Neuron) -> bytes:
+            if not neuron.validator_permit:
+                raise ChainError(
+                    f"set_weights refused hotkey={neuron.hotkey} uid={neuron.uid}: no validator permit"
+                )
+            known_uids = {n.uid for n in _neurons(conn)}
+            return _encode_weights(weights, known_uids=known_uids, hotkey=neuron.hotkey)
+
+        return self._signed_write("weights", payload)
+
+    def _signed_write(self, kind: str, build_payload: Callable[[sqlite3.Connection, Neuron], bytes]) -> int:
+        """Check, sign, verify and store one write inside one IMMEDIATE transaction."""
+        operation = _OPERATION[kind]
+        keypair = self._require_keypair(operation)
+        hotkey = keypair.ss58_address
+        with self._transaction(write=True) as conn:
+            row = self._chain_row(conn)
+            block = self._block_of(row)
+            neuron = _registered(conn, hotkey, operation=operation)
+            payload = build_payload(conn, neuron)
+            limit_blocks = (
+                row.params.weights_rate_limit if kind == "weights" else row.params.commitment_rate_limit
+            )
+            _check_rate_limit(conn, kind=kind, hotkey=hotkey, block=block, limit_blocks=limit_blocks)
+            message = signing_message(netuid=row.netuid, kind=kind, block=block, payload=payload)
+            signature = _sign(keypair, message)
+            verify_signature(hotkey=hotkey, message=message, signature=signature)
+            conn.execute(
+                "INSERT INTO writes (kind, hotkey, uid, block, payload, signature) VALUES (?, ?, ?, ?, ?, ?)",
+                (kind, hotkey, neuron.uid, block, payload, signature),
+            )
+        logger.info(
+            "chain=local write=%s hotkey=%s uid=%s block=%s bytes=%s",
+            kind,
+            hotkey,
+            neuron.uid,
+            block,
+            len(payload),
+        )
+        return block
+
+    # ---- admin (the subnet owner's hand on a local ledger) -------------------------------
+
+    def advance_blocks(self, n: int) -> int:
+        """Move the chain ``n`` blocks forward (on any clock); returns the new block.
+
+        Raises:
+            ChainError: ``n`` is negative.
+        """
+        if n < 0:
+            raise ChainError(f"advance_blocks refused n={n}: blocks only move forward")
+        with self._transaction(write=True) as conn:
+            conn.execute("UPDATE chain SET block_offset = block_offset + ?", (n,))
+            return self._block_of(self._chain_row(conn))
+
+    def register(
+        self, hotkey: str, *, stake: float = 0.0, validator_permit: bool = False, uid: int | None = None
+    ) -> int:
+        """Register a hotkey on ``uid`` (default: the lowest free uid); returns the uid.
+
+        Raises:
+            ChainError: the hotkey is invalid or registered, the uid is taken, or stake is bad.
+        """
+        _check_neuron(GenesisNeuron(hotkey=hotkey, stake=stake, validator_permit=validator_permit))
+        with self._transaction(write=True) as conn:
+            taken = {n.uid: n.hotkey for n in _neurons(conn)}
+            if hotkey in taken.values():
+                raise ChainError(f"register refused hotkey={hotkey}: already registered")
+            if uid is None:
+                uid = next(u for u in range(len(taken) + 1) if u not in taken)
+            if not 0 <= uid <= MAX_UID or uid in taken:
+                raise ChainError(
+                    f"register refused hotkey={hotkey} uid={uid}: taken or outside [0, {MAX_UID}]"
+                )
+            block = self._block_of(self._chain_row(conn))
+            conn.execute(
+                "INSERT INTO neurons VALUES (?, ?, ?, ?, ?)",
+                (uid, hotkey, stake, int(validator_permit), block),
+            )
+        logger.info("chain=local register hotkey=%s uid=%s block=%s", hotkey, uid, block)
+        return uid
+
+    def deregister(self, hotkey: str) -> int:
+        """Remove a hotkey from the subnet and free its uid; returns that uid.
+
+        Its past writes stay in the ledger's history; it no longer appears in reads.
+
+        Raises:
+            ChainError: the hotkey is not registered.
+        """
+        with self._transaction(write=True) as conn:
+            uid = _registered(conn, hotkey, operation="deregister").uid
+            conn.execute("DELETE FROM neurons WHERE hotkey = ?", (hotkey,))
+        logger.info("chain=local deregister hotkey=%s uid=%s", hotkey, uid)
+        return uid
+
+    # ---- internals -----------------------------------------------------------------------
+
+    def _require_keypair(self, kind: str) -> Keypair:
+        if self._keypair is None:
+            raise ChainError(f"{kind} refused ledger={self._path}: chain opened read-only (no wallet)")
+        return self._keypair
+
+    def _block_of(self, row: _ChainRow) -> int:
+        if row.block_time_s is None:
+            return row.block_offset
+        elapsed_s = max(0.0, self._clock() - row.genesis_time)
+        return row.block_offset + math.floor(elapsed_s / row.block_time_s)
+
+    def _chain_row(self, conn: sqlite3.Connection | None = None) -> _ChainRow:
+        if conn is None:
+            with self._transaction(write=False) as own:
+                return self._chain_row(own)
+        try:
+            fields = conn.execute("SELECT * FROM chain WHERE id = 0").fetchone()
+        except sqlite3.Error as e:
+            raise ChainError(f"ledger {self._path}: not a connito local chain ledger: {e}") from e
+        if fields is None or fields[1] != SCHEMA_VERSION:
+            found = None if fields is None else fields[1]
+            raise ChainError(f"ledger {self._path}: schema_version={found}, expected {SCHEMA_VERSION}")
+        _, _, netuid, seed, block_time_s, genesis_time, offset, tempo, wrl, crl = fields
+        params = ChainParams(tempo=tempo, weights_rate_limit=wrl, commitment_rate_limit=crl)
+        return _ChainRow(
+            netuid=netuid,
+            seed=seed,
+            block_time_s=block_time_s,
+            genesis_time=genesis_time,
+            block_offset=offset,
+            params=params,
+        )
+
+    @contextlib.contextmanager
+    def _transaction(self, *, write: bool) -> Iterator[sqlite3.Connection]:
+        """One connection, one transaction: IMMEDIATE for writes (serialises writers across
+        processes, so read-check-write never races), deferred for reads (a consistent snapshot)."""
+        if not self._path.is_file():
+            raise ChainError(f"ledger {self._path}: not found; create it with LocalChain.genesis")
+        try:
+            conn = _connect(self._path)
+        except sqlite3.Error as e:
+            raise ChainError(f"ledger {self._path}: cannot open: {e}") from e
+        try:
+            conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        except sqlite3.Error as e:
+            raise ChainError(f"ledger {self._path}: {'write' if write else 'read'} failed: {e}") from e
+        finally:
+            conn.close()
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    # mode=rw: never create an empty database by accident; isolation_level=None: we issue BEGIN.
+    uri = path.resolve().as_uri() + "?mode=rw"
+    conn = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+    conn.execute("PRAGMA synchronous=FULL")  # an accepted write survives power loss
+    return conn
+
+
+def _write_new_ledger(target: Path, chain_row: tuple[object, ...], neurons: list[GenesisNeuron]) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.genesis-{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        conn = sqlite3.connect(tmp, isolation_level=None)
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")  # persistent in the file: readers never block writers
+            conn.executescript("BEGIN;" + _SCHEMA)
+            conn.execute("INSERT INTO chain VALUES (0, ?, ?, ?, ?, ?, ?, ?, ?, ?)", chain_row)
+            conn.executemany(
+                "INSERT INTO neurons VALUES (?, ?, ?, ?, 0)",
+                [(uid, n.hotkey, n.stake, int(n.validator_permit)) for uid, n in enumerate(neurons)],
+            )
+            conn.execute("COMMIT")
+        finally:
+            conn.close()
+        os.link(tmp, target)  # atomic and refuses to replace: two racing geneses cannot both win
+    except FileExistsError as e:
+        raise ChainError(f"genesis refused {target}: ledger already exists") from e
+    except (sqlite3.Error, OSError) as e:
+        raise ChainError(f"genesis {target}: cannot write ledger: {e}") from e
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _check_genesis_params(target: Path, *, netuid: int, seed: int, neurons: list[GenesisNeuron]) -> None:
+    if target.exists():
+        raise ChainError(f"genesis refused {target}: ledger already exists")
+    if not 0 <= netuid <= 0xFFFF:
+        raise ChainError(f"genesis {target}: netuid: must be in [0, 65535], got {netuid}")
+    if not 0 <= seed < 2**63:
+        raise ChainError(f"genesis {target}: seed: must be in [0, 2**63), got {seed}")
+    if len(neurons) > MAX_UID + 1:
+        raise ChainError(f"genesis {target}: neurons: {len(neurons)} given, max {MAX_UID + 1}")
+    hotkeys = [n.hotkey for n in neurons]
+    if len(set(hotkeys)) != len(hotkeys):
+        raise ChainError(f"genesis {target}: neurons: duplicate hotkey")
+    for neuron in neurons:
+        _check_neuron(neuron)
+
+
+def _check_genesis_limits(
+    target: Path, tempo: int, weights_rate_limit: int, commitment_rate_limit: int, block_time_s: float | None
+) -> None:
+    for name, value, low in (
+        ("tempo", tempo, 1),
+        ("weights_rate_limit", weights_rate_limit, 0),
+        ("commitment_rate_limit", commitment_rate_limit, 0),
+    ):
+        if value < low:
+            raise ChainError(f"genesis {target}: {name}: must be >= {low}, got {value}")
+    if block_time_s is not None and not (math.isfinite(block_time_s) and block_time_s >= 0):
+        raise ChainError(f"genesis {target}: block_time_s: must be None or >= 0, got {block_time_s}")
+
+
+def _check_neuron(neuron: GenesisNeuron) -> None:
+    try:
+        ss58_decode(neuron.hotkey)
+    except ValueError as e:
+        raise ChainError(f"neuron hotkey={neuron.hotkey!r}: not an ss58 address: {e}") from e
+    if not (math.isfinite(neuron.stake) and neuron.stake >= 0):
+        raise ChainError(f"neuron hotkey={neuron.hotkey}: stake: must be finite and >= 0, got {neuron.stake}")
+
+
+def _hotkey_keypair(wallet: bt.Wallet | Keypair | None) -> Keypair | None:
+    if wallet is None or isinstance(wallet, Keypair):
+        return wallet
+    try:
+        return wallet.hotkey
+    except Exception as e:  # the SDK raises KeyfileError, OSError or ValueError for a bad keyfile
+        raise ChainError(f"wallet {wallet.name}/{wallet.hotkey_str}: cannot load hotkey: {e}") from e
+
+
+def _sign(keypair: Keypair, message: bytes) -> bytes:
+    try:
+        return bytes(keypair.sign(message))
+    except Exception as e:  # a public-only keypair cannot sign; the binding raises its own types
+        raise ChainError(f"write refused hotkey={keypair.ss58_address}: cannot sign: {e}") from e
+
+
+def _block_hash(seed: int, block: int) -> str:
+    return "0x" + hashlib.sha256(SIGNING_DOMAIN + struct.pack(">QQ", seed, block)).hexdigest()
+
+
+def _neurons(conn: sqlite3.Connection) -> list[Neuron]:
+    rows = conn.execute("SELECT uid, hotkey, stake, validator_permit FROM neurons ORDER BY uid").fetchall()
+    return [Neuron(uid=u, hotkey=h, stake=s, validator_permit=bool(p)) for u, h, s, p in rows]
+
+
+def _registered(conn: sqlite3.Connection, hotkey: str, *, operation: str) -> Neuron:
+    for neuron in _neurons(conn):
+        if neuron.hotkey == hotkey:
+            return neuron
+    raise ChainError(f"{operation} refused hotkey={hotkey}: hotkey is not registered on this subnet")
+
+
+def _check_rate_limit(
+    conn: sqlite3.Connection, *, kind: str, hotkey: str, block: int, limit_blocks: int
+) -> None:
+    """Like subtensor: a write is allowed when ``block - last_block >= limit_blocks``."""
+    last = conn.execute(
+        "SELECT block FROM writes WHERE kind = ? AND hotkey = ? ORDER BY seq DESC LIMIT 1", (kind, hotkey)
+    ).fetchone()
+    if last is None or block - last[0] >= limit_blocks:
+        return
+    remaining = last[0] + limit_blocks - block
+    raise ChainError(
+        f"{_OPERATION[kind]} refused hotkey={hotkey} block={block}: {kind} rate limit {limit_blocks} blocks, "
+        f"last {kind} at block {last[0]}, {remaining} blocks remain"
+    )
+
+
+def _encode_weights(weights: dict[int, float], *, known_uids: set[int], hotkey: str) -> bytes:
+    """Validate and normalise weights into the canonical payload; never repairs bad values."""
+    where = f"set_weights refused hotkey={hotkey}"
+    if not weights:
+        raise ChainError(f"{where}: weights: empty")
+    for uid, value in weights.items():
+        if isinstance(uid, bool) or not isinstance(uid, int) or uid not in known_uids:
+            raise ChainError(f"{where}: uid={uid!r}: not a registered uid")
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+            raise ChainError(f"{where}: uid={uid}: weight {value!r} is not a finite number")
+        if value < 0:
+            raise ChainError(f"{where}: uid={uid}: weight {value} is negative")
+    total = math.fsum(float(v) for v in weights.values())
+    if total <= 0:
+        raise ChainError(f"{where}: weights sum to {total}, must be > 0")
+    return b"".join(_WEIGHT_ENTRY.pack(uid, float(weights[uid]) / total) for uid in sorted(weights))
+
+
+def _decode_weights(payload: bytes) -> dict[int, float]:
+    return {uid: weight for uid, weight in _WEIGHT_ENTRY.iter_unpack(payload)}

@@ -1,0 +1,355 @@
+"""HfHubStore: checkpoints on the Hugging Face Hub, through huggingface_hub's public API.
+
+Rules it keeps: uploads send exactly the named files and return the commit sha they created;
+downloads accept only a 40-hex commit sha (a branch or tag can move between commit and
+evaluation), read file sizes from the Hub's metadata and refuse before fetching a byte when a
+file is missing or the total exceeds the cap, and never fetch any other file of the repo.
+Every huggingface_hub or transport exception leaves as a one-line ``StoreError``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TypeVar
+
+import httpx2
+from huggingface_hub import CommitOperationAdd, HfApi
+from huggingface_hub.errors import (
+    DisabledRepoError,
+    EntryNotFoundError,
+    GatedRepoError,
+    HfHubHTTPError,
+    HFValidationError,
+    LocalEntryNotFoundError,
+    OfflineModeIsEnabled,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from huggingface_hub.hf_api import RepoFile
+
+from connito.errors import StoreError
+from connito.hub.base import CHECKPOINT_FILES, StoreRef, validate_file_names, validate_repo_id
+
+__all__ = ["HfHubStore", "HF_KIND", "DEFAULT_ENDPOINT"]
+
+logger = logging.getLogger(__name__)
+
+HF_KIND = "hf"
+DEFAULT_ENDPOINT = "https://huggingface.co"
+DEFAULT_MAX_RETRIES = 3
+DEFAULT_BACKOFF_S = 1.0
+MAX_BACKOFF_S = 30.0
+_COMMIT_SHA = re.compile(r"[0-9a-f]{40}")
+_TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+# Errors that call for a retry: the request may not have reached the Hub, or the Hub was busy.
+_TRANSPORT_ERRORS = (httpx2.TransportError, OfflineModeIsEnabled)
+_MAPPED_ERRORS = (HfHubHTTPError, EntryNotFoundError, httpx2.HTTPError, OfflineModeIsEnabled, ValueError, OSError)
+
+T = TypeVar("T")
+
+
+class HfHubStore:
+    """Checkpoint store on a Hugging Face Hub (huggingface.co or any Hub-API ``endpoint``).
+
+    The token comes only from the constructor: ``token=None`` means anonymous, never a token
+    that huggingface_hub would otherwise pick up from the environment or a login file.
+    Transient failures (connection errors, 408/429/5xx) are retried ``max_retries`` times with
+    exponential backoff from ``backoff_s``, one WARNING line per failure.
+    """
+
+    kind: str = HF_KIND
+
+    def __init__(
+        self,
+        *,
+        token: str | None,
+        endpoint: str | None = None,
+        private: bool = False,
+        max_retries: int = DEFAULT_MAX_RETRIES,
+        backoff_s: float = DEFAULT_BACKOFF_S,
+    ) -> None:
+        if max_retries < 0 or backoff_s < 0:
+            raise ValueError(f"max_retries={max_retries} and backoff_s={backoff_s} must be >= 0")
+        self.endpoint = (endpoint or DEFAULT_ENDPOINT).rstrip("/")
+        self.private = private
+        self.max_retries = max_retries
+        self.backoff_s = backoff_s
+        # token=False tells huggingface_hub not to look for a token of its own.
+        self._token: str | bool = token if token else False
+        self._api = HfApi(endpoint=self.endpoint, token=self._token)
+
+    @classmethod
+    def from_env(cls, *, private: bool = False, environ: Mapping[str, str] | None = None) -> HfHubStore:
+        """Build a store from ``HF_TOKEN`` and ``HF_ENDPOINT``, read once, here and nowhere else.
+
+        Neurons call this at startup; library code receives the store already built.
+        """
+        env = os.environ if environ is None else environ
+        return cls(token=env.get("HF_TOKEN") or None, endpoint=env.get("HF_ENDPOINT") or None, private=private)
+
+    def __repr__(self) -> str:
+        # Never show the token.
+        return f"HfHubStore(endpoint={self.endpoint!r}, private={self.private}, authenticated={bool(self._token)})"
+
+    # -- upload --------------------------------------------------------------------------------
+    def upload(
+        self, folder: Path, *, repo: str, files: tuple[str, ...] = CHECKPOINT_FILES, message: str = ""
+    ) -> StoreRef:
+        """Commit exactly ``files`` from ``folder`` to ``repo`` (created if needed); returns the commit.
+
+        The returned revision is the commit sha the Hub reports for this commit (or, when the
+        files are byte-identical to the branch head, the head's sha: the Hub skips empty commits).
+
+        Raises:
+            StoreError: ``refused`` (bad repo id or file name, no write access), ``missing``
+                (a file not in ``folder``), ``unreachable``, ``error``.
+        """
+        validate_repo_id(repo)
+        names = validate_file_names(files, repo=repo)
+        paths = {name: Path(folder) / name for name in names}
+        for name, path in paths.items():
+            if not path.is_file():
+                raise StoreError(
+                    f"hf upload repo={repo}: file {name} not found in {folder}", reason="missing", repo=repo
+                )
+        self._call(
+            "create_repo",
+            repo,
+            None,
+            lambda: self._api.create_repo(repo, repo_type="model", private=self.private, exist_ok=True),
+        )
+
+        def commit() -> str:
+            # Fresh operations per attempt: huggingface_hub marks an operation as used.
+            operations = [
+                CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path)) for name, path in paths.items()
+            ]
+            info = self._api.create_commit(
+                repo, operations, commit_message=message or f"connito upload {len(names)} files", repo_type="model"
+            )
+            return str(info.oid)
+
+        revision = self._call("commit", repo, None, commit)
+        if _COMMIT_SHA.fullmatch(revision) is None:
+            raise StoreError(
+                f"hf upload repo={repo}: Hub returned commit id {revision!r}, expected 40 hex chars", repo=repo
+            )
+        total_bytes = sum(path.stat().st_size for path in paths.values())
+        logger.info("hf upload repo=%s rev=%s files=%d bytes=%d", repo, revision, len(names), total_bytes)
+        return StoreRef(kind=HF_KIND, repo=repo, revision=revision)
+
+    # -- download ------------------------------------------------------------------------------
+    def download(
+        self,
+        ref: StoreRef,
+        dest: Path,
+        *,
+        max_bytes: int,
+        files: tuple[str, ...] = CHECKPOINT_FILES,
+    ) -> Path:
+        """Fetch ``files`` of ``ref`` into ``dest`` after checking their sizes; returns ``dest``.
+
+        Sizes come from the Hub's paths-info at the pinned commit; a missing file or a total
+        over ``max_bytes`` refuses the download before any file content is requested. Files
+        land in a staging folder first, so ``dest`` never holds a partial download.
+
+        Raises:
+            StoreError: ``refused`` (not a commit sha, bad name, gated), ``missing`` (repo,
+                revision or file), ``too_large``, ``unreachable``, ``error``.
+        """
+        _check_ref(ref)
+        names = validate_file_names(files, repo=ref.repo)
+        sizes = self._sizes(ref, names)
+        where = f"hf download repo={ref.repo} rev={ref.revision}"
+        missing = [name for name in names if name not in sizes]
+        if missing:
+            raise StoreError(
+                f"{where}: file(s) {', '.join(missing)} not in revision",
+                reason="missing",
+                repo=ref.repo,
+                revision=ref.revision,
+            )
+        total_bytes = sum(sizes[name] for name in names)
+        if total_bytes > max_bytes:
+            raise StoreError(
+                f"{where}: {total_bytes} bytes exceeds max_bytes={max_bytes}",
+                reason="too_large",
+                repo=ref.repo,
+                revision=ref.revision,
+            )
+        self._fetch(ref, names, {name: sizes[name] for name in names}, Path(dest))
+        logger.info(
+            "hf download repo=%s rev=%s files=%d bytes=%d", ref.repo, ref.revision, len(names), total_bytes
+        )
+        return Path(dest)
+
+    def list_files(self, ref: StoreRef) -> dict[str, int]:
+        """All files of the pinned revision with their sizes in bytes (metadata only).
+
+        Raises:
+            StoreError: as ``download``, less ``too_large``.
+        """
+        _check_ref(ref)
+
+        def tree() -> dict[str, int]:
+            entries = self._api.list_repo_tree(ref.repo, revision=ref.revision, recursive=True, repo_type="model")
+            return {entry.path: entry.size for entry in entries if isinstance(entry, RepoFile)}
+
+        return dict(sorted(self._call("list_files", ref.repo, ref.revision, tree).items()))
+
+    # -- helpers -------------------------------------------------------------------------------
+    def _sizes(self, ref: StoreRef, names: tuple[str, ...]) -> dict[str, int]:
+        """Sizes of those of ``names`` that exist at the revision (folders do not count)."""
+
+        def paths_info() -> dict[str, int]:
+            entries = self._api.get_paths_info(ref.repo, list(names), revision=ref.revision, repo_type="model")
+            return {entry.path: entry.size for entry in entries if isinstance(entry, RepoFile)}
+
+        return self._call("paths_info", ref.repo, ref.revision, paths_info)
+
+    def _fetch(self, ref: StoreRef, names: tuple[str, ...], sizes: dict[str, int], dest: Path) -> None:
+        """Download each file into a staging folder inside ``dest``, check sizes, then move them in."""
+        try:
+            dest.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=".hf-download-", dir=dest))
+        except OSError as e:
+            raise StoreError(
+                f"hf download repo={ref.repo} rev={ref.revision} dest={dest}: {e}",
+                repo=ref.repo,
+                revision=ref.revision,
+            ) from e
+        try:
+            for name in names:
+                path = self._call(
+                    "download",
+                    ref.repo,
+                    ref.revision,
+                    lambda name=name: self._api.hf_hub_download(
+                        ref.repo, name, revision=ref.revision, repo_type="model", local_dir=staging
+                    ),
+                )
+                _check_size(ref, name, Path(path), sizes[name])
+            for name in names:
+                os.replace(staging / name, dest / name)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def _call(self, what: str, repo: str, revision: str | None, fn: Callable[[], T]) -> T:
+        """Run one Hub call with bounded retries on transient errors; map failures to StoreError."""
+        attempts = self.max_retries + 1
+        for attempt in range(1, attempts + 1):
+            try:
+                return fn()
+            except _MAPPED_ERRORS as e:
+                if isinstance(e, StoreError):
+                    raise
+                error = _to_store_error(e, what=what, repo=repo, revision=revision)
+                if not _is_transient(e) or attempt == attempts:
+                    raise error from e
+                delay_s = min(self.backoff_s * 2 ** (attempt - 1), MAX_BACKOFF_S)
+                logger.warning(
+                    "hf %s failed repo=%s rev=%s attempt=%d/%d retry_in_s=%.1f error=%s",
+                    what,
+                    repo,
+                    revision,
+                    attempt,
+                    attempts,
+                    delay_s,
+                    type(e).__name__,
+                )
+                if delay_s > 0:
+                    time.sleep(delay_s)
+        raise AssertionError("unreachable: the loop returns or raises")
+
+
+def _check_ref(ref: StoreRef) -> None:
+    if ref.kind != HF_KIND:
+        raise StoreError(
+            f"hf ref repo={ref.repo} rev={ref.revision}: kind {ref.kind!r}, expected {HF_KIND!r}",
+            reason="refused",
+            repo=ref.repo,
+            revision=ref.revision,
+        )
+    validate_repo_id(ref.repo)
+    if not isinstance(ref.revision, str) or _COMMIT_SHA.fullmatch(ref.revision) is None:
+        # A branch or tag name can move after the commit deadline; only a commit sha pins content.
+        raise StoreError(
+            f"hf ref repo={ref.repo} rev={ref.revision!r}: revision must be a 40-hex lowercase commit sha",
+            reason="refused",
+            repo=ref.repo,
+            revision=str(ref.revision),
+        )
+
+
+def _check_size(ref: StoreRef, name: str, path: Path, expected_bytes: int) -> None:
+    actual_bytes = path.stat().st_size
+    if actual_bytes != expected_bytes:
+        raise StoreError(
+            f"hf download repo={ref.repo} rev={ref.revision}: file {name} is {actual_bytes} bytes, "
+            f"metadata said {expected_bytes}",
+            repo=ref.repo,
+            revision=ref.revision,
+        )
+
+
+def _status(error: BaseException) -> int | None:
+    response = getattr(error, "response", None)
+    return getattr(response, "status_code", None)
+
+
+def _is_transient(error: BaseException) -> bool:
+    """Worth retrying: a transport failure, a Hub busy status, or a download cut off mid-way."""
+    if isinstance(error, OfflineModeIsEnabled):
+        return False  # HF_HUB_OFFLINE is a setting, not a hiccup
+    if isinstance(error, httpx2.TransportError):
+        return True
+    if isinstance(error, LocalEntryNotFoundError):
+        return error.__cause__ is not None and _is_transient(error.__cause__)
+    return isinstance(error, HfHubHTTPError) and _status(error) in _TRANSIENT_STATUS
+
+
+def _classify(error: BaseException) -> tuple[str, str]:
+    """(reason, short description) of a huggingface_hub or transport exception."""
+    status = _status(error)
+    checks: list[tuple[type[BaseException], str, str]] = [
+        (GatedRepoError, "refused", "gated repository, no access"),
+        (RepositoryNotFoundError, "missing", "repository not found"),
+        (RevisionNotFoundError, "missing", "revision not found"),
+        (DisabledRepoError, "refused", "repository disabled"),
+        (LocalEntryNotFoundError, "unreachable", "Hub unreachable while fetching the file"),
+        (EntryNotFoundError, "missing", "file not found"),
+        (OfflineModeIsEnabled, "unreachable", "HF_HUB_OFFLINE is set"),
+        (httpx2.TimeoutException, "unreachable", "timed out"),
+        (httpx2.TransportError, "unreachable", "connection failed"),
+        (HFValidationError, "refused", "invalid repo id or revision"),
+    ]
+    for error_type, reason, description in checks:
+        if isinstance(error, error_type):
+            return reason, description
+    if isinstance(error, HfHubHTTPError) and status is not None:
+        if status in (401, 403):
+            return "refused", f"HTTP {status}, access denied"
+        if status == 404:
+            return "missing", "HTTP 404"
+        if status == 413:
+            return "too_large", "HTTP 413"
+        if status in _TRANSIENT_STATUS:
+            return "unreachable", f"HTTP {status}"
+        return "error", f"HTTP {status}"
+    first_line = (str(error).strip().splitlines() or ["no detail"])[0]
+    return "error", first_line[:200]
+
+
+def _to_store_error(error: BaseException, *, what: str, repo: str, revision: str | None) -> StoreError:
+    reason, description = _classify(error)
+    where = f"hf {what} repo={repo}" + (f" rev={revision}" if revision else "")
+    return StoreError(
+        f"{where}: {description} ({type(error).__name__})", reason=reason, repo=repo, revision=revision
+    )
