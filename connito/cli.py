@@ -1,0 +1,104 @@
+"""The ``connito`` command: a verb per job, kebab-case flags, errors turned into one line here.
+
+Exit codes: 0 success, 1 a rejection or failure (one line on stderr), 2 usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from connito.errors import ConnitoError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["main", "build_parser"]
+
+
+def _add_select(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("select", help="measure routing on domain data and write the expert selection JSON")
+    p.add_argument("--config", required=True, type=Path, help="domain YAML")
+    p.add_argument("--out", required=True, type=Path, help="where to write SELECTION.json")
+    p.add_argument(
+        "--model", type=Path, default=None, help="pretrained model folder (default: the config's model)"
+    )
+    p.add_argument(
+        "--cache-dir", type=Path, default=Path(".cache/connito"), help="data and tokenizer cache (default .cache/connito)"
+    )
+    p.add_argument("--no-progress", action="store_true", help="hide the probing progress bar")
+
+
+def _add_verify(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("verify-checkpoint", help="check an untrusted expert checkpoint as a validator would")
+    p.add_argument("path", type=Path, help="checkpoint folder (experts.safetensors + manifest.json)")
+    p.add_argument("--selection", required=True, type=Path, help="the domain's SELECTION.json")
+    p.add_argument("--model", type=Path, default=None, help="model folder giving expected shapes and dtype (optional)")
+    p.add_argument(
+        "--max-bytes", type=int, default=512 * 2**20, help="size cap for the checkpoint in bytes (default 512 MiB)"
+    )
+
+
+def _add_localnet(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("localnet", help="run the whole subnet on this machine, offline")
+    p.add_argument("--config", type=Path, default=Path("configs/domains/tiny-math.yaml"), help="domain YAML")
+    p.add_argument("--miners", type=int, default=3, help="honest miner processes (default 3)")
+    p.add_argument("--validators", type=int, default=2, help="validator processes (default 2)")
+    p.add_argument("--cycles", type=int, default=3, help="protocol cycles to run (default 3)")
+    p.add_argument("--workdir", type=Path, default=Path("runs/localnet"), help="run folder (default runs/localnet)")
+    p.add_argument(
+        "--adversaries",
+        default="",
+        help="comma-separated extra miners: copy,nan,lazy,stale (default none)",
+    )
+    p.add_argument("--block-time", type=float, default=None, help="seconds per block (default: from the run plan)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="connito", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_select(sub)
+    _add_verify(sub)
+    _add_localnet(sub)
+    return parser
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "select":
+        from connito.owner import run_select
+
+        return run_select(
+            args.config, args.out, model_dir=args.model, cache_dir=args.cache_dir, progress=not args.no_progress
+        )
+    if args.command == "verify-checkpoint":
+        from connito.checkpoint import verify_checkpoint_cli
+
+        return verify_checkpoint_cli(args.path, args.selection, model_dir=args.model, max_bytes=args.max_bytes)
+    if args.command == "localnet":
+        from connito.localnet import run_localnet
+
+        return run_localnet(args)
+    raise AssertionError(f"unhandled command {args.command}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return _dispatch(args)
+    except ConnitoError as exc:
+        print(f"connito {args.command}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"connito {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

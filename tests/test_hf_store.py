@@ -1,0 +1,276 @@
+"""HfHubStore through the real huggingface_hub code paths against a loopback Hub server."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+from hub_server import HubServer, configure_hf_env, hub_server  # noqa: F401 - hub_server is a fixture
+
+from connito.errors import StoreError
+from connito.hub import CHECKPOINT_FILES, CheckpointStore, StoreRef
+from connito.hub.hf import HfHubStore
+
+REPO = "miner-1/experts"
+MISSING_SHA = "0123456789abcdef0123456789abcdef01234567"
+
+
+def _write_checkpoint(folder: Path, *, payload: bytes = b"\x00\x01tensor-bytes" * 200) -> dict[str, bytes]:
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {"experts.safetensors": payload, "manifest.json": b'{"schema_version": 1}'}
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    return files
+
+
+def _store(server: HubServer, **kwargs: object) -> HfHubStore:
+    options: dict[str, object] = {"token": None, "endpoint": server.url, "max_retries": 0, "backoff_s": 0.0}
+    options.update(kwargs)
+    return HfHubStore(**options)  # type: ignore[arg-type]
+
+
+def _single_line(error: StoreError) -> str:
+    message = str(error)
+    assert "\n" not in message
+    return message
+
+
+def test_hf_store_satisfies_checkpoint_store_protocol() -> None:
+    """HfHubStore is a CheckpointStore of kind "hf"."""
+    store = HfHubStore(token=None, endpoint="http://127.0.0.1:9")
+    assert isinstance(store, CheckpointStore)
+    assert store.kind == "hf"
+
+
+def test_round_trip_bytes_equal(hub_server: HubServer, tmp_path: Path) -> None:
+    """Upload returns the new commit sha; downloading it gives the same bytes and nothing else."""
+    store = _store(hub_server)
+    files = _write_checkpoint(tmp_path / "ckpt")
+
+    ref = store.upload(tmp_path / "ckpt", repo=REPO, message="cycle 3")
+    dest = store.download(ref, tmp_path / "dest", max_bytes=1 << 20)
+
+    assert ref == StoreRef(kind="hf", repo=REPO, revision=hub_server.repos[REPO].branches["main"])
+    assert sorted(p.name for p in dest.iterdir()) == sorted(files)  # no .cache or staging left
+    for name, data in files.items():
+        assert (dest / name).read_bytes() == data
+    assert hub_server.unknown_requests == []
+
+
+def test_upload_commits_exactly_the_named_files(hub_server: HubServer, tmp_path: Path) -> None:
+    """Other files in the folder never reach the Hub."""
+    store = _store(hub_server)
+    files = _write_checkpoint(tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "optimizer.pt").write_bytes(b"private state")
+
+    ref = store.upload(tmp_path / "ckpt", repo=REPO)
+
+    assert hub_server.files_at(REPO, ref.revision) == files
+    assert store.list_files(ref) == {name: len(data) for name, data in files.items()}
+
+
+def test_old_revision_stays_downloadable_after_new_upload(hub_server: HubServer, tmp_path: Path) -> None:
+    """A ref pins its commit: a later upload to the same repo does not change what it serves."""
+    store = _store(hub_server)
+    old_files = _write_checkpoint(tmp_path / "v1", payload=b"weights-v1")
+    _write_checkpoint(tmp_path / "v2", payload=b"weights-v2")
+    old = store.upload(tmp_path / "v1", repo=REPO)
+    new = store.upload(tmp_path / "v2", repo=REPO)
+
+    store.download(old, tmp_path / "dest", max_bytes=1 << 20)
+
+    assert old.revision != new.revision
+    assert (tmp_path / "dest" / "experts.safetensors").read_bytes() == old_files["experts.safetensors"]
+
+
+def test_download_fetches_only_requested_files(hub_server: HubServer, tmp_path: Path) -> None:
+    """A repo's other files (here a large one) are never requested."""
+    store = _store(hub_server)
+    _write_checkpoint(tmp_path / "ckpt")
+    store.upload(tmp_path / "ckpt", repo=REPO)
+    revision = hub_server.add_commit(REPO, {"huge.bin": b"\x00" * 100_000})
+
+    store.download(StoreRef(kind="hf", repo=REPO, revision=revision), tmp_path / "dest", max_bytes=1 << 20)
+
+    assert hub_server.resolve_paths()
+    assert all(path.rsplit("/", 1)[-1] in CHECKPOINT_FILES for path in hub_server.resolve_paths())
+    assert not (tmp_path / "dest" / "huge.bin").exists()
+
+
+def test_wrong_revision_is_missing(hub_server: HubServer, tmp_path: Path) -> None:
+    """A 40-hex sha the repo does not have is missing; the message names repo and revision."""
+    store = _store(hub_server)
+    _write_checkpoint(tmp_path / "ckpt")
+    store.upload(tmp_path / "ckpt", repo=REPO)
+
+    with pytest.raises(StoreError) as info:
+        store.download(StoreRef(kind="hf", repo=REPO, revision=MISSING_SHA), tmp_path / "dest", max_bytes=1 << 20)
+
+    assert info.value.reason == "missing"
+    assert f"repo={REPO} rev={MISSING_SHA}: revision not found" in _single_line(info.value)
+    assert hub_server.resolve_paths() == []
+
+
+@pytest.mark.parametrize("revision", ["main", "v1.0", "ABCDEF0123456789ABCDEF0123456789ABCDEF01", "abc123"])
+def test_non_sha_revision_refused_without_contacting_hub(
+    hub_server: HubServer, tmp_path: Path, revision: str
+) -> None:
+    """Branch names, tags, short or uppercase shas can move or be ambiguous: refused up front."""
+    store = _store(hub_server)
+
+    with pytest.raises(StoreError) as info:
+        store.download(StoreRef(kind="hf", repo=REPO, revision=revision), tmp_path / "dest", max_bytes=1 << 20)
+
+    assert info.value.reason == "refused"
+    assert "40-hex" in _single_line(info.value)
+    assert hub_server.requests == []
+
+
+def test_oversize_refused_with_nothing_downloaded(hub_server: HubServer, tmp_path: Path) -> None:
+    """Total size over max_bytes is refused from metadata alone: no file content is requested."""
+    store = _store(hub_server)
+    files = _write_checkpoint(tmp_path / "ckpt")
+    ref = store.upload(tmp_path / "ckpt", repo=REPO)
+    total_bytes = sum(len(data) for data in files.values())
+
+    with pytest.raises(StoreError) as info:
+        store.download(ref, tmp_path / "dest", max_bytes=total_bytes - 1)
+
+    assert info.value.reason == "too_large"
+    assert f"{total_bytes} bytes exceeds max_bytes={total_bytes - 1}" in _single_line(info.value)
+    assert hub_server.resolve_paths() == []
+    assert not (tmp_path / "dest").exists()
+
+
+def test_missing_file_refused_with_nothing_downloaded(hub_server: HubServer, tmp_path: Path) -> None:
+    """A requested file the revision lacks fails before any file is fetched."""
+    store = _store(hub_server)
+    _write_checkpoint(tmp_path / "ckpt")
+    ref = store.upload(tmp_path / "ckpt", repo=REPO)
+
+    with pytest.raises(StoreError) as info:
+        store.download(ref, tmp_path / "dest", max_bytes=1 << 20, files=("manifest.json", "extra.bin"))
+
+    assert info.value.reason == "missing"
+    assert "extra.bin not in revision" in _single_line(info.value)
+    assert hub_server.resolve_paths() == []
+
+
+def test_missing_repo_is_missing(hub_server: HubServer, tmp_path: Path) -> None:
+    """A repo that does not exist is missing."""
+    store = _store(hub_server)
+    ref = StoreRef(kind="hf", repo="nobody/nothing", revision=MISSING_SHA)
+
+    with pytest.raises(StoreError) as info:
+        store.download(ref, tmp_path / "dest", max_bytes=1 << 20)
+
+    assert info.value.reason == "missing"
+    assert "repo=nobody/nothing" in _single_line(info.value)
+    assert "repository not found" in str(info.value)
+
+
+def test_server_down_is_unreachable_after_bounded_retries(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With the Hub down, each failed attempt logs one WARNING, then unreachable is raised."""
+    with HubServer() as server:
+        url = server.url
+    configure_hf_env(monkeypatch, url, tmp_path / "hf_home")
+    store = HfHubStore(token=None, endpoint=url, max_retries=2, backoff_s=0.0)
+    ref = StoreRef(kind="hf", repo=REPO, revision=MISSING_SHA)
+
+    with caplog.at_level(logging.WARNING, logger="connito.hub.hf"), pytest.raises(StoreError) as info:
+        store.download(ref, tmp_path / "dest", max_bytes=1 << 20)
+
+    assert info.value.reason == "unreachable"
+    assert f"repo={REPO} rev={MISSING_SHA}: connection failed" in _single_line(info.value)
+    warnings = [r for r in caplog.records if r.name == "connito.hub.hf" and r.levelno == logging.WARNING]
+    assert len(warnings) == 2
+    assert not (tmp_path / "dest").exists()
+
+
+def test_upload_with_server_down_is_unreachable(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """An upload to a dead endpoint fails as unreachable, naming the repo."""
+    with HubServer() as server:
+        url = server.url
+    configure_hf_env(monkeypatch, url, tmp_path / "hf_home")
+    _write_checkpoint(tmp_path / "ckpt")
+
+    with pytest.raises(StoreError) as info:
+        HfHubStore(token=None, endpoint=url, max_retries=0).upload(tmp_path / "ckpt", repo=REPO)
+
+    assert info.value.reason == "unreachable"
+    assert f"repo={REPO}" in _single_line(info.value)
+
+
+def test_transient_server_error_is_retried(
+    hub_server: HubServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One 503 on the metadata call costs one WARNING and a retry, not the download."""
+    store = _store(hub_server, max_retries=2)
+    files = _write_checkpoint(tmp_path / "ckpt")
+    ref = store.upload(tmp_path / "ckpt", repo=REPO)
+    hub_server.fail_next("/paths-info/", 503)
+
+    with caplog.at_level(logging.WARNING, logger="connito.hub.hf"):
+        store.download(ref, tmp_path / "dest", max_bytes=1 << 20)
+
+    assert (tmp_path / "dest" / "manifest.json").read_bytes() == files["manifest.json"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "connito.hub.hf"]
+    assert len(warnings) == 1 and "paths_info failed" in warnings[0] and "attempt=1/3" in warnings[0]
+
+
+def test_token_comes_from_constructor_not_environment(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """HF_TOKEN in the environment is ignored; only the constructor's token authenticates."""
+    _write_checkpoint(tmp_path / "ckpt")
+    with HubServer(token="secret-token") as server:
+        configure_hf_env(monkeypatch, server.url, tmp_path / "hf_home")
+        monkeypatch.setenv("HF_TOKEN", "secret-token")
+
+        with pytest.raises(StoreError) as info:
+            _store(server).upload(tmp_path / "ckpt", repo=REPO)
+        ref = _store(server, token="secret-token").upload(tmp_path / "ckpt", repo=REPO)
+
+    assert info.value.reason == "refused"
+    assert "access denied" in _single_line(info.value)
+    assert ref.revision == server.repos[REPO].branches["main"]
+
+
+def test_private_repo_hidden_from_anonymous_store(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """private=True creates a private repo; an anonymous reader sees it as missing."""
+    _write_checkpoint(tmp_path / "ckpt")
+    with HubServer(token="secret-token") as server:
+        configure_hf_env(monkeypatch, server.url, tmp_path / "hf_home")
+        ref = _store(server, token="secret-token", private=True).upload(tmp_path / "ckpt", repo=REPO)
+        with pytest.raises(StoreError) as info:
+            _store(server).download(ref, tmp_path / "dest", max_bytes=1 << 20)
+
+    assert server.repos[REPO].private
+    assert info.value.reason == "missing"
+
+
+def test_from_env_reads_token_and_endpoint(hub_server: HubServer, tmp_path: Path) -> None:
+    """from_env takes HF_TOKEN and HF_ENDPOINT; repr never shows the token."""
+    store = HfHubStore.from_env(environ={"HF_TOKEN": "tok-123", "HF_ENDPOINT": hub_server.url})
+    _write_checkpoint(tmp_path / "ckpt")
+
+    store.upload(tmp_path / "ckpt", repo=REPO)
+
+    assert store.endpoint == hub_server.url
+    assert "Bearer tok-123" in hub_server.auth_headers
+    assert "tok-123" not in repr(store)
+
+
+def test_bad_repo_id_refused_without_contacting_hub(hub_server: HubServer, tmp_path: Path) -> None:
+    """Path-like repo ids are refused before any request."""
+    _write_checkpoint(tmp_path / "ckpt")
+
+    with pytest.raises(StoreError) as info:
+        _store(hub_server).upload(tmp_path / "ckpt", repo="../etc")
+
+    assert info.value.reason == "refused"
+    assert "'../etc'" in _single_line(info.value)
+    assert hub_server.requests == []
