@@ -36,7 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from connito.errors import ConfigError, InvalidSubmission
+from connito.errors import ConfigError, InvalidSubmission, UnsupportedModelError
 from connito.fsutil import atomic_write, fsync_dir
 from connito.moe import PROJECTIONS, expert_key, expert_shapes, moe_layers, parse_expert_key
 from connito.selection_record import ExpertSelection, load_selection
@@ -159,8 +159,7 @@ def tensors_digest(state: Mapping[str, torch.Tensor]) -> str:
     and the length-prefixed raw little-endian bytes of the contiguous tensor (all lengths u64 LE).
     Bit-exact: equal digests mean equal bits, including bf16 and the sign of zero.
     """
-    if sys.byteorder != "little":
-        raise NotImplementedError("tensors_digest assumes a little-endian host (as safetensors does)")
+    assert sys.byteorder == "little", "tensors_digest hashes native bytes as little-endian"
     hasher = hashlib.sha256(_DIGEST_DOMAIN)
     for key in sorted(state):
         tensor = state[key].detach().to("cpu").contiguous()
@@ -330,6 +329,12 @@ def _regular_file_size(path: Path) -> int:
     return info.st_size
 
 
+def _shown(text: str, limit: int = 160) -> str:
+    """An untrusted name fit for a one-line message: printable ASCII as is, else escaped; bounded."""
+    shown = text if text.isascii() and text.isprintable() else ascii(text)
+    return shown if len(shown) <= limit else shown[:limit] + "..."
+
+
 def _not_safetensors(path: Path, detail: str) -> InvalidSubmission:
     return InvalidSubmission("not_safetensors", f"{path.name}: {detail}")
 
@@ -354,14 +359,14 @@ def _is_int(value: object) -> bool:
 
 def _parse_entry(path: Path, key: str, value: object) -> TensorInfo:
     if not isinstance(value, dict) or set(value) != {"dtype", "shape", "data_offsets"}:
-        raise _not_safetensors(path, f"{key}: entry must have exactly dtype, shape, data_offsets")
+        raise _not_safetensors(path, f"{_shown(key)}: entry must have exactly dtype, shape, data_offsets")
     dtype, shape, offsets = value["dtype"], value["shape"], value["data_offsets"]
     if not isinstance(dtype, str) or dtype not in _ST_DTYPES:
-        raise _not_safetensors(path, f"{key}: unknown dtype {str(dtype)[:16]!r}")
+        raise _not_safetensors(path, f"{_shown(key)}: unknown dtype {_shown(str(dtype))}")
     if not isinstance(shape, list) or not all(_is_int(dim) for dim in shape):
-        raise _not_safetensors(path, f"{key}: shape must be a list of non-negative integers")
+        raise _not_safetensors(path, f"{_shown(key)}: shape must be a list of non-negative integers")
     if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(x) for x in offsets):
-        raise _not_safetensors(path, f"{key}: data_offsets must be two non-negative integers")
+        raise _not_safetensors(path, f"{_shown(key)}: data_offsets must be two non-negative integers")
     return TensorInfo(dtype=dtype, shape=tuple(shape), begin=offsets[0], end=offsets[1])
 
 
@@ -374,7 +379,8 @@ def _check_offsets(path: Path, entries: dict[str, TensorInfo], *, data_len: int)
         nbytes = numel * _ST_DTYPES[info.dtype].itemsize
         if info.begin != cursor or info.end - info.begin != nbytes:
             raise _not_safetensors(
-                path, f"{key}: data_offsets [{info.begin}, {info.end}] do not tile the data ({nbytes} bytes)"
+                path,
+                f"{_shown(key)}: data_offsets [{info.begin}, {info.end}] do not tile the data ({nbytes} bytes)",
             )
         cursor = info.end
     if cursor != data_len:
@@ -424,8 +430,9 @@ def _load_checkpoint(
         raise ValueError("expected specs must cover exactly the selected keys")
     _check_folder_entries(folder)
     experts_path = folder / EXPERTS_FILE
-    if _regular_file_size(experts_path) > max_bytes:  # before any read: a 10 GB upload costs a stat
-        raise InvalidSubmission("too_large", f"{EXPERTS_FILE}: {experts_path.stat().st_size} bytes, cap {max_bytes}")
+    experts_size = _regular_file_size(experts_path)
+    if experts_size > max_bytes:  # before any read: a 10 GB upload costs one stat
+        raise InvalidSubmission("too_large", f"{EXPERTS_FILE}: {experts_size} bytes, cap {max_bytes}")
     manifest = _read_manifest(folder / MANIFEST_FILE, max_manifest_bytes)
     _check_selection(manifest, selection)
     header = read_safetensors_header(experts_path, max_bytes=max_bytes)
@@ -437,7 +444,8 @@ def _load_checkpoint(
     digest = tensors_digest(state)
     if digest != manifest.tensors_sha256:
         raise InvalidSubmission(
-            "digest_mismatch", f"{EXPERTS_FILE}: sha256 {digest[:16]}.., manifest says {manifest.tensors_sha256[:16]}.."
+            "digest_mismatch",
+            f"{EXPERTS_FILE}: sha256 {digest[:16]}.., manifest says {manifest.tensors_sha256[:16]}..",
         )
     for key in keys:
         if state[key].is_floating_point() and not bool(torch.isfinite(state[key]).all()):
@@ -463,8 +471,7 @@ def _check_folder_entries(folder: Path) -> None:
                 if len(extra) >= 64:  # enough to report; do not walk a million-file folder
                     break
     if extra:
-        name = min(extra)
-        raise InvalidSubmission("extra_file", f"{name[:80]!r}: unexpected file in {folder}")
+        raise InvalidSubmission("extra_file", f"{_shown(min(extra))}: unexpected file in {folder}")
     for name in sorted(required - seen):
         raise InvalidSubmission("missing_file", f"{name}: not found in {folder}")
 
@@ -496,7 +503,7 @@ def _check_key_set(header: Mapping[str, TensorInfo], keys: list[str]) -> None:
     wanted = set(keys)
     for key in sorted(header):
         if key not in wanted:  # routers, attention, shared or unselected experts: never accepted
-            raise InvalidSubmission("extra_key", "not a selected expert key", key=key[:200])
+            raise InvalidSubmission("extra_key", "not a selected expert key", key=_shown(key))
     for key in keys:
         if key not in header:
             raise InvalidSubmission("missing_key", "selected expert key absent", key=key)
@@ -515,7 +522,9 @@ def _infer_specs(selection: ExpertSelection, header: Mapping[str, TensorInfo]) -
     keys = selected_keys(selection)
     dtype = _ST_DTYPES[header[keys[0]].dtype]
     if dtype not in _EXPERT_DTYPES:
-        raise InvalidSubmission("dtype", f"dtype {header[keys[0]].dtype}, expected F32, BF16 or F16", key=keys[0])
+        raise InvalidSubmission(
+            "dtype", f"dtype {header[keys[0]].dtype}, expected F32, BF16 or F16", key=keys[0]
+        )
     specs: dict[str, ExpertSpec] = {}
     for entry in selection.layers:
         reference = expert_key(entry.layer, entry.experts[0], "down_proj")
@@ -553,23 +562,32 @@ def verify_checkpoint_cli(
     selection_path: str | Path,
     *,
     max_bytes: int,
+    model_dir: str | Path | None = None,
     model: nn.Module | None = None,
     max_manifest_bytes: int = DEFAULT_MAX_MANIFEST_BYTES,
 ) -> int:
-    """``connito verify-checkpoint``: one line, exit 0 if a validator would load it, else 1.
+    """``connito verify-checkpoint``: print one line; 0 if a validator would load it, 1 if not.
 
-    Without ``model`` the shapes are checked for self-consistency only (see ``load_checkpoint``);
-    with it, against the base model. Returns 2 when the selection file itself is unusable.
+    Expected shapes and dtype come from ``model`` or, failing that, from the config in
+    ``model_dir`` (instantiated on the meta device: no weights are read; dtype is the config's).
+    With neither, shapes are checked for self-consistency only (see ``load_checkpoint``).
+    Returns 2 when the selection file or the model folder is unusable.
     """
     try:
         selection = load_selection(selection_path)
+        if model is None and model_dir is not None:
+            model = _model_skeleton(Path(model_dir))
         expected = None if model is None else expected_expert_specs(model, selection)
-    except ConfigError as exc:
-        print(f"{selection_path}: {exc}", file=sys.stderr)
+    except (ConfigError, UnsupportedModelError) as exc:
+        print(f"verify-checkpoint: {exc}", file=sys.stderr)
         return 2
     try:
         manifest, state = load_checkpoint(
-            path, selection=selection, expected=expected, max_bytes=max_bytes, max_manifest_bytes=max_manifest_bytes
+            path,
+            selection=selection,
+            expected=expected,
+            max_bytes=max_bytes,
+            max_manifest_bytes=max_manifest_bytes,
         )
     except InvalidSubmission as exc:
         print(f"{path}: rejected: {exc}", file=sys.stderr)
@@ -579,3 +597,15 @@ def verify_checkpoint_cli(
         f"keys={len(state)} sha256={manifest.tensors_sha256}"
     )
     return 0
+
+
+def _model_skeleton(model_dir: Path) -> nn.Module:
+    """The base model built from its config on the meta device: shapes and dtypes, no weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=False, local_files_only=True)
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, dtype=config.dtype or torch.float32)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ConfigError(f"cannot build the model from its config: {exc}", path=str(model_dir)) from None

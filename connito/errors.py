@@ -14,6 +14,7 @@ __all__ = [
     "StoreError",
     "UnsupportedModelError",
     "CommitmentDecodeError",
+    "StateError",
 ]
 
 
@@ -100,3 +101,7 @@ class UnsupportedModelError(ConnitoError, ValueError):
 
 class CommitmentDecodeError(ConnitoError, ValueError):
     """A chain commitment is malformed, foreign or from an unknown protocol version."""
+
+
+class StateError(ConnitoError, ValueError):
+    """A node's own durable state file (e.g. outer optimizer momentum) is unreadable or inconsistent."""

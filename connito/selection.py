@@ -140,7 +140,9 @@ def probe_routing(
 def _tokens(stats: RoutingStats, layer: int) -> int:
     tokens = stats.tokens[layer]
     if tokens <= 0:
-        raise ConfigError(f"layer {layer}: no probed tokens, cannot score experts", field="selection.probe_tokens")
+        raise ConfigError(
+            f"layer {layer}: no probed tokens, cannot score experts", field="selection.probe_tokens"
+        )
     return tokens
 
 
@@ -176,7 +178,9 @@ def compute_gate_scores(stats: RoutingStats) -> dict[int, torch.Tensor]:
         _tokens(stats, layer)
         total = float(gate_sum.sum())
         if not total > 0 or not math.isfinite(total):
-            raise ConfigError(f"layer {layer}: gate mass must be finite and > 0, got {total}", field="selection")
+            raise ConfigError(
+                f"layer {layer}: gate mass must be finite and > 0, got {total}", field="selection"
+            )
         scores[layer] = gate_sum / total  # (E,)
     return scores
 
@@ -274,7 +278,9 @@ def _method_scores(
         gates = compute_gate_scores(domain_stats)
         return gates, gates
     if general_stats is None:
-        raise ConfigError("method differential needs general_stats (a general-text probe)", field="data.general")
+        raise ConfigError(
+            "method differential needs general_stats (a general-text probe)", field="data.general"
+        )
     return compute_differential_scores(domain_stats, general_stats), compute_token_ratios(domain_stats)
 
 
@@ -292,7 +298,9 @@ def select_experts(
 
     ``config.method`` picks the score (``token_ratio``, ``gate_score`` or ``differential``, which
     needs ``general_stats``); ``config.threshold`` is p. The sealed record keeps every expert's
-    ranking score, so the choice can be re-derived with ``select_layer``. ``probe_tokens`` defaults
+    ranking score, so a token_ratio or gate_score choice can be re-derived from the record with
+    ``select_layer``; a differential record keeps the differential scores, and re-deriving it also
+    needs the domain token shares (the ``mass``), which the record does not hold. ``probe_tokens`` defaults
     to the token counts of the stats (``{"domain": N}`` plus ``"general": M`` when given).
 
     Raises:

@@ -7,8 +7,9 @@ inside the NDJSON commit and never goes through Xet or LFS (see
 answered 404 and recorded in ``HubServer.unknown_requests``, so a test can see which calls a new
 huggingface_hub version makes.
 
-Use ``HubServer`` as a context manager, or the ``hub_server`` fixture, which also points
-huggingface_hub at the server with a temporary ``HF_HOME`` and Xet disabled.
+Use ``HubServer`` as a context manager, ``running_hub(monkeypatch, hf_home)`` to also point
+huggingface_hub at it (temporary ``HF_HOME``, online, Xet disabled), or the ``hub_server``
+fixture (register it in ``tests/conftest.py`` with ``from hub_server import hub_server``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import json
 import logging
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -27,11 +29,12 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import pytest
 
-__all__ = ["HubServer", "HubRepo", "configure_hf_env", "hub_server"]
+__all__ = ["HubServer", "HubRepo", "configure_hf_env", "running_hub", "hub_server", "git_blob_sha1"]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_BRANCH = "main"
+_POLL_INTERVAL_S = 0.02  # how fast stop() returns; serve_forever checks for shutdown this often
 _QUIET_404_PATHS = ("/api/agent-harnesses",)  # huggingface_hub probes it; a 404 is harmless
 
 
@@ -121,7 +124,12 @@ class HubServer:
 
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._httpd.daemon_threads = True
-        self._thread = threading.Thread(target=self._httpd.serve_forever, name="hub-server", daemon=True)
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever,
+            kwargs={"poll_interval": _POLL_INTERVAL_S},
+            name="hub-server",
+            daemon=True,
+        )
         self._thread.start()
         return self
 
@@ -286,7 +294,9 @@ class _HubHandler(BaseHTTPRequestHandler):
                 # The real Hub's 409 body carries the url; create_repo(exist_ok=True) reads it.
                 url = f"{self.hub.url}/{repo_id}"
                 raise _HubError(409, None, "You already created this model repo", body={"url": url})
-            self.hub.repos[repo_id] = _new_repo(repo_id, private=bool(payload.get("private")))
+            # huggingface_hub 2.x sends "visibility"; 1.x sent "private".
+            private = payload.get("visibility") == "private" or bool(payload.get("private"))
+            self.hub.repos[repo_id] = _new_repo(repo_id, private=private)
         self._send_json({"url": f"{self.hub.url}/{repo_id}", "name": repo_id})
 
     def _model_info(self, repo_id: str, revision: str, query: dict[str, list[str]]) -> None:
@@ -465,9 +475,18 @@ def configure_hf_env(monkeypatch: pytest.MonkeyPatch, endpoint: str, hf_home: Pa
         monkeypatch.setattr(constants, name, value)
 
 
+@contextmanager
+def running_hub(
+    monkeypatch: pytest.MonkeyPatch, hf_home: Path, *, token: str | None = None
+) -> Iterator[HubServer]:
+    """Start a ``HubServer`` and point huggingface_hub at it (see ``configure_hf_env``)."""
+    with HubServer(token=token) as server:
+        configure_hf_env(monkeypatch, server.url, hf_home)
+        yield server
+
+
 @pytest.fixture
 def hub_server(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[HubServer]:
-    """A running loopback Hub with huggingface_hub pointed at it (see ``configure_hf_env``)."""
-    with HubServer() as server:
-        configure_hf_env(monkeypatch, server.url, tmp_path / "hf_home")
+    """A running loopback Hub with huggingface_hub pointed at it, for ``tests/conftest.py`` to share."""
+    with running_hub(monkeypatch, tmp_path / "hf_home") as server:
         yield server

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from hub_server import HubServer, configure_hf_env, hub_server  # noqa: F401 - hub_server is a fixture
+from hub_server import HubServer, configure_hf_env, running_hub
 
 from connito.errors import StoreError
 from connito.hub import CHECKPOINT_FILES, CheckpointStore, StoreRef
@@ -14,6 +15,12 @@ from connito.hub.hf import HfHubStore
 
 REPO = "miner-1/experts"
 MISSING_SHA = "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.fixture
+def hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[HubServer]:
+    with running_hub(monkeypatch, tmp_path / "hf_home") as server:
+        yield server
 
 
 def _write_checkpoint(folder: Path, *, payload: bytes = b"\x00\x01tensor-bytes" * 200) -> dict[str, bytes]:
@@ -43,36 +50,36 @@ def test_hf_store_satisfies_checkpoint_store_protocol() -> None:
     assert store.kind == "hf"
 
 
-def test_round_trip_bytes_equal(hub_server: HubServer, tmp_path: Path) -> None:
+def test_round_trip_bytes_equal(hub: HubServer, tmp_path: Path) -> None:
     """Upload returns the new commit sha; downloading it gives the same bytes and nothing else."""
-    store = _store(hub_server)
+    store = _store(hub)
     files = _write_checkpoint(tmp_path / "ckpt")
 
     ref = store.upload(tmp_path / "ckpt", repo=REPO, message="cycle 3")
     dest = store.download(ref, tmp_path / "dest", max_bytes=1 << 20)
 
-    assert ref == StoreRef(kind="hf", repo=REPO, revision=hub_server.repos[REPO].branches["main"])
+    assert ref == StoreRef(kind="hf", repo=REPO, revision=hub.repos[REPO].branches["main"])
     assert sorted(p.name for p in dest.iterdir()) == sorted(files)  # no .cache or staging left
     for name, data in files.items():
         assert (dest / name).read_bytes() == data
-    assert hub_server.unknown_requests == []
+    assert hub.unknown_requests == []
 
 
-def test_upload_commits_exactly_the_named_files(hub_server: HubServer, tmp_path: Path) -> None:
+def test_upload_commits_exactly_the_named_files(hub: HubServer, tmp_path: Path) -> None:
     """Other files in the folder never reach the Hub."""
-    store = _store(hub_server)
+    store = _store(hub)
     files = _write_checkpoint(tmp_path / "ckpt")
     (tmp_path / "ckpt" / "optimizer.pt").write_bytes(b"private state")
 
     ref = store.upload(tmp_path / "ckpt", repo=REPO)
 
-    assert hub_server.files_at(REPO, ref.revision) == files
+    assert hub.files_at(REPO, ref.revision) == files
     assert store.list_files(ref) == {name: len(data) for name, data in files.items()}
 
 
-def test_old_revision_stays_downloadable_after_new_upload(hub_server: HubServer, tmp_path: Path) -> None:
+def test_old_revision_stays_downloadable_after_new_upload(hub: HubServer, tmp_path: Path) -> None:
     """A ref pins its commit: a later upload to the same repo does not change what it serves."""
-    store = _store(hub_server)
+    store = _store(hub)
     old_files = _write_checkpoint(tmp_path / "v1", payload=b"weights-v1")
     _write_checkpoint(tmp_path / "v2", payload=b"weights-v2")
     old = store.upload(tmp_path / "v1", repo=REPO)
@@ -84,52 +91,56 @@ def test_old_revision_stays_downloadable_after_new_upload(hub_server: HubServer,
     assert (tmp_path / "dest" / "experts.safetensors").read_bytes() == old_files["experts.safetensors"]
 
 
-def test_download_fetches_only_requested_files(hub_server: HubServer, tmp_path: Path) -> None:
+def test_download_fetches_only_requested_files(hub: HubServer, tmp_path: Path) -> None:
     """A repo's other files (here a large one) are never requested."""
-    store = _store(hub_server)
+    store = _store(hub)
     _write_checkpoint(tmp_path / "ckpt")
     store.upload(tmp_path / "ckpt", repo=REPO)
-    revision = hub_server.add_commit(REPO, {"huge.bin": b"\x00" * 100_000})
+    revision = hub.add_commit(REPO, {"huge.bin": b"\x00" * 100_000})
 
     store.download(StoreRef(kind="hf", repo=REPO, revision=revision), tmp_path / "dest", max_bytes=1 << 20)
 
-    assert hub_server.resolve_paths()
-    assert all(path.rsplit("/", 1)[-1] in CHECKPOINT_FILES for path in hub_server.resolve_paths())
+    assert hub.resolve_paths()
+    assert all(path.rsplit("/", 1)[-1] in CHECKPOINT_FILES for path in hub.resolve_paths())
     assert not (tmp_path / "dest" / "huge.bin").exists()
 
 
-def test_wrong_revision_is_missing(hub_server: HubServer, tmp_path: Path) -> None:
+def test_wrong_revision_is_missing(hub: HubServer, tmp_path: Path) -> None:
     """A 40-hex sha the repo does not have is missing; the message names repo and revision."""
-    store = _store(hub_server)
+    store = _store(hub)
     _write_checkpoint(tmp_path / "ckpt")
     store.upload(tmp_path / "ckpt", repo=REPO)
 
     with pytest.raises(StoreError) as info:
-        store.download(StoreRef(kind="hf", repo=REPO, revision=MISSING_SHA), tmp_path / "dest", max_bytes=1 << 20)
+        store.download(
+            StoreRef(kind="hf", repo=REPO, revision=MISSING_SHA), tmp_path / "dest", max_bytes=1 << 20
+        )
 
     assert info.value.reason == "missing"
     assert f"repo={REPO} rev={MISSING_SHA}: revision not found" in _single_line(info.value)
-    assert hub_server.resolve_paths() == []
+    assert hub.resolve_paths() == []
 
 
 @pytest.mark.parametrize("revision", ["main", "v1.0", "ABCDEF0123456789ABCDEF0123456789ABCDEF01", "abc123"])
 def test_non_sha_revision_refused_without_contacting_hub(
-    hub_server: HubServer, tmp_path: Path, revision: str
+    hub: HubServer, tmp_path: Path, revision: str
 ) -> None:
     """Branch names, tags, short or uppercase shas can move or be ambiguous: refused up front."""
-    store = _store(hub_server)
+    store = _store(hub)
 
     with pytest.raises(StoreError) as info:
-        store.download(StoreRef(kind="hf", repo=REPO, revision=revision), tmp_path / "dest", max_bytes=1 << 20)
+        store.download(
+            StoreRef(kind="hf", repo=REPO, revision=revision), tmp_path / "dest", max_bytes=1 << 20
+        )
 
     assert info.value.reason == "refused"
     assert "40-hex" in _single_line(info.value)
-    assert hub_server.requests == []
+    assert hub.requests == []
 
 
-def test_oversize_refused_with_nothing_downloaded(hub_server: HubServer, tmp_path: Path) -> None:
+def test_oversize_refused_with_nothing_downloaded(hub: HubServer, tmp_path: Path) -> None:
     """Total size over max_bytes is refused from metadata alone: no file content is requested."""
-    store = _store(hub_server)
+    store = _store(hub)
     files = _write_checkpoint(tmp_path / "ckpt")
     ref = store.upload(tmp_path / "ckpt", repo=REPO)
     total_bytes = sum(len(data) for data in files.values())
@@ -139,13 +150,13 @@ def test_oversize_refused_with_nothing_downloaded(hub_server: HubServer, tmp_pat
 
     assert info.value.reason == "too_large"
     assert f"{total_bytes} bytes exceeds max_bytes={total_bytes - 1}" in _single_line(info.value)
-    assert hub_server.resolve_paths() == []
+    assert hub.resolve_paths() == []
     assert not (tmp_path / "dest").exists()
 
 
-def test_missing_file_refused_with_nothing_downloaded(hub_server: HubServer, tmp_path: Path) -> None:
+def test_missing_file_refused_with_nothing_downloaded(hub: HubServer, tmp_path: Path) -> None:
     """A requested file the revision lacks fails before any file is fetched."""
-    store = _store(hub_server)
+    store = _store(hub)
     _write_checkpoint(tmp_path / "ckpt")
     ref = store.upload(tmp_path / "ckpt", repo=REPO)
 
@@ -154,12 +165,12 @@ def test_missing_file_refused_with_nothing_downloaded(hub_server: HubServer, tmp
 
     assert info.value.reason == "missing"
     assert "extra.bin not in revision" in _single_line(info.value)
-    assert hub_server.resolve_paths() == []
+    assert hub.resolve_paths() == []
 
 
-def test_missing_repo_is_missing(hub_server: HubServer, tmp_path: Path) -> None:
+def test_missing_repo_is_missing(hub: HubServer, tmp_path: Path) -> None:
     """A repo that does not exist is missing."""
-    store = _store(hub_server)
+    store = _store(hub)
     ref = StoreRef(kind="hf", repo="nobody/nothing", revision=MISSING_SHA)
 
     with pytest.raises(StoreError) as info:
@@ -205,13 +216,13 @@ def test_upload_with_server_down_is_unreachable(monkeypatch: pytest.MonkeyPatch,
 
 
 def test_transient_server_error_is_retried(
-    hub_server: HubServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    hub: HubServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """One 503 on the metadata call costs one WARNING and a retry, not the download."""
-    store = _store(hub_server, max_retries=2)
+    store = _store(hub, max_retries=2)
     files = _write_checkpoint(tmp_path / "ckpt")
     ref = store.upload(tmp_path / "ckpt", repo=REPO)
-    hub_server.fail_next("/paths-info/", 503)
+    hub.fail_next("/paths-info/", 503)
 
     with caplog.at_level(logging.WARNING, logger="connito.hub.hf"):
         store.download(ref, tmp_path / "dest", max_bytes=1 << 20)
@@ -226,8 +237,7 @@ def test_token_comes_from_constructor_not_environment(
 ) -> None:
     """HF_TOKEN in the environment is ignored; only the constructor's token authenticates."""
     _write_checkpoint(tmp_path / "ckpt")
-    with HubServer(token="secret-token") as server:
-        configure_hf_env(monkeypatch, server.url, tmp_path / "hf_home")
+    with running_hub(monkeypatch, tmp_path / "hf_home", token="secret-token") as server:
         monkeypatch.setenv("HF_TOKEN", "secret-token")
 
         with pytest.raises(StoreError) as info:
@@ -242,8 +252,7 @@ def test_token_comes_from_constructor_not_environment(
 def test_private_repo_hidden_from_anonymous_store(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """private=True creates a private repo; an anonymous reader sees it as missing."""
     _write_checkpoint(tmp_path / "ckpt")
-    with HubServer(token="secret-token") as server:
-        configure_hf_env(monkeypatch, server.url, tmp_path / "hf_home")
+    with running_hub(monkeypatch, tmp_path / "hf_home", token="secret-token") as server:
         ref = _store(server, token="secret-token", private=True).upload(tmp_path / "ckpt", repo=REPO)
         with pytest.raises(StoreError) as info:
             _store(server).download(ref, tmp_path / "dest", max_bytes=1 << 20)
@@ -252,25 +261,25 @@ def test_private_repo_hidden_from_anonymous_store(monkeypatch: pytest.MonkeyPatc
     assert info.value.reason == "missing"
 
 
-def test_from_env_reads_token_and_endpoint(hub_server: HubServer, tmp_path: Path) -> None:
+def test_from_env_reads_token_and_endpoint(hub: HubServer, tmp_path: Path) -> None:
     """from_env takes HF_TOKEN and HF_ENDPOINT; repr never shows the token."""
-    store = HfHubStore.from_env(environ={"HF_TOKEN": "tok-123", "HF_ENDPOINT": hub_server.url})
+    store = HfHubStore.from_env(environ={"HF_TOKEN": "tok-123", "HF_ENDPOINT": hub.url})
     _write_checkpoint(tmp_path / "ckpt")
 
     store.upload(tmp_path / "ckpt", repo=REPO)
 
-    assert store.endpoint == hub_server.url
-    assert "Bearer tok-123" in hub_server.auth_headers
+    assert store.endpoint == hub.url
+    assert "Bearer tok-123" in hub.auth_headers
     assert "tok-123" not in repr(store)
 
 
-def test_bad_repo_id_refused_without_contacting_hub(hub_server: HubServer, tmp_path: Path) -> None:
+def test_bad_repo_id_refused_without_contacting_hub(hub: HubServer, tmp_path: Path) -> None:
     """Path-like repo ids are refused before any request."""
     _write_checkpoint(tmp_path / "ckpt")
 
     with pytest.raises(StoreError) as info:
-        _store(hub_server).upload(tmp_path / "ckpt", repo="../etc")
+        _store(hub).upload(tmp_path / "ckpt", repo="../etc")
 
     assert info.value.reason == "refused"
     assert "'../etc'" in _single_line(info.value)
-    assert hub_server.requests == []
+    assert hub.requests == []

@@ -96,7 +96,11 @@ def test_revision_is_sha256_over_names_and_content_hashes(tmp_path: Path) -> Non
     assert ref.revision == compute_revision(digests)
 
 
-@given(st.dictionaries(st.from_regex(r"[a-z][a-z0-9_.]{0,10}", fullmatch=True), st.binary(max_size=32), min_size=1))
+@given(
+    st.dictionaries(
+        st.from_regex(r"[a-z][a-z0-9_.]{0,10}", fullmatch=True), st.binary(max_size=32), min_size=1
+    )
+)
 def test_compute_revision_ignores_order_and_binds_content(files: dict[str, bytes]) -> None:
     """Permuting files keeps the revision; changing any file's content changes it."""
     digests = {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
@@ -135,7 +139,18 @@ def test_download_at_exact_cap_succeeds(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "repo",
-    ["../escape", "/abs/path", "a/../b", "ns/..", "ns/name/extra", "noslash", "ns/.hidden", "ns/na me", "ns\\x/y", ""],
+    [
+        "../escape",
+        "/abs/path",
+        "a/../b",
+        "ns/..",
+        "ns/name/extra",
+        "noslash",
+        "ns/.hidden",
+        "ns/na me",
+        "ns\\x/y",
+        "",
+    ],
 )
 def test_bad_repo_id_refused(tmp_path: Path, repo: str) -> None:
     """Repo ids that could leave the store root (or are not namespace/name) are refused."""
@@ -186,7 +201,9 @@ def test_malformed_revision_refused(tmp_path: Path, revision: str) -> None:
     store.upload(tmp_path / "ckpt", repo=REPO)
 
     with pytest.raises(StoreError) as info:
-        store.download(StoreRef(kind="local", repo=REPO, revision=revision), tmp_path / "dest", max_bytes=1 << 20)
+        store.download(
+            StoreRef(kind="local", repo=REPO, revision=revision), tmp_path / "dest", max_bytes=1 << 20
+        )
 
     assert info.value.reason == "refused"
     assert "revision must be 64" in _single_line(info.value)
@@ -211,7 +228,9 @@ def test_missing_repo_reported_as_missing(tmp_path: Path) -> None:
     store = LocalStore(tmp_path / "store")
 
     with pytest.raises(StoreError) as info:
-        store.download(StoreRef(kind="local", repo="nobody/none", revision="cd" * 32), tmp_path / "d", max_bytes=1)
+        store.download(
+            StoreRef(kind="local", repo="nobody/none", revision="cd" * 32), tmp_path / "d", max_bytes=1
+        )
 
     assert info.value.reason == "missing"
     assert "repo=nobody/none" in _single_line(info.value)

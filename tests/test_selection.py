@@ -328,7 +328,7 @@ def test_selection_record_lists_its_provenance():
     assert selection.model_id == "inline:tiny" and selection.model_revision == "rev0"
     assert selection.domain == "math" and selection.method == "gate_score" and selection.p == 0.5
     assert selection.probe_tokens == {"domain": 96}
-    assert selection.experts_by_layer == {0: [2], 2: [1, 2]}
+    assert selection.experts_by_layer == {0: [2], 2: [0, 2]}  # tie 0 vs 1 -> 0
     assert selection.layers[0].scores == pytest.approx([0.1, 0.2, 0.7])
 
 

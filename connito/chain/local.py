@@ -46,6 +46,7 @@ SCHEMA_VERSION = 1
 MAX_COMMITMENT_BYTES = 128  # the chain's Raw field budget; protocol commitments fit in it
 BUSY_TIMEOUT_S = 60.0  # how long a writer waits for another process's transaction to finish
 SIGNING_DOMAIN = b"connito-localchain-v1"  # a local-chain signature is useless anywhere else
+BLOCK_HASH_DOMAIN = b"connito-localchain-block-v1"
 MAX_UID = 0xFFFF  # uids are u16 on chain and in the weights payload
 _OPERATION = {"commitment": "commit", "weights": "set_weights"}  # write kind -> method name
 _WEIGHT_ENTRY = struct.Struct(">Hd")  # (uid u16, weight f64): exact, canonical, sorted by uid
@@ -160,6 +161,9 @@ class LocalChain:
         self._clock = clock if clock is not None else time.time
         self._keypair = _hotkey_keypair(wallet)
         self._chain_row()  # fail now, not at the first read, if the ledger is missing or foreign
+
+    def __repr__(self) -> str:
+        return f"LocalChain(path={str(self._path)!r}, hotkey={self.hotkey!r})"
 
     @classmethod
     def open(
@@ -421,9 +425,9 @@ class LocalChain:
 
     # ---- internals -----------------------------------------------------------------------
 
-    def _require_keypair(self, kind: str) -> Keypair:
+    def _require_keypair(self, operation: str) -> Keypair:
         if self._keypair is None:
-            raise ChainError(f"{kind} refused ledger={self._path}: chain opened read-only (no wallet)")
+            raise ChainError(f"{operation} refused ledger={self._path}: chain opened read-only (no wallet)")
         return self._keypair
 
     def _block_of(self, row: _ChainRow) -> int:
@@ -469,7 +473,8 @@ class LocalChain:
             try:
                 yield conn
             except BaseException:
-                conn.execute("ROLLBACK")
+                if conn.in_transaction:  # SQLite may already have rolled back (e.g. disk full)
+                    conn.execute("ROLLBACK")
                 raise
             conn.execute("COMMIT")
         except sqlite3.Error as e:
@@ -568,7 +573,7 @@ def _sign(keypair: Keypair, message: bytes) -> bytes:
 
 
 def _block_hash(seed: int, block: int) -> str:
-    return "0x" + hashlib.sha256(SIGNING_DOMAIN + struct.pack(">QQ", seed, block)).hexdigest()
+    return "0x" + hashlib.sha256(BLOCK_HASH_DOMAIN + struct.pack(">QQ", seed, block)).hexdigest()
 
 
 def _neurons(conn: sqlite3.Connection) -> list[Neuron]:

@@ -6,7 +6,7 @@ Three generated sources let ``connito localnet`` and the tests run with no downl
 - ``english``: the English reference topics in the stdlib's ``pydoc_data.topics``, cut into
   documents of consecutive paragraphs;
 - ``code``: the standard library's own non-test ``.py`` files (sorted by path), cut into documents
-  of bounded size at top-level ``def``/``class`` boundaries where possible.
+  of bounded size at top-level ``def``/``class`` boundaries where possible, evenly subsampled.
 
 Each is a pure function of its arguments and the running Python: ``english`` and ``code`` read the
 interpreter's own files, so two machines agree exactly when they run the same Python version.
@@ -28,6 +28,7 @@ __all__ = [
     "MATH_DEFAULT_DOCUMENTS",
     "ENGLISH_MAX_CHARS",
     "CODE_MAX_CHARS",
+    "CODE_DEFAULT_DOCUMENTS",
     "generate_documents",
 ]
 
@@ -36,6 +37,7 @@ logger = logging.getLogger(__name__)
 MATH_DEFAULT_DOCUMENTS = 20_000  # math is unbounded; this is what max_documents=None yields
 ENGLISH_MAX_CHARS = 1_500  # paragraphs are grouped up to this many characters per document
 CODE_MAX_CHARS = 4_000  # stdlib source is cut into documents of at most this many characters
+CODE_DEFAULT_DOCUMENTS = 1_000  # about 3 MB of the stdlib's 12 MB: what max_documents=None yields
 _EXCLUDED_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"})
 _TOP_LEVEL_STARTS = ("def ", "async def ", "class ", "@")
 
@@ -44,13 +46,17 @@ def generate_documents(name: str, *, max_documents: int | None = None, seed: int
     """The documents of generated source ``name`` (``math``, ``english`` or ``code``), in a fixed order.
 
     ``seed`` drives the math generator; ``english`` and ``code`` are verbatim corpora and ignore it.
-    A smaller ``max_documents`` returns a prefix of the larger run, so caps never reshuffle data.
+    ``max_documents=None`` means all of ``english``, ``MATH_DEFAULT_DOCUMENTS`` problems and
+    ``CODE_DEFAULT_DOCUMENTS`` code chunks. For ``math`` and ``english`` a smaller cap returns a
+    prefix of a larger one; for ``code`` a cap takes chunks evenly spaced over the sorted stdlib.
 
     Raises:
         ConfigError: unknown generator name.
     """
     if name not in _GENERATORS:
-        raise ConfigError(f"unknown generated source {name!r}, expected one of {sorted(_GENERATORS)}", field="name")
+        raise ConfigError(
+            f"unknown generated source {name!r}, expected one of {sorted(_GENERATORS)}", field="name"
+        )
     if max_documents is not None and max_documents < 1:
         raise ConfigError(f"must be >= 1, got {max_documents}", field="max_documents")
     return _GENERATORS[name](max_documents, seed)
@@ -66,7 +72,9 @@ def _english(max_documents: int | None, seed: int) -> list[str]:
     documents: list[str] = []
     for key in sorted(topics):
         paragraphs = [p.strip("\n") for p in topics[key].split("\n\n") if p.strip()]
-        bounded = [part.rstrip("\n") for p in paragraphs for part in _bounded_lines(p + "\n", ENGLISH_MAX_CHARS)]
+        bounded = [
+            part.rstrip("\n") for p in paragraphs for part in _bounded_lines(p + "\n", ENGLISH_MAX_CHARS)
+        ]
         documents.extend(_group(bounded, ENGLISH_MAX_CHARS, joiner="\n\n"))
         if max_documents is not None and len(documents) >= max_documents:
             break
@@ -82,9 +90,9 @@ def _code(max_documents: int | None, seed: int) -> list[str]:
             logger.debug("code generator skips non-utf8 file path=%s", path)
             continue
         documents.extend(_chunk_source(text, CODE_MAX_CHARS))
-        if max_documents is not None and len(documents) >= max_documents:
-            break
-    return documents[:max_documents]
+    count = min(max_documents or CODE_DEFAULT_DOCUMENTS, len(documents))
+    # evenly spaced, so a cap samples the whole stdlib rather than its alphabetical head
+    return [documents[i * len(documents) // count] for i in range(count)]
 
 
 def _stdlib_sources() -> list[Path]:
@@ -95,7 +103,9 @@ def _stdlib_sources() -> list[Path]:
         subdirs[:] = [d for d in subdirs if d not in _EXCLUDED_DIRS]  # prune: site-packages is huge
         base = Path(directory).relative_to(root)
         relatives.extend(
-            (base / name).as_posix() for name in names if name.endswith(".py") and not name.startswith("test_")
+            (base / name).as_posix()
+            for name in names
+            if name.endswith(".py") and not name.startswith("test_")
         )
     return [root / relative for relative in sorted(relatives)]
 
@@ -123,7 +133,9 @@ def _bounded_lines(piece: str, max_chars: int) -> Iterator[str]:
         yield piece
         return
     lines = [
-        line[i : i + max_chars] for line in piece.splitlines(keepends=True) for i in range(0, len(line), max_chars)
+        line[i : i + max_chars]
+        for line in piece.splitlines(keepends=True)
+        for i in range(0, len(line), max_chars)
     ]
     yield from _group(lines, max_chars, joiner="")
 

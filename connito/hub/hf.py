@@ -34,7 +34,7 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.hf_api import RepoFile
 
-from connito.errors import StoreError
+from connito.errors import ConfigError, StoreError
 from connito.hub.base import CHECKPOINT_FILES, StoreRef, validate_file_names, validate_repo_id
 
 __all__ = ["HfHubStore", "HF_KIND", "DEFAULT_ENDPOINT"]
@@ -50,7 +50,14 @@ _COMMIT_SHA = re.compile(r"[0-9a-f]{40}")
 _TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 # Errors that call for a retry: the request may not have reached the Hub, or the Hub was busy.
 _TRANSPORT_ERRORS = (httpx2.TransportError, OfflineModeIsEnabled)
-_MAPPED_ERRORS = (HfHubHTTPError, EntryNotFoundError, httpx2.HTTPError, OfflineModeIsEnabled, ValueError, OSError)
+_MAPPED_ERRORS = (
+    HfHubHTTPError,
+    EntryNotFoundError,
+    httpx2.HTTPError,
+    OfflineModeIsEnabled,
+    ValueError,
+    OSError,
+)
 
 T = TypeVar("T")
 
@@ -61,7 +68,8 @@ class HfHubStore:
     The token comes only from the constructor: ``token=None`` means anonymous, never a token
     that huggingface_hub would otherwise pick up from the environment or a login file.
     Transient failures (connection errors, 408/429/5xx) are retried ``max_retries`` times with
-    exponential backoff from ``backoff_s``, one WARNING line per failure.
+    exponential backoff from ``backoff_s`` (capped at ``MAX_BACKOFF_S``), one WARNING line per
+    retried failure; the last failure is raised as a ``StoreError``.
     """
 
     kind: str = HF_KIND
@@ -75,8 +83,10 @@ class HfHubStore:
         max_retries: int = DEFAULT_MAX_RETRIES,
         backoff_s: float = DEFAULT_BACKOFF_S,
     ) -> None:
-        if max_retries < 0 or backoff_s < 0:
-            raise ValueError(f"max_retries={max_retries} and backoff_s={backoff_s} must be >= 0")
+        if max_retries < 0:
+            raise ConfigError(f"must be >= 0, got {max_retries}", field="hub.max_retries")
+        if backoff_s < 0:
+            raise ConfigError(f"must be >= 0, got {backoff_s}", field="hub.backoff_s")
         self.endpoint = (endpoint or DEFAULT_ENDPOINT).rstrip("/")
         self.private = private
         self.max_retries = max_retries
@@ -92,7 +102,9 @@ class HfHubStore:
         Neurons call this at startup; library code receives the store already built.
         """
         env = os.environ if environ is None else environ
-        return cls(token=env.get("HF_TOKEN") or None, endpoint=env.get("HF_ENDPOINT") or None, private=private)
+        return cls(
+            token=env.get("HF_TOKEN") or None, endpoint=env.get("HF_ENDPOINT") or None, private=private
+        )
 
     def __repr__(self) -> str:
         # Never show the token.
@@ -129,17 +141,22 @@ class HfHubStore:
         def commit() -> str:
             # Fresh operations per attempt: huggingface_hub marks an operation as used.
             operations = [
-                CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path)) for name, path in paths.items()
+                CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path))
+                for name, path in paths.items()
             ]
             info = self._api.create_commit(
-                repo, operations, commit_message=message or f"connito upload {len(names)} files", repo_type="model"
+                repo,
+                operations,
+                commit_message=message or f"connito upload {len(names)} files",
+                repo_type="model",
             )
             return str(info.oid)
 
         revision = self._call("commit", repo, None, commit)
         if _COMMIT_SHA.fullmatch(revision) is None:
             raise StoreError(
-                f"hf upload repo={repo}: Hub returned commit id {revision!r}, expected 40 hex chars", repo=repo
+                f"hf upload repo={repo}: Hub returned commit id {revision!r}, expected 40 hex chars",
+                repo=repo,
             )
         total_bytes = sum(path.stat().st_size for path in paths.values())
         logger.info("hf upload repo=%s rev=%s files=%d bytes=%d", repo, revision, len(names), total_bytes)
@@ -199,7 +216,9 @@ class HfHubStore:
         _check_ref(ref)
 
         def tree() -> dict[str, int]:
-            entries = self._api.list_repo_tree(ref.repo, revision=ref.revision, recursive=True, repo_type="model")
+            entries = self._api.list_repo_tree(
+                ref.repo, revision=ref.revision, recursive=True, repo_type="model"
+            )
             return {entry.path: entry.size for entry in entries if isinstance(entry, RepoFile)}
 
         return dict(sorted(self._call("list_files", ref.repo, ref.revision, tree).items()))
@@ -209,7 +228,9 @@ class HfHubStore:
         """Sizes of those of ``names`` that exist at the revision (folders do not count)."""
 
         def paths_info() -> dict[str, int]:
-            entries = self._api.get_paths_info(ref.repo, list(names), revision=ref.revision, repo_type="model")
+            entries = self._api.get_paths_info(
+                ref.repo, list(names), revision=ref.revision, repo_type="model"
+            )
             return {entry.path: entry.size for entry in entries if isinstance(entry, RepoFile)}
 
         return self._call("paths_info", ref.repo, ref.revision, paths_info)

@@ -93,7 +93,9 @@ class LocalStore:
         for name, source in sources.items():
             if not source.is_file():
                 raise StoreError(
-                    f"local upload repo={repo}: file {name} not found in {folder}", reason="missing", repo=repo
+                    f"local upload repo={repo}: file {name} not found in {folder}",
+                    reason="missing",
+                    repo=repo,
                 )
         repo_dir = self.root / repo
         try:

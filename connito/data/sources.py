@@ -1,0 +1,111 @@
+"""Turn a configured ``DataSource`` into documents, always through ``datasets``.
+
+``generated`` sources come from connito's offline generators (``Dataset.from_dict``), ``hub``
+sources from ``datasets.load_dataset(name, subset, split=...)`` and ``files`` sources from
+``load_dataset("json" | "text" | "parquet", data_files=...)`` chosen by file extension. Every path
+ends in a one-column dataset named ``text``, capped at ``max_documents`` in source order.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+from pathlib import Path
+
+import datasets
+
+from connito.config import DataSource
+from connito.data.generators import generate_documents
+from connito.errors import ConfigError
+
+__all__ = ["FILE_FORMATS", "load_source", "load_documents"]
+
+logger = logging.getLogger(__name__)
+
+# file extension -> datasets packaged builder
+FILE_FORMATS = {".json": "json", ".jsonl": "json", ".txt": "text", ".parquet": "parquet"}
+
+
+def load_source(source: DataSource, *, cache_dir: str | Path | None = None) -> datasets.Dataset:
+    """A ``datasets.Dataset`` with one ``text`` column holding the source's documents.
+
+    ``cache_dir`` keeps the Arrow cache of ``files`` sources out of the user's home (Hub sources
+    use datasets' own cache, shared with other tools). ``.txt`` files are read one document per
+    paragraph (blank-line separated), so the hash split works below file granularity.
+
+    Raises:
+        ConfigError: no matching files, mixed or unknown file types, a missing ``text_field``, or
+            a dataset that cannot be loaded.
+    """
+    if source.kind == "generated":
+        texts = generate_documents(source.name, max_documents=source.max_documents)
+        return datasets.Dataset.from_dict({"text": texts})
+    if source.kind == "hub":
+        split = source.split if source.max_documents is None else f"{source.split}[:{source.max_documents}]"
+        dataset = _load(source, source.name, source.subset, split=split)
+    else:
+        dataset = _load_files(source, cache_dir)
+    return _select_text(dataset, source)
+
+
+def load_documents(source: DataSource, *, cache_dir: str | Path | None = None) -> list[str]:
+    """The source's documents as Python strings, blank ones dropped, in source order.
+
+    Raises:
+        ConfigError: as ``load_source``, or a non-string value in ``text_field``.
+    """
+    documents: list[str] = []
+    for row, text in enumerate(load_source(source, cache_dir=cache_dir)["text"]):
+        if not isinstance(text, str):
+            raise ConfigError(
+                f"row {row}: expected a string, got {type(text).__name__}",
+                path=source.name,
+                field="text_field",
+            )
+        if text.strip():
+            documents.append(text)
+    return documents
+
+
+def _load_files(source: DataSource, cache_dir: str | Path | None) -> datasets.Dataset:
+    files = sorted(p for p in glob.glob(source.name, recursive=True) if Path(p).is_file())
+    if not files:
+        raise ConfigError("no files match this glob", path=source.name, field="name")
+    formats = {FILE_FORMATS.get(Path(p).suffix.lower()) for p in files}
+    if None in formats or len(formats) != 1:
+        suffixes = sorted({Path(p).suffix for p in files})
+        raise ConfigError(
+            f"files must share one type of {sorted(FILE_FORMATS)}, got {suffixes}",
+            path=source.name,
+            field="name",
+        )
+    builder = formats.pop()
+    options = {"sample_by": "paragraph"} if builder == "text" else {}
+    cache = str(Path(cache_dir) / "datasets") if cache_dir is not None else None
+    return _load(source, builder, data_files=files, split="train", cache_dir=cache, **options)
+
+
+def _load(source: DataSource, *args: object, **kwargs: object) -> datasets.Dataset:
+    try:
+        return datasets.load_dataset(*args, **kwargs)
+    except (OSError, ValueError, datasets.exceptions.DatasetsError) as exc:
+        raise ConfigError(
+            f"cannot load dataset: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+            path=source.name,
+        ) from exc
+
+
+def _select_text(dataset: datasets.Dataset, source: DataSource) -> datasets.Dataset:
+    if source.text_field not in dataset.column_names:
+        raise ConfigError(
+            f"column {source.text_field!r} not found, columns are {dataset.column_names}",
+            path=source.name,
+            field="text_field",
+        )
+    dataset = dataset.select_columns([source.text_field])
+    if source.text_field != "text":
+        dataset = dataset.rename_column(source.text_field, "text")
+    if source.max_documents is not None and len(dataset) > source.max_documents:
+        dataset = dataset.select(range(source.max_documents))
+    logger.debug("data source loaded kind=%s name=%s documents=%d", source.kind, source.name, len(dataset))
+    return dataset

@@ -1,0 +1,297 @@
+"""Command line of the neurons: bittensor's dotted flags plus connito's own, parsed once.
+
+bittensor 11 no longer parses CLI arguments (``bt.Config`` was removed: "pass arguments
+directly"), so this is plain argparse with the names subnet operators already type:
+``--netuid``, ``--subtensor.network``, ``--subtensor.chain_endpoint``, ``--wallet.name``,
+``--wallet.hotkey``, ``--wallet.path``, ``--logging.debug``, ``--logging.trace``. Usage errors
+exit 2 (argparse); everything else is left to ``main()``. Flags hold operator knobs only;
+protocol parameters live in the domain YAML.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from connito.errors import ConfigError
+
+if TYPE_CHECKING:
+    from connito.chain.base import Chain
+    from connito.config import DomainConfig
+
+__all__ = [
+    "NETWORKS",
+    "DEFAULT_WALLET_PATH",
+    "NeuronArgs",
+    "build_parser",
+    "parse_args",
+    "resolve_args",
+    "configure_logging",
+    "open_chain",
+]
+
+logger = logging.getLogger(__name__)
+
+Role = Literal["miner", "validator"]
+NETWORKS = ("finney", "test", "local", "archive", "devnet")  # bittensor 11's named networks
+DEFAULT_NETWORK = "finney"
+DEFAULT_WALLET_PATH = "~/.bittensor/wallets"
+DEFAULT_WORKDIR_ROOT = "~/.connito"
+_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NeuronArgs:
+    """Every operator knob of a neuron, as given on the command line.
+
+    ``netuid`` and ``workdir`` may be None until ``resolve_args`` fills them from the domain YAML.
+    """
+
+    role: Role
+    config: Path
+    netuid: int | None
+    network: str
+    chain_endpoint: str | None
+    wallet_name: str
+    wallet_hotkey: str
+    wallet_path: Path
+    local_chain: Path | None  # --chain local:PATH; None means subtensor
+    hub: Literal["hf", "local"]
+    hub_path: Path | None  # --hub local:PATH
+    hub_repo: str | None
+    hub_private: bool
+    workdir: Path | None
+    logging_debug: bool
+    logging_trace: bool
+
+    @property
+    def subtensor_network(self) -> str:
+        """What the SDK dials: the explicit endpoint if given, else the network name or URL."""
+        return self.chain_endpoint or self.network
+
+
+def build_parser(role: Role) -> argparse.ArgumentParser:
+    """The argument parser of one neuron role (the flag set is shared; only the text differs)."""
+    parser = argparse.ArgumentParser(
+        prog=f"neurons/{role}.py",
+        description=f"connito {role}: sparse MoE expert adaptation on a Bittensor subnet.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        required=True,
+        help="domain YAML file (path; required): model, data, selection, cycle and scoring rules",
+    )
+    parser.add_argument(
+        "--netuid",
+        type=_non_negative_int,
+        default=None,
+        help="subnet uid (integer); default: the netuid in the domain YAML",
+    )
+    _add_subtensor_args(parser)
+    _add_wallet_args(parser)
+    _add_store_args(parser, role)
+    _add_logging_args(parser)
+    return parser
+
+
+def parse_args(role: Role, argv: list[str] | None = None) -> NeuronArgs:
+    """Parse a neuron's flags; usage errors print to stderr and exit 2."""
+    ns = build_parser(role).parse_args(argv)
+    hub, hub_path = ns.hub
+    return NeuronArgs(
+        role=role,
+        config=ns.config,
+        netuid=ns.netuid,
+        network=ns.subtensor_network,
+        chain_endpoint=ns.subtensor_chain_endpoint,
+        wallet_name=ns.wallet_name,
+        wallet_hotkey=ns.wallet_hotkey,
+        wallet_path=Path(ns.wallet_path).expanduser(),
+        local_chain=ns.chain,
+        hub=hub,
+        hub_path=hub_path,
+        hub_repo=ns.hub_repo,
+        hub_private=ns.hub_private,
+        workdir=ns.workdir.expanduser() if ns.workdir is not None else None,
+        logging_debug=ns.logging_debug,
+        logging_trace=ns.logging_trace,
+    )
+
+
+def resolve_args(args: NeuronArgs, config: DomainConfig) -> NeuronArgs:
+    """Apply the precedence flags > YAML for the knobs both can set (netuid), and derive workdir.
+
+    The default workdir follows the bittensor template's layout, so two neurons on one machine
+    never share state: ``~/.connito/<wallet>/<hotkey>/netuid<N>/<role>``.
+    """
+    netuid = args.netuid if args.netuid is not None else config.netuid
+    workdir = args.workdir
+    if workdir is None:
+        workdir = Path(DEFAULT_WORKDIR_ROOT).expanduser() / args.wallet_name / args.wallet_hotkey / f"netuid{netuid}" / args.role
+    return dataclasses.replace(args, netuid=netuid, workdir=workdir)
+
+
+def configure_logging(args: NeuronArgs) -> None:
+    """Send log lines to stdout, leaving stderr for the one-line failure reason.
+
+    INFO by default; ``--logging.debug`` turns connito to DEBUG; ``--logging.trace`` also lets the
+    SDK's transport and websocket chatter through (otherwise held at WARNING).
+    """
+    level = logging.DEBUG if args.logging_debug or args.logging_trace else logging.INFO
+    logging.basicConfig(level=level, format=_LOG_FORMAT, stream=sys.stdout, force=True)
+    third_party = logging.DEBUG if args.logging_trace else logging.WARNING
+    for name in ("bittensor", "websockets", "asyncio", "urllib3", "httpx", "filelock"):
+        logging.getLogger(name).setLevel(third_party)
+
+
+def open_chain(args: NeuronArgs) -> Chain:
+    """Open the chain the flags name and read its current block once, so a dead endpoint fails now.
+
+    ``--chain local:PATH`` opens the embedded ledger; otherwise a subtensor node
+    (``--subtensor.chain_endpoint`` wins over ``--subtensor.network``), retried with bounded
+    backoff (well under a minute when nothing answers). Writes are signed by the wallet's hotkey.
+
+    Raises:
+        ConfigError: no netuid, or the wallet's hotkey cannot be loaded.
+        ChainError: the chain cannot be reached; the message names the endpoint and the reason.
+    """
+    wallet = _load_wallet(args)
+    if args.local_chain is not None:
+        from connito.chain.local import LocalChain
+
+        chain: Chain = LocalChain.open(args.local_chain, wallet=wallet)
+        where = f"local:{args.local_chain}"
+    else:
+        from connito.chain.subtensor import SubtensorChain
+
+        if args.netuid is None:
+            raise ConfigError("no netuid: pass --netuid or set netuid in the domain YAML", field="netuid")
+        chain = SubtensorChain(args.netuid, network=args.subtensor_network, wallet=wallet)
+        where = chain.endpoint
+    block = chain.current_block()
+    logger.info("chain opened role=%s chain=%s netuid=%s hotkey=%s block=%d", args.role, where, args.netuid, chain.hotkey, block)
+    return chain
+
+
+# Flag groups -----------------------------------------------------------------------------------
+
+
+def _add_subtensor_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("subtensor")
+    group.add_argument(
+        "--subtensor.network",
+        dest="subtensor_network",
+        type=_network,
+        default=DEFAULT_NETWORK,
+        help=f"chain to join: one of {', '.join(NETWORKS)} (local = ws://127.0.0.1:9944 or $BT_CHAIN_ENDPOINT), or a ws:// / wss:// URL",
+    )
+    group.add_argument(
+        "--subtensor.chain_endpoint",
+        dest="subtensor_chain_endpoint",
+        type=_endpoint,
+        default=None,
+        help="ws:// or wss:// URL of a subtensor node; overrides --subtensor.network (default: none)",
+    )
+    group.add_argument(
+        "--chain",
+        type=_local_spec("--chain"),
+        default=None,
+        metavar="local:PATH",
+        help="use the embedded LocalChain ledger file at PATH instead of subtensor (default: none, use subtensor)",
+    )
+
+
+def _add_wallet_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("wallet")
+    group.add_argument("--wallet.name", dest="wallet_name", default="default", help="coldkey wallet name (string)")
+    group.add_argument("--wallet.hotkey", dest="wallet_hotkey", default="default", help="hotkey name inside the wallet (string); it signs every write")
+    group.add_argument("--wallet.path", dest="wallet_path", default=DEFAULT_WALLET_PATH, help="directory holding wallets (path)")
+
+
+def _add_store_args(parser: argparse.ArgumentParser, role: Role) -> None:
+    group = parser.add_argument_group("checkpoint store and state")
+    group.add_argument(
+        "--hub",
+        type=_hub_spec,
+        default=("hf", None),
+        metavar="{hf,local:PATH}",
+        help="checkpoint store: hf (the Hugging Face Hub, $HF_ENDPOINT / $HF_TOKEN) or local:PATH (a directory store) (default: hf)",
+    )
+    uploader = "the miner's checkpoints" if role == "miner" else "the merged global expert state (lead validator)"
+    group.add_argument("--hub.repo", dest="hub_repo", default=None, help=f"HF repo id (owner/name) for uploading {uploader} (default: none)")
+    group.add_argument("--hub.private", dest="hub_private", action="store_true", help="create the HF repo private (flag; default: public)")
+    group.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help=f"state folder (path) for crash-safe {role} state (default: {DEFAULT_WORKDIR_ROOT}/<wallet>/<hotkey>/netuid<N>/{role})",
+    )
+
+
+def _add_logging_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("logging (to stdout)")
+    group.add_argument("--logging.debug", dest="logging_debug", action="store_true", help="connito DEBUG lines (flag; default: INFO)")
+    group.add_argument("--logging.trace", dest="logging_trace", action="store_true", help="DEBUG lines from the SDK and transport too (flag; default: off)")
+
+
+# Value parsers (ArgumentTypeError -> usage error, exit 2) --------------------------------------
+
+
+def _non_negative_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {value!r}") from None
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {number}")
+    return number
+
+
+def _endpoint(value: str) -> str:
+    if not value.startswith(("ws://", "wss://")) or len(value) <= len("wss://"):
+        raise argparse.ArgumentTypeError(f"must be a ws:// or wss:// URL, got {value!r}")
+    return value
+
+
+def _network(value: str) -> str:
+    if value in NETWORKS:
+        return value
+    if value.startswith(("ws://", "wss://")):
+        return _endpoint(value)
+    raise argparse.ArgumentTypeError(f"must be one of {', '.join(NETWORKS)} or a ws:// / wss:// URL, got {value!r}")
+
+
+def _local_spec(flag: str):  # noqa: ANN202 - returns an argparse type callable
+    def parse(value: str) -> Path:
+        kind, sep, path = value.partition(":")
+        if kind != "local" or not sep or not path:
+            raise argparse.ArgumentTypeError(f"{flag} must look like local:PATH, got {value!r}")
+        return Path(path).expanduser()
+
+    return parse
+
+
+def _hub_spec(value: str) -> tuple[Literal["hf", "local"], Path | None]:
+    if value == "hf":
+        return "hf", None
+    return "local", _local_spec("--hub")(value)
+
+
+def _load_wallet(args: NeuronArgs):  # noqa: ANN202 - bittensor.Wallet, imported lazily
+    """The operator's wallet; its hotkey must exist because every write is signed by it."""
+    import bittensor as bt
+
+    wallet = bt.Wallet(args.wallet_name, args.wallet_hotkey, path=str(args.wallet_path))
+    if not wallet.hotkey_file.exists_on_device():
+        raise ConfigError(
+            f"hotkey {args.wallet_hotkey!r} of wallet {args.wallet_name!r} not found at {wallet.hotkey_file.path}",
+            field="wallet.hotkey",
+        )
+    return wallet
