@@ -163,6 +163,8 @@ def tensors_digest(state: Mapping[str, torch.Tensor]) -> str:
     hasher = hashlib.sha256(_DIGEST_DOMAIN)
     for key in sorted(state):
         tensor = state[key].detach().to("cpu").contiguous()
+        if tensor.dtype not in _ST_NAMES:
+            raise ValueError(f"{key}: dtype {tensor.dtype} has no safetensors name")
         dtype_name = _ST_NAMES[tensor.dtype].encode()
         raw = tensor.reshape(-1).view(torch.uint8).numpy()
         hasher.update(_length_prefixed(key.encode("utf-8")))
@@ -397,9 +399,12 @@ def load_checkpoint(
     hotkey: str | None = None,
     cycle: int | None = None,
     revision: str | None = None,
+    other_files: tuple[str, ...] = (),
 ) -> tuple[Manifest, dict[str, torch.Tensor]]:
     """Load an untrusted checkpoint, or reject it on its first violation.
 
+    ``other_files`` names files the folder may also hold (a published global state carries its
+    merge record and outer state); they are not read here.
     ``expected`` maps every key of ``selected_keys(selection)`` to its ``(shape, dtype)``
     (``expected_expert_specs``). ``None`` checks self-consistency only, for tools without the base
     model: per layer, gate/up are ``(I, H)`` and down is ``(H, I)`` with ``(H, I)`` taken from the
@@ -413,7 +418,7 @@ def load_checkpoint(
     """
     labels = {"hotkey": hotkey, "cycle": cycle, "revision": revision}
     try:
-        return _load_checkpoint(Path(folder), selection, expected, max_bytes, max_manifest_bytes)
+        return _load_checkpoint(Path(folder), selection, expected, max_bytes, max_manifest_bytes, other_files)
     except InvalidSubmission as exc:
         raise InvalidSubmission(exc.reason, exc.detail, key=exc.key, **labels) from None
 
@@ -424,11 +429,12 @@ def _load_checkpoint(
     expected: Mapping[str, tuple[tuple[int, ...], torch.dtype]] | None,
     max_bytes: int,
     max_manifest_bytes: int,
+    other_files: tuple[str, ...] = (),
 ) -> tuple[Manifest, dict[str, torch.Tensor]]:
     keys = selected_keys(selection)
     if expected is not None and sorted(expected) != keys:
         raise ValueError("expected specs must cover exactly the selected keys")
-    _check_folder_entries(folder)
+    _check_folder_entries(folder, other_files)
     experts_path = folder / EXPERTS_FILE
     experts_size = _regular_file_size(experts_path)
     if experts_size > max_bytes:  # before any read: a 10 GB upload costs one stat
@@ -454,7 +460,8 @@ def _load_checkpoint(
     return manifest, state
 
 
-def _check_folder_entries(folder: Path) -> None:
+def _check_folder_entries(folder: Path, other_files: tuple[str, ...] = ()) -> None:
+    allowed = _IGNORED_ENTRIES | set(other_files)
     required = {EXPERTS_FILE, MANIFEST_FILE}
     try:
         entries = os.scandir(folder)
@@ -466,7 +473,7 @@ def _check_folder_entries(folder: Path) -> None:
         for entry in entries:
             if entry.name in required:
                 seen.add(entry.name)
-            elif entry.name not in _IGNORED_ENTRIES:
+            elif entry.name not in allowed:
                 extra.append(entry.name)
                 if len(extra) >= 64:  # enough to report; do not walk a million-file folder
                     break
@@ -514,7 +521,9 @@ def _check_spec(key: str, info: TensorInfo, spec: tuple[tuple[int, ...], torch.d
     if info.shape != tuple(shape):
         raise InvalidSubmission("shape", f"shape {info.shape}, expected {tuple(shape)}", key=key)
     if _ST_DTYPES[info.dtype] != dtype:
-        raise InvalidSubmission("dtype", f"dtype {info.dtype}, expected {_ST_NAMES[dtype]}", key=key)
+        raise InvalidSubmission(
+            "dtype", f"dtype {info.dtype}, expected {_ST_NAMES.get(dtype, dtype)}", key=key
+        )
 
 
 def _infer_specs(selection: ExpertSelection, header: Mapping[str, TensorInfo]) -> dict[str, ExpertSpec]:

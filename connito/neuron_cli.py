@@ -80,17 +80,18 @@ def build_parser(role: Role) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=f"neurons/{role}.py",
         description=f"connito {role}: sparse MoE expert adaptation on a Bittensor subnet.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument(
         "--config",
         type=Path,
+        metavar="PATH",
         required=True,
         help="domain YAML file (path; required): model, data, selection, cycle and scoring rules",
     )
     parser.add_argument(
         "--netuid",
         type=_non_negative_int,
+        metavar="N",
         default=None,
         help="subnet uid (integer); default: the netuid in the domain YAML",
     )
@@ -134,7 +135,13 @@ def resolve_args(args: NeuronArgs, config: DomainConfig) -> NeuronArgs:
     netuid = args.netuid if args.netuid is not None else config.netuid
     workdir = args.workdir
     if workdir is None:
-        workdir = Path(DEFAULT_WORKDIR_ROOT).expanduser() / args.wallet_name / args.wallet_hotkey / f"netuid{netuid}" / args.role
+        workdir = (
+            Path(DEFAULT_WORKDIR_ROOT).expanduser()
+            / args.wallet_name
+            / args.wallet_hotkey
+            / f"netuid{netuid}"
+            / args.role
+        )
     return dataclasses.replace(args, netuid=netuid, workdir=workdir)
 
 
@@ -173,10 +180,17 @@ def open_chain(args: NeuronArgs) -> Chain:
 
         if args.netuid is None:
             raise ConfigError("no netuid: pass --netuid or set netuid in the domain YAML", field="netuid")
-        chain = SubtensorChain(args.netuid, network=args.subtensor_network, wallet=wallet)
-        where = chain.endpoint
+        subtensor = SubtensorChain(args.netuid, network=args.subtensor_network, wallet=wallet)
+        chain, where = subtensor, subtensor.endpoint
     block = chain.current_block()
-    logger.info("chain opened role=%s chain=%s netuid=%s hotkey=%s block=%d", args.role, where, args.netuid, chain.hotkey, block)
+    logger.info(
+        "chain opened role=%s chain=%s netuid=%s hotkey=%s block=%d",
+        args.role,
+        where,
+        args.netuid,
+        chain.hotkey,
+        block,
+    )
     return chain
 
 
@@ -188,13 +202,16 @@ def _add_subtensor_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--subtensor.network",
         dest="subtensor_network",
+        metavar="NETWORK",
         type=_network,
         default=DEFAULT_NETWORK,
-        help=f"chain to join: one of {', '.join(NETWORKS)} (local = ws://127.0.0.1:9944 or $BT_CHAIN_ENDPOINT), or a ws:// / wss:// URL",
+        help=f"chain to join: one of {', '.join(NETWORKS)} (local = ws://127.0.0.1:9944 or $BT_CHAIN_ENDPOINT), "
+        "or a ws:// / wss:// URL (default: %(default)s)",
     )
     group.add_argument(
         "--subtensor.chain_endpoint",
         dest="subtensor_chain_endpoint",
+        metavar="URL",
         type=_endpoint,
         default=None,
         help="ws:// or wss:// URL of a subtensor node; overrides --subtensor.network (default: none)",
@@ -210,9 +227,27 @@ def _add_subtensor_args(parser: argparse.ArgumentParser) -> None:
 
 def _add_wallet_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("wallet")
-    group.add_argument("--wallet.name", dest="wallet_name", default="default", help="coldkey wallet name (string)")
-    group.add_argument("--wallet.hotkey", dest="wallet_hotkey", default="default", help="hotkey name inside the wallet (string); it signs every write")
-    group.add_argument("--wallet.path", dest="wallet_path", default=DEFAULT_WALLET_PATH, help="directory holding wallets (path)")
+    group.add_argument(
+        "--wallet.name",
+        dest="wallet_name",
+        metavar="NAME",
+        default="default",
+        help="coldkey wallet name (string; default: %(default)s)",
+    )
+    group.add_argument(
+        "--wallet.hotkey",
+        dest="wallet_hotkey",
+        metavar="NAME",
+        default="default",
+        help="hotkey name inside the wallet, signs every write (string; default: %(default)s)",
+    )
+    group.add_argument(
+        "--wallet.path",
+        dest="wallet_path",
+        metavar="PATH",
+        default=DEFAULT_WALLET_PATH,
+        help="directory holding wallets (path; default: %(default)s)",
+    )
 
 
 def _add_store_args(parser: argparse.ArgumentParser, role: Role) -> None:
@@ -224,12 +259,26 @@ def _add_store_args(parser: argparse.ArgumentParser, role: Role) -> None:
         metavar="{hf,local:PATH}",
         help="checkpoint store: hf (the Hugging Face Hub, $HF_ENDPOINT / $HF_TOKEN) or local:PATH (a directory store) (default: hf)",
     )
-    uploader = "the miner's checkpoints" if role == "miner" else "the merged global expert state (lead validator)"
-    group.add_argument("--hub.repo", dest="hub_repo", default=None, help=f"HF repo id (owner/name) for uploading {uploader} (default: none)")
-    group.add_argument("--hub.private", dest="hub_private", action="store_true", help="create the HF repo private (flag; default: public)")
+    uploader = (
+        "the miner's checkpoints" if role == "miner" else "the merged global expert state (lead validator)"
+    )
+    group.add_argument(
+        "--hub.repo",
+        dest="hub_repo",
+        metavar="OWNER/NAME",
+        default=None,
+        help=f"HF repo id (owner/name) for uploading {uploader} (default: none)",
+    )
+    group.add_argument(
+        "--hub.private",
+        dest="hub_private",
+        action="store_true",
+        help="create the HF repo private (flag; default: public)",
+    )
     group.add_argument(
         "--workdir",
         type=Path,
+        metavar="PATH",
         default=None,
         help=f"state folder (path) for crash-safe {role} state (default: {DEFAULT_WORKDIR_ROOT}/<wallet>/<hotkey>/netuid<N>/{role})",
     )
@@ -237,8 +286,18 @@ def _add_store_args(parser: argparse.ArgumentParser, role: Role) -> None:
 
 def _add_logging_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("logging (to stdout)")
-    group.add_argument("--logging.debug", dest="logging_debug", action="store_true", help="connito DEBUG lines (flag; default: INFO)")
-    group.add_argument("--logging.trace", dest="logging_trace", action="store_true", help="DEBUG lines from the SDK and transport too (flag; default: off)")
+    group.add_argument(
+        "--logging.debug",
+        dest="logging_debug",
+        action="store_true",
+        help="connito DEBUG lines (flag; default: INFO)",
+    )
+    group.add_argument(
+        "--logging.trace",
+        dest="logging_trace",
+        action="store_true",
+        help="DEBUG lines from the SDK and transport too (flag; default: off)",
+    )
 
 
 # Value parsers (ArgumentTypeError -> usage error, exit 2) --------------------------------------
@@ -265,7 +324,9 @@ def _network(value: str) -> str:
         return value
     if value.startswith(("ws://", "wss://")):
         return _endpoint(value)
-    raise argparse.ArgumentTypeError(f"must be one of {', '.join(NETWORKS)} or a ws:// / wss:// URL, got {value!r}")
+    raise argparse.ArgumentTypeError(
+        f"must be one of {', '.join(NETWORKS)} or a ws:// / wss:// URL, got {value!r}"
+    )
 
 
 def _local_spec(flag: str):  # noqa: ANN202 - returns an argparse type callable

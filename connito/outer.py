@@ -63,6 +63,8 @@ def clip_pseudo_gradients(
     submission inflated 1000x cannot move the bound. Norms span all keys of a submission and are
     accumulated in float64.
     """
+    if not clip_norm > 0:
+        raise ValueError(f"clip_norm must be > 0, got {clip_norm}")
     norms = [_global_norm(pg) for pg in pseudo_gradients]
     median = float(torch.tensor(norms, dtype=torch.float64).median())
     bound = clip_norm * median
@@ -115,6 +117,7 @@ class OuterOptimizer:
 
     @property
     def keys(self) -> list[str]:
+        """The canonical expert keys this optimizer merges, sorted."""
         return list(self._dtypes)
 
     def global_state(self) -> dict[str, torch.Tensor]:
@@ -140,17 +143,23 @@ class OuterOptimizer:
 
         Raises:
             ValueError: no submissions, bad weights, or a submission's keys/shapes differ.
-            InvalidSubmission: ``non_finite`` if a pseudo-gradient overflows; the state is unchanged.
+            InvalidSubmission: ``non_finite`` if a pseudo-gradient or the merged global overflows;
+                the optimizer state is then unchanged.
         """
         normalised = self._normalise(weights, len(submissions))
         pseudo_gradients = [self._pseudo_gradient(local, index) for index, local in enumerate(submissions)]
         if clip_norm is not None:
             pseudo_gradients = clip_pseudo_gradients(pseudo_gradients, clip_norm)
+        stepped: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for key in self._master:
             averaged = torch.zeros_like(self._master[key])
             for weight, pg in zip(normalised, pseudo_gradients, strict=True):
                 averaged.add_(pg[key], alpha=weight)
-            self._apply(key, averaged)
+            stepped[key] = self._sgd_step(key, averaged)
+            if not bool(torch.isfinite(stepped[key][1]).all()):
+                raise InvalidSubmission("non_finite", "the merged global overflows", key=key)
+        for key, (buffer, master) in stepped.items():  # commit only once every key stepped cleanly
+            self._momentum[key], self._master[key] = buffer, master
         self.step_count += 1
         logger.info(
             "outer step step=%d submissions=%d lr=%s momentum=%s",
@@ -192,18 +201,18 @@ class OuterOptimizer:
             pseudo_gradient[key] = delta
         return pseudo_gradient
 
-    def _apply(self, key: str, grad: torch.Tensor) -> None:
-        """One SGD step with (Nesterov) momentum, written as torch.optim.SGD computes it.
+    def _sgd_step(self, key: str, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One SGD step with (Nesterov) momentum, as torch.optim.SGD computes it (bit for bit).
 
         b_t = mu * b_{t-1} + g_t            (b_0 = 0, so b_1 = g_1 as torch's first step)
         update = g_t + mu * b_t if nesterov else b_t
-        master -= lr * update
+        master_t = master_{t-1} - lr * update
         (Sutskever et al., 2013, in PyTorch's formulation; see ``torch.optim.SGD``.)
+        Returns the new ``(b_t, master_t)`` without touching the stored ones.
         """
-        buffer = self._momentum[key]
-        buffer.mul_(self.momentum).add_(grad)
+        buffer = self._momentum[key].mul(self.momentum).add_(grad)
         update = grad.add(buffer, alpha=self.momentum) if self.nesterov else buffer
-        self._master[key].add_(update, alpha=-self.lr)
+        return buffer, self._master[key].add(update, alpha=-self.lr)
 
     def state_dict(self) -> OuterState:
         """Copies of the master, momentum, dtypes and step count."""

@@ -111,7 +111,9 @@ class FakeSubstrate:
     def _maybe_drop(self) -> None:
         if self.fail_reads > 0:
             self.fail_reads -= 1
-            raise bt.RpcConnectionError("RPC request failed after exhausting endpoint retries: connection closed")
+            raise bt.RpcConnectionError(
+                "RPC request failed after exhausting endpoint retries: connection closed"
+            )
 
     async def block_number(self) -> int:
         self._maybe_drop()
@@ -133,11 +135,23 @@ class FakeSubstrate:
         number = self.head if block_number is None else block_number
         if number > self.head:
             return None
-        timestamp = {"call": {"call_module": "Timestamp", "call_function": "set", "call_args": [{"name": "now", "value": 1_700_000_000_000 + 12_000 * number}]}}
-        header = {"number": number, "hash": fake_block_hash(number), "parentHash": fake_block_hash(number - 1)}
+        timestamp = {
+            "call": {
+                "call_module": "Timestamp",
+                "call_function": "set",
+                "call_args": [{"name": "now", "value": 1_700_000_000_000 + 12_000 * number}],
+            }
+        }
+        header = {
+            "number": number,
+            "hash": fake_block_hash(number),
+            "parentHash": fake_block_hash(number - 1),
+        }
         return {"header": header, "extrinsics": [timestamp]}
 
-    async def query(self, module: str, storage_function: str, params: list | None = None, block_hash: str | None = None) -> Any:
+    async def query(
+        self, module: str, storage_function: str, params: list | None = None, block_hash: str | None = None
+    ) -> Any:
         self._maybe_drop()
         key = (module, storage_function)
         args = list(params or [])
@@ -173,7 +187,9 @@ class FakeSubstrate:
             return scalar[key]
         raise AssertionError(f"fake substrate: unexpected query {module}.{storage_function}{args}")
 
-    async def query_map(self, module: str, storage_function: str, params: list | None = None, block_hash: str | None = None) -> list[tuple[Any, Any]]:
+    async def query_map(
+        self, module: str, storage_function: str, params: list | None = None, block_hash: str | None = None
+    ) -> list[tuple[Any, Any]]:
         self._maybe_drop()
         key = (module, storage_function)
         if key == ("SubtensorModule", "TokenSymbol"):
@@ -213,17 +229,38 @@ class FakeSubstrate:
     async def account_next_index(self, address: str) -> int:
         return 0
 
-    async def submit(self, call: FakeCall, keypair: Any, *, nonce: int | None = None, period: int | None = None, wait_for_inclusion: bool = True, wait_for_finalization: bool = True) -> bt.ExtrinsicResult:
+    async def submit(
+        self,
+        call: FakeCall,
+        keypair: Any,
+        *,
+        nonce: int | None = None,
+        period: int | None = None,
+        wait_for_inclusion: bool = True,
+        wait_for_finalization: bool = True,
+    ) -> bt.ExtrinsicResult:
         signature = bytes(keypair.sign(call.data))
         if not verify(call.data, signature, keypair.ss58_address):
             raise AssertionError("fake substrate: bad signature")
         self.head += 1  # the extrinsic lands in the next block
         refusal = self.refuse_next_submit or self._apply(call, keypair.ss58_address)
         self.refuse_next_submit = None
-        self.submissions.append(Submission(call=call, signer=keypair.ss58_address, block=self.head, success=refusal is None))
+        self.submissions.append(
+            Submission(call=call, signer=keypair.ss58_address, block=self.head, success=refusal is None)
+        )
         if refusal is not None:
-            return bt.ExtrinsicResult(success=False, message=refusal, block_hash=fake_block_hash(self.head), error=bt.ChainError(refusal))
-        return bt.ExtrinsicResult(success=True, message="Success", block_hash=fake_block_hash(self.head), extrinsic_id=f"{self.head}-0001")
+            return bt.ExtrinsicResult(
+                success=False,
+                message=refusal,
+                block_hash=fake_block_hash(self.head),
+                error=bt.ChainError(refusal),
+            )
+        return bt.ExtrinsicResult(
+            success=True,
+            message="Success",
+            block_hash=fake_block_hash(self.head),
+            extrinsic_id=f"{self.head}-0001",
+        )
 
     # State --------------------------------------------------------------------------------------
 
@@ -236,11 +273,17 @@ class FakeSubstrate:
         if (call.module, call.function) == ("Commitments", "set_commitment"):
             if uid is None:
                 return "AccountNotAllowedCommit"
-            fields = [{variant: "0x" + bytes(value).hex() for variant, value in entry.items()} for entry in call.params["info"]["fields"]]
+            fields = [
+                {variant: "0x" + bytes(value).hex() for variant, value in entry.items()}
+                for entry in call.params["info"]["fields"]
+            ]
             self.commitment_of[signer] = {"deposit": 0, "block": self.head, "info": {"fields": fields}}
             self.last_commitment[signer] = self.head
             return None
-        if call.module == "SubtensorModule" and call.function in ("set_mechanism_weights", "commit_timelocked_mechanism_weights"):
+        if call.module == "SubtensorModule" and call.function in (
+            "set_mechanism_weights",
+            "commit_timelocked_mechanism_weights",
+        ):
             if uid is None:
                 return "HotKeyNotRegisteredInSubNet"
             if call.function == "set_mechanism_weights":

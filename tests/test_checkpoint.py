@@ -204,7 +204,9 @@ def test_expected_specs_refuse_a_selection_beyond_the_model():
     beyond = SELECTION.model_copy(update={"layers": (LayerSelection(layer=5, experts=(0,), scores=(0.1,)),)})
     with pytest.raises(ConfigError, match="layer 5"):
         expected_expert_specs(model, beyond)
-    too_many = SELECTION.model_copy(update={"layers": (LayerSelection(layer=0, experts=(9,), scores=(0.1,) * 10),)})
+    too_many = SELECTION.model_copy(
+        update={"layers": (LayerSelection(layer=0, experts=(9,), scores=(0.1,) * 10),)}
+    )
     with pytest.raises(ConfigError, match="expert 9"):
         expected_expert_specs(model, too_many)
 
@@ -291,7 +293,12 @@ def test_bad_manifest_is_rejected(tmp_path, case):
 
 @pytest.mark.parametrize(
     "field,value",
-    [("selection_digest", "cd" * 32), ("domain", "code"), ("model_id", "inline:olmoe"), ("model_revision", "v2")],
+    [
+        ("selection_digest", "cd" * 32),
+        ("domain", "code"),
+        ("model_id", "inline:olmoe"),
+        ("model_revision", "v2"),
+    ],
 )
 def test_manifest_for_another_selection_is_rejected(tmp_path, field, value):
     _write(tmp_path / "ckpt", **{field: value})
@@ -335,14 +342,24 @@ def _valid_entry(key: str = FIRST_KEY) -> dict:
         pytest.param(_raw_file(b"[" * 100_000 + b"]" * 100_000), id="deeply_nested"),
         pytest.param(_raw_file([1, 2]), id="header_not_object"),
         pytest.param(_raw_file(b'{"a": {}, "a": {}}'), id="duplicate_keys"),
-        pytest.param(_raw_file({**_valid_entry(), "__metadata__": {"a": 1}}, bytes(8)), id="metadata_not_str"),
+        pytest.param(
+            _raw_file({**_valid_entry(), "__metadata__": {"a": 1}}, bytes(8)), id="metadata_not_str"
+        ),
         pytest.param(_raw_file({FIRST_KEY: {"dtype": "F32", "shape": [2]}}, bytes(8)), id="entry_fields"),
-        pytest.param(_raw_file({FIRST_KEY: {"dtype": "C64", "shape": [2], "data_offsets": [0, 8]}}), id="dtype"),
-        pytest.param(_raw_file({FIRST_KEY: {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}), id="shape"),
-        pytest.param(_raw_file({FIRST_KEY: {"dtype": "F32", "shape": [2], "data_offsets": [0, 800]}}), id="past_eof"),
+        pytest.param(
+            _raw_file({FIRST_KEY: {"dtype": "C64", "shape": [2], "data_offsets": [0, 8]}}), id="dtype"
+        ),
+        pytest.param(
+            _raw_file({FIRST_KEY: {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}), id="shape"
+        ),
+        pytest.param(
+            _raw_file({FIRST_KEY: {"dtype": "F32", "shape": [2], "data_offsets": [0, 800]}}), id="past_eof"
+        ),
         pytest.param(_raw_file(_valid_entry(), bytes(12)), id="trailing_payload"),
         pytest.param(
-            _raw_file({**_valid_entry(), "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, bytes(12)),
+            _raw_file(
+                {**_valid_entry(), "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, bytes(12)
+            ),
             id="overlapping",
         ),
     ],
@@ -468,7 +485,9 @@ def test_random_experts_bytes_raise_only_invalid_submission(tmp_path, blob):
 
 _JSON = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=8),
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
     max_leaves=12,
 )
 _ENTRY = st.fixed_dictionaries(
@@ -538,7 +557,10 @@ def test_verify_cli_checks_shapes_against_a_model_folder(tmp_path, capsys):
     """Consistent but wrongly sized experts pass self-consistency and fail against the model."""
     save_selection(SELECTION, tmp_path / "selection.json")
     tiny_config("qwen3_moe").save_pretrained(tmp_path / "model")
-    halved = {k: (v[: INTER // 2] if "down" not in k else v[:, : INTER // 2]).contiguous() for k, v in _state().items()}
+    halved = {
+        k: (v[: INTER // 2] if "down" not in k else v[:, : INTER // 2]).contiguous()
+        for k, v in _state().items()
+    }
     _write(tmp_path / "ckpt", halved)
     args = (tmp_path / "ckpt", tmp_path / "selection.json")
     assert verify_checkpoint_cli(*args, max_bytes=MAX_BYTES) == 0

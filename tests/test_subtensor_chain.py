@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any, cast
 
 import bittensor as bt
 import pytest
 from bittensor.sp_core import Keypair
+from fake_substrate import ALPHA_RAO, FakeCall, FakeNeuron, FakeSubstrate, fake_block_hash
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -26,7 +28,6 @@ from connito.chain.subtensor import (
     decode_commitment_fields,
 )
 from connito.errors import ChainError, ConfigError
-from fake_substrate import ALPHA_RAO, FakeCall, FakeNeuron, FakeSubstrate, fake_block_hash
 
 NETUID = 7
 ENDPOINT = "ws://127.0.0.1:9944"
@@ -56,7 +57,12 @@ def fake(wallet: bt.Wallet) -> FakeSubstrate:
     return FakeSubstrate(
         netuid=NETUID,
         neurons=[
-            FakeNeuron(hotkey=hotkey, coldkey=wallet.coldkeypub.ss58_address, stake_rao=100 * ALPHA_RAO, validator_permit=True),
+            FakeNeuron(
+                hotkey=hotkey,
+                coldkey=wallet.coldkeypub.ss58_address,
+                stake_rao=100 * ALPHA_RAO,
+                validator_permit=True,
+            ),
             FakeNeuron(hotkey=BOB, coldkey=BOB, stake_rao=ALPHA_RAO // 2),
             FakeNeuron(hotkey=CHARLIE, coldkey=CHARLIE, stake_rao=40 * ALPHA_RAO, validator_permit=True),
         ],
@@ -73,9 +79,14 @@ def sleeps() -> _Sleeps:
     return _Sleeps()
 
 
+def _chain(fake: FakeSubstrate, netuid: int = NETUID, **kwargs: Any) -> SubtensorChain:
+    """A SubtensorChain whose SDK client talks to the fake (a partial Substrate, hence the cast)."""
+    return SubtensorChain(netuid, network=ENDPOINT, substrate=cast(bt.Substrate, fake), **kwargs)
+
+
 @pytest.fixture
 def chain(fake: FakeSubstrate, wallet: bt.Wallet, sleeps: _Sleeps):
-    chain = SubtensorChain(NETUID, network=ENDPOINT, wallet=wallet, substrate=fake, sleep=sleeps)
+    chain = _chain(fake, wallet=wallet, sleep=sleeps)
     yield chain
     chain.close()
 
@@ -86,7 +97,9 @@ def test_subtensor_chain_satisfies_chain_protocol(chain: SubtensorChain, wallet:
     assert chain.endpoint == ENDPOINT
 
 
-def test_metagraph_decodes_runtime_record_into_neurons_by_uid(chain: SubtensorChain, wallet: bt.Wallet) -> None:
+def test_metagraph_decodes_runtime_record_into_neurons_by_uid(
+    chain: SubtensorChain, wallet: bt.Wallet
+) -> None:
     assert chain.metagraph() == [
         Neuron(uid=0, hotkey=wallet.hotkeypub.ss58_address, stake=100.0, validator_permit=True),
         Neuron(uid=1, hotkey=BOB, stake=0.5, validator_permit=False),
@@ -95,7 +108,7 @@ def test_metagraph_decodes_runtime_record_into_neurons_by_uid(chain: SubtensorCh
 
 
 def test_metagraph_of_missing_subnet_is_chain_error(fake: FakeSubstrate, wallet: bt.Wallet) -> None:
-    chain = SubtensorChain(NETUID + 1, network=ENDPOINT, wallet=wallet, substrate=fake)
+    chain = _chain(fake, NETUID + 1, wallet=wallet)
     with pytest.raises(ChainError, match="netuid=8 does not exist"):
         chain.metagraph()
     chain.close()
@@ -111,7 +124,9 @@ def test_block_hash_of_future_block_is_refused(chain: SubtensorChain, fake: Fake
         chain.block_hash(fake.head + 1)
 
 
-def test_commit_submits_raw_set_commitment_signed_by_hotkey(chain: SubtensorChain, fake: FakeSubstrate, wallet: bt.Wallet) -> None:
+def test_commit_submits_raw_set_commitment_signed_by_hotkey(
+    chain: SubtensorChain, fake: FakeSubstrate, wallet: bt.Wallet
+) -> None:
     """The exact call the SDK builds: Commitments.set_commitment(netuid, one Raw{n} field of the bytes)."""
     payload = b"\x00\xffconnito\x80"
     block = chain.commit(payload)
@@ -125,13 +140,19 @@ def test_commit_submits_raw_set_commitment_signed_by_hotkey(chain: SubtensorChai
     assert block == submission.block == fake.head
 
 
-def test_commitments_read_back_exact_bytes_and_block(chain: SubtensorChain, fake: FakeSubstrate, wallet: bt.Wallet) -> None:
+def test_commitments_read_back_exact_bytes_and_block(
+    chain: SubtensorChain, fake: FakeSubstrate, wallet: bt.Wallet
+) -> None:
     payload = bytes(range(256))[:MAX_COMMITMENT_BYTES]  # not valid utf-8: must survive as bytes
     block = chain.commit(payload)
-    assert chain.commitments() == [Commitment(hotkey=wallet.hotkeypub.ss58_address, block=block, data=payload)]
+    assert chain.commitments() == [
+        Commitment(hotkey=wallet.hotkeypub.ss58_address, block=block, data=payload)
+    ]
 
 
-def test_commitments_skip_deregistered_and_non_raw_records(chain: SubtensorChain, fake: FakeSubstrate) -> None:
+def test_commitments_skip_deregistered_and_non_raw_records(
+    chain: SubtensorChain, fake: FakeSubstrate
+) -> None:
     fake.commitment_of["5Gone"] = {"deposit": 0, "block": 5, "info": {"fields": [{"Raw2": "0x0102"}]}}
     fake.commitment_of[BOB] = {"deposit": 0, "block": 6, "info": {"fields": [{"Sha256": "0x" + "11" * 32}]}}
     fake.commitment_of[CHARLIE] = {"deposit": 0, "block": 7, "info": {"fields": [{"Raw3": "0x616263"}]}}
@@ -144,7 +165,9 @@ def test_commit_over_128_bytes_is_refused_before_signing(chain: SubtensorChain, 
     assert fake.submissions == []
 
 
-def test_second_commit_within_spacing_reports_blocks_remaining(chain: SubtensorChain, fake: FakeSubstrate) -> None:
+def test_second_commit_within_spacing_reports_blocks_remaining(
+    chain: SubtensorChain, fake: FakeSubstrate
+) -> None:
     first = chain.commit(b"one")
     fake.head = first + 3
     spacing = commit_spacing_blocks(tempo=fake.tempo, max_space_bytes=3100)
@@ -162,16 +185,20 @@ def test_commit_refused_on_chain_is_chain_error(chain: SubtensorChain, fake: Fak
     assert info.value.endpoint == ENDPOINT
 
 
-def test_commit_by_unregistered_hotkey_is_refused_before_signing(fake: FakeSubstrate, wallet: bt.Wallet) -> None:
+def test_commit_by_unregistered_hotkey_is_refused_before_signing(
+    fake: FakeSubstrate, wallet: bt.Wallet
+) -> None:
     fake.neurons.pop(0)
-    chain = SubtensorChain(NETUID, network=ENDPOINT, wallet=wallet, substrate=fake)
+    chain = _chain(fake, wallet=wallet)
     with pytest.raises(ChainError, match="not registered"):
         chain.commit(b"abc")
     assert fake.submissions == []
     chain.close()
 
 
-def test_set_weights_submits_quantized_mechanism_weights(chain: SubtensorChain, fake: FakeSubstrate, wallet: bt.Wallet) -> None:
+def test_set_weights_submits_quantized_mechanism_weights(
+    chain: SubtensorChain, fake: FakeSubstrate, wallet: bt.Wallet
+) -> None:
     """The SDK's SetWeights path: max-upscaled u16 values on the plaintext extrinsic."""
     block = chain.set_weights({1: 0.75, 2: 0.25})
     (submission,) = fake.submissions
@@ -185,17 +212,24 @@ def test_set_weights_submits_quantized_mechanism_weights(chain: SubtensorChain, 
     assert block == fake.head
 
 
-def test_set_weights_with_commit_reveal_submits_timelocked_commit(chain: SubtensorChain, fake: FakeSubstrate) -> None:
+def test_set_weights_with_commit_reveal_submits_timelocked_commit(
+    chain: SubtensorChain, fake: FakeSubstrate
+) -> None:
     fake.commit_reveal = True
     chain.set_weights({1: 1.0})
     (submission,) = fake.submissions
-    assert (submission.call.module, submission.call.function) == ("SubtensorModule", "commit_timelocked_mechanism_weights")
+    assert (submission.call.module, submission.call.function) == (
+        "SubtensorModule",
+        "commit_timelocked_mechanism_weights",
+    )
     assert submission.call.params["netuid"] == NETUID
     assert submission.call.params["reveal_round"] > 0
     assert fake.weights == {}  # nothing readable until the chain reveals it
 
 
-def test_set_weights_within_rate_limit_reports_blocks_remaining(chain: SubtensorChain, fake: FakeSubstrate) -> None:
+def test_set_weights_within_rate_limit_reports_blocks_remaining(
+    chain: SubtensorChain, fake: FakeSubstrate
+) -> None:
     fake.neurons[0].last_update = fake.head - 10
     with pytest.raises(ChainError, match="90 blocks remaining"):
         chain.set_weights({1: 1.0})
@@ -204,7 +238,7 @@ def test_set_weights_within_rate_limit_reports_blocks_remaining(chain: Subtensor
 
 def test_set_weights_without_validator_permit_is_refused(fake: FakeSubstrate, wallet: bt.Wallet) -> None:
     fake.neurons[0].validator_permit = False
-    chain = SubtensorChain(NETUID, network=ENDPOINT, wallet=wallet, substrate=fake)
+    chain = _chain(fake, wallet=wallet)
     with pytest.raises(ChainError, match="no validator permit"):
         chain.set_weights({1: 1.0})
     assert fake.submissions == []
@@ -212,7 +246,7 @@ def test_set_weights_without_validator_permit_is_refused(fake: FakeSubstrate, wa
 
 
 def test_read_only_chain_refuses_writes(fake: FakeSubstrate) -> None:
-    chain = SubtensorChain(NETUID, network=ENDPOINT, substrate=fake)
+    chain = _chain(fake)
     assert chain.hotkey is None
     with pytest.raises(ChainError, match="read-only"):
         chain.commit(b"abc")
@@ -249,7 +283,9 @@ def test_transport_errors_reconnect_with_exponential_backoff(
     assert len(warnings) == 2 and all(ENDPOINT in r.getMessage() for r in warnings)
 
 
-def test_dropped_connection_mid_session_is_redialed(chain: SubtensorChain, fake: FakeSubstrate, sleeps: _Sleeps) -> None:
+def test_dropped_connection_mid_session_is_redialed(
+    chain: SubtensorChain, fake: FakeSubstrate, sleeps: _Sleeps
+) -> None:
     assert chain.current_block() == fake.head
     fake.fail_reads = 1
     assert chain.current_block() == fake.head
@@ -260,7 +296,10 @@ def test_unreachable_chain_is_one_line_chain_error_naming_endpoint(
     chain: SubtensorChain, fake: FakeSubstrate, sleeps: _Sleeps, caplog: pytest.LogCaptureFixture
 ) -> None:
     fake.fail_connects = 100
-    with caplog.at_level(logging.WARNING, logger="connito.chain.subtensor"), pytest.raises(ChainError) as info:
+    with (
+        caplog.at_level(logging.WARNING, logger="connito.chain.subtensor"),
+        pytest.raises(ChainError) as info,
+    ):
         chain.current_block()
     message = str(info.value)
     assert message == f"cannot reach chain at {ENDPOINT}: [Errno 111] Connect call failed (3 attempts)"
@@ -272,7 +311,7 @@ def test_unreachable_chain_is_one_line_chain_error_naming_endpoint(
 
 def test_retry_policy_bounds_attempts(fake: FakeSubstrate, sleeps: _Sleeps) -> None:
     fake.fail_connects = 100
-    chain = SubtensorChain(NETUID, network=ENDPOINT, substrate=fake, retry=RetryPolicy(max_attempts=1), sleep=sleeps)
+    chain = _chain(fake, retry=RetryPolicy(max_attempts=1), sleep=sleeps)
     with pytest.raises(ChainError, match=r"\(1 attempt\)$"):
         chain.current_block()
     assert sleeps == [] and fake.connects == 1

@@ -81,8 +81,9 @@ def commitment_info(data: bytes) -> dict[str, Any]:
     """The ``info`` argument of ``Commitments.set_commitment`` for one raw payload.
 
     One ``Raw{n}`` field whose variant name states the byte count (the pallet's ``Data`` enum runs
-    Raw0..Raw128) and whose value is the bytes themselves. The field list is flat: that is the
-    shape v11 decodes ``CommitmentOf`` into, and the shape the codec encodes back.
+    Raw0..Raw128) and whose value is the bytes themselves (a hex string risks being encoded as
+    text, doubling the length). The field list is flat, the shape v11's codec decodes
+    ``CommitmentOf`` into; v10 wrapped it (``[[...]]``) for py-scale-codec's BoundedVec.
     """
     return {"fields": [{f"Raw{len(data)}": bytes(data)}]}
 
@@ -195,7 +196,9 @@ class SubtensorChain:
         Raises:
             ChainError: the subnet does not exist or the read failed.
         """
-        graph = self._call("metagraph", lambda client: client.subnets.metagraph(self.netuid, commitments=False))
+        graph = self._call(
+            "metagraph", lambda client: client.subnets.metagraph(self.netuid, commitments=False)
+        )
         if graph is None:
             raise self._error(f"metagraph: subnet netuid={self.netuid} does not exist")
         return [
@@ -221,7 +224,9 @@ class SubtensorChain:
                 continue
             data = decode_commitment_fields(record.fields)
             if data is None:
-                logger.debug("commitment skipped hotkey=%s block=%d reason=no_raw_field", hotkey, record.block)
+                logger.debug(
+                    "commitment skipped hotkey=%s block=%d reason=no_raw_field", hotkey, record.block
+                )
                 continue
             out.append(Commitment(hotkey=str(hotkey), block=int(record.block), data=data))
         return sorted(out, key=lambda c: c.hotkey)
@@ -235,11 +240,11 @@ class SubtensorChain:
         """
 
         def read(client: bt.Subtensor) -> tuple[int, int, int | None]:
-            snap = client.at()
-            tempo = int(snap.query(storage.SubtensorModule.Tempo, [self.netuid]) or 0)
-            weights_rate_limit = int(snap.hyperparameters.weights_rate_limit(self.netuid))
+            head = int(client.block)  # every read below is pinned to this block
+            tempo = int(client.query(storage.SubtensorModule.Tempo, [self.netuid], block=head) or 0)
+            weights_rate_limit = int(client.hyperparameters.weights_rate_limit(self.netuid, block=head))
             try:
-                max_space = snap.query(storage.Commitments.MaxSpace)
+                max_space = client.query(storage.Commitments.MaxSpace, block=head)
             except bt.ChainError:  # an older runtime without the byte budget storage item
                 max_space = None
             return tempo, weights_rate_limit, None if max_space is None else int(max_space)
@@ -271,15 +276,17 @@ class SubtensorChain:
         hotkey = self._require_hotkey("commit")
         where = f"commit hotkey={hotkey} netuid={self.netuid}"
         if len(data) > MAX_COMMITMENT_BYTES:
-            raise self._error(f"{where}: payload is {len(data)} bytes, at most {MAX_COMMITMENT_BYTES} allowed")
+            raise self._error(
+                f"{where}: payload is {len(data)} bytes, at most {MAX_COMMITMENT_BYTES} allowed"
+            )
         limit = self.params().commitment_rate_limit
 
         def check(client: bt.Subtensor) -> tuple[int, int | None]:
-            snap = client.at()
-            if snap.neurons.uid(hotkey, self.netuid) is None:
+            head = int(client.block)
+            if client.neurons.uid(hotkey, self.netuid, block=head) is None:
                 raise self._error(f"{where}: hotkey is not registered on the subnet")
-            last = snap.query(storage.Commitments.LastCommitment, [self.netuid, hotkey])
-            return int(snap.block), None if last is None else int(last)
+            last = client.query(storage.Commitments.LastCommitment, [self.netuid, hotkey], block=head)
+            return head, None if last is None else int(last)
 
         head, last = self._call("commit", check)
         if last is not None and head - last < limit:
@@ -288,9 +295,13 @@ class SubtensorChain:
                 f"{limit - (head - last)} blocks remaining (limit {limit} blocks)"
             )
         call = calls.Commitments.set_commitment(netuid=self.netuid, info=commitment_info(data))
-        result = self._call("commit", lambda client: client.submit_call(call, self._wallet, signer="hotkey"), retry=False)
+        result = self._call(
+            "commit", lambda client: client.submit_call(call, self._wallet, signer="hotkey"), retry=False
+        )
         block = self._landed_block(result, where)
-        logger.info("commitment written hotkey=%s netuid=%d block=%d bytes=%d", hotkey, self.netuid, block, len(data))
+        logger.info(
+            "commitment written hotkey=%s netuid=%d block=%d bytes=%d", hotkey, self.netuid, block, len(data)
+        )
         return block
 
     def set_weights(self, weights: dict[int, float]) -> int:
@@ -310,15 +321,15 @@ class SubtensorChain:
         limit = self.params().weights_rate_limit
 
         def check(client: bt.Subtensor) -> tuple[int, bool, int]:
-            snap = client.at()
-            uid = snap.neurons.uid(hotkey, self.netuid)
+            head = int(client.block)
+            uid = client.neurons.uid(hotkey, self.netuid, block=head)
             if uid is None:
                 raise self._error(f"{where}: hotkey is not registered on the subnet")
-            permits = snap.query(storage.SubtensorModule.ValidatorPermit, [self.netuid]) or []
-            last_update = snap.query(storage.SubtensorModule.LastUpdate, [self.netuid]) or []
+            permits = client.query(storage.SubtensorModule.ValidatorPermit, [self.netuid], block=head) or []
+            last_update = client.query(storage.SubtensorModule.LastUpdate, [self.netuid], block=head) or []
             permit = uid < len(permits) and bool(permits[uid])
             last = int(last_update[uid]) if uid < len(last_update) else 0
-            return int(snap.block), permit, last
+            return head, permit, last
 
         head, permit, last = self._call("set_weights", check)
         if not permit:
@@ -329,12 +340,17 @@ class SubtensorChain:
                 f"{limit - (head - last)} blocks remaining (limit {limit} blocks)"
             )
         try:
-            intent = SetWeights(netuid=self.netuid, weights={int(u): float(w) for u, w in weights.items()})
+            uids = sorted(weights)
+            intent = SetWeights(netuid=self.netuid, uids=uids, weights=[float(weights[u]) for u in uids])
         except bt.BittensorError as exc:
             raise self._error(f"{where}: {_one_line(exc)}") from exc
-        result = self._call("set_weights", lambda client: client.execute(intent, self._wallet, retries=2), retry=False)
+        result = self._call(
+            "set_weights", lambda client: client.execute(intent, self._wallet, retries=2), retry=False
+        )
         block = self._landed_block(result, where)
-        logger.info("weights set hotkey=%s netuid=%d block=%d uids=%d", hotkey, self.netuid, block, len(weights))
+        logger.info(
+            "weights set hotkey=%s netuid=%d block=%d uids=%d", hotkey, self.netuid, block, len(weights)
+        )
         return block
 
     def close(self) -> None:
@@ -360,7 +376,9 @@ class SubtensorChain:
         try:
             old.close()
         except (bt.BittensorError, OSError, RuntimeError) as exc:  # closing a dead socket may fail
-            logger.debug("closing old chain client failed endpoint=%s error=%s", self.endpoint, _one_line(exc))
+            logger.debug(
+                "closing old chain client failed endpoint=%s error=%s", self.endpoint, _one_line(exc)
+            )
 
     def _call(self, op: str, fn: Callable[[bt.Subtensor], T], *, retry: bool = True) -> T:
         """Run ``fn`` against the client, reconnecting with backoff on transport errors."""
@@ -374,6 +392,8 @@ class SubtensorChain:
                 raise
             except bt.RpcPolicyError as exc:
                 raise self._error(f"{op}: node refused the request: {_one_line(exc)}") from exc
+            except (FileNotFoundError, PermissionError) as exc:  # a wallet key file, not the network
+                raise self._error(f"{op}: cannot read wallet key: {_one_line(exc)}") from exc
             except _TRANSPORT_ERRORS as exc:
                 self._reset_client()
                 out_of_time = time.monotonic() - started + delay > self._retry.budget_s
@@ -389,9 +409,13 @@ class SubtensorChain:
                 )
                 if final:
                     if not retry:
-                        raise self._error(f"{op}: connection lost while submitting, outcome unknown: {_reason(exc)}") from exc
+                        raise self._error(
+                            f"{op}: connection lost while submitting, outcome unknown: {_reason(exc)}"
+                        ) from exc
                     plural = "s" if attempt > 1 else ""
-                    raise self._error(f"cannot reach chain at {self.endpoint}: {_reason(exc)} ({attempt} attempt{plural})") from exc
+                    raise self._error(
+                        f"cannot reach chain at {self.endpoint}: {_reason(exc)} ({attempt} attempt{plural})"
+                    ) from exc
                 self._sleep(delay)
                 delay *= 2
             except (bt.BittensorError, ValueError) as exc:

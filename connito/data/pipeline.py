@@ -79,16 +79,28 @@ class DomainData:
     def eos_token_id(self) -> int:
         return int(self.tokenizer.eos_token_id)
 
-    def train_blocks(self, shard_index: int, num_shards: int) -> torch.Tensor:
-        """Packed blocks of the documents in shard ``shard_index`` of ``num_shards``; (N, T) int64.
+    def shard_members(self, shard_index: int, num_shards: int) -> np.ndarray:
+        """Indices into ``train`` of the documents in shard ``shard_index`` of ``num_shards``.
+
+        Shards are document-level, by ``split.shard_key``: disjoint, together exactly ``train``,
+        and stable for a document whatever else the domain holds.
 
         Raises:
             ConfigError: a shard index outside ``[0, num_shards)``.
         """
         if num_shards < 1 or not 0 <= shard_index < num_shards:
-            raise ConfigError(f"shard {shard_index} of {num_shards}: need 0 <= shard_index < num_shards")
-        members = np.flatnonzero(self.train_shard_keys % np.uint64(num_shards) == np.uint64(shard_index))
-        shard = self.train.select(members)
+            raise ConfigError(
+                f"must be in [0, {num_shards}) with num_shards >= 1, got {shard_index}", field="shard_index"
+            )
+        return np.flatnonzero(self.train_shard_keys % np.uint64(num_shards) == np.uint64(shard_index))
+
+    def train_blocks(self, shard_index: int, num_shards: int) -> torch.Tensor:
+        """Packed blocks of the documents in one shard; (N, T) int64.
+
+        Raises:
+            ConfigError: a shard index outside ``[0, num_shards)``.
+        """
+        shard = self.train.select(self.shard_members(shard_index, num_shards))
         return pack_blocks(shard, eos_token_id=self.eos_token_id, sequence_length=self.sequence_length)
 
     def train_loader(
@@ -147,10 +159,12 @@ class DomainData:
             raise ConfigError(f"unknown mixture parts {unknown}, known {sorted(parts)}", field="weights")
         active = {name: w for name, w in chosen.items() if w > 0}
         empty = sorted(name for name in active if len(parts[name]) == 0)
-        if not active or empty or batch_size < 1:
+        if not active or empty:
             raise ConfigError(
                 f"mixture needs positive weights on non-empty parts, empty={empty}", field="weights"
             )
+        if batch_size < 1:
+            raise ConfigError(f"must be >= 1, got {batch_size}", field="batch_size")
         blocks = {name: parts[name] for name in active}
         return mixture_batches(blocks, active, batch_size=batch_size, rng=seeded_rng("mixture", seed))
 
@@ -175,8 +189,8 @@ def build_domain_data(
         ConfigError: a source cannot be loaded, the tokenizer does not fit the model, or a split is
             left empty.
     """
-    texts = _load_texts(data, cache_dir=cache_dir, private_validation=private_validation)
     _check_inline_vocab(data, model)
+    texts = _load_texts(data, cache_dir=cache_dir, private_validation=private_validation)
     tokenizer = resolve_tokenizer(data.tokenizer, corpus=texts.corpus, cache_dir=cache_dir, model=model)
     if model is not None and model.inline is not None and "vocab_size" in model.inline:
         check_vocab_fits(tokenizer, int(model.inline["vocab_size"]))

@@ -31,7 +31,8 @@ def load_source(source: DataSource, *, cache_dir: str | Path | None = None) -> d
 
     ``cache_dir`` keeps the Arrow cache of ``files`` sources out of the user's home (Hub sources
     use datasets' own cache, shared with other tools). ``.txt`` files are read one document per
-    paragraph (blank-line separated), so the hash split works below file granularity.
+    paragraph (blank-line separated), so the hash split works below file granularity. Local files
+    form a single split, so ``split`` applies to ``hub`` sources only.
 
     Raises:
         ConfigError: no matching files, mixed or unknown file types, a missing ``text_field``, or

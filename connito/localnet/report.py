@@ -43,6 +43,7 @@ class LocalnetReport(_Strict):
     adversaries: dict[str, str] = Field(description="hotkey -> adversary kind")
     selection: dict[str, Any]
     hotkeys: dict[str, str] = Field(default_factory=dict, description="hotkey -> role name (m0, v0, adv-copy...)")
+    uids: dict[str, int] = Field(default_factory=dict, description="hotkey -> uid")
     wall_s: float = 0.0
 
 
@@ -63,14 +64,14 @@ def format_cycle_row(row: CycleReport, baseline: LossPair, names: dict[str, str]
     )
 
 
-def render_plot(report: LocalnetReport, path: Path, names: dict[str, str] | None = None) -> None:
+def render_plot(report: LocalnetReport, path: Path) -> None:
     """Domain and general held-out loss per cycle (left) and the weights set per cycle (right)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = names or {}
+    uid_names = {uid: report.hotkeys.get(hotkey, f"uid {uid}") for hotkey, uid in report.uids.items()}
     cycles = [-1] + [row.cycle for row in report.cycles]
     domain = [report.baseline.domain_val_loss] + [row.domain_val_loss for row in report.cycles]
     general = [report.baseline.general_val_loss] + [row.general_val_loss for row in report.cycles]
@@ -85,7 +86,7 @@ def render_plot(report: LocalnetReport, path: Path, names: dict[str, str] | None
     uid_name = {}
     for row in report.cycles:
         for uid in row.weights:
-            uid_name.setdefault(uid, f"uid {uid}")
+            uid_name.setdefault(uid, uid_names.get(uid, f"uid {uid}"))
     for uid in sorted(uid_name):
         ax_weights.plot(
             [row.cycle for row in report.cycles],

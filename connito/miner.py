@@ -1,0 +1,304 @@
+"""The miner: each cycle pull the global experts, train them on its shard, commit, then reveal.
+
+One method per phase. The digest is committed inside the commit phase; the checkpoint is uploaded
+and its location revealed only after the commit deadline, so nothing is public while others can
+still commit. Progress is persisted atomically, so a restart within a cycle resumes training and
+never commits twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from safetensors.torch import load_file, save_file
+
+from connito.checkpoint import MANIFEST_FILE, write_checkpoint
+from connito.errors import ChainError, ConfigError, InvalidSubmission, StoreError
+from connito.fsutil import atomic_write
+from connito.global_state import GlobalState, fetch_global, find_global_payload, genesis_global
+from connito.hub.base import StoreRef
+from connito.modeling import load_model
+from connito.moe import moe_layers, parse_expert_key, read_experts, write_expert, write_experts
+from connito.node import NodeContext, PhaseLoop, uid_of
+from connito.protocol import (
+    CommitPayload,
+    PhaseInfo,
+    RevealPayload,
+    commit_digest,
+    encode_commitment,
+    phase_bounds,
+    short_digest,
+)
+from connito.subset import SubsetModel, load_subset_model, subset_expert_state
+from connito.training import SparseTrainer
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Miner", "MinerProgress"]
+
+SAVE_EVERY_STEPS = 10
+
+
+class MinerProgress(BaseModel):
+    """What this miner has done in its current cycle (persisted atomically)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    cycle: int = -1
+    global_revision: str = ""
+    checkpoint: str | None = None  # folder of the finished checkpoint
+    tensors_sha256: str | None = None
+    commit_block: int | None = None
+    reveal_block: int | None = None
+
+
+@dataclass(slots=True)
+class Miner:
+    """A miner bound to one hotkey; ``run`` drives it from the chain's blocks."""
+
+    ctx: NodeContext
+    poll_s: float = 1.0
+    progress_bars: bool = True
+    global_state: GlobalState | None = None
+    progress: MinerProgress = field(default_factory=MinerProgress)
+    _model: torch.nn.Module | SubsetModel | None = None
+
+    @property
+    def _progress_path(self) -> Path:
+        return self.ctx.workdir / "miner_progress.json"
+
+    def run(self, *, until_cycle: int | None = None) -> int:
+        if self._progress_path.exists():
+            self.progress = MinerProgress.model_validate_json(self._progress_path.read_bytes())
+            logger.info("miner resumed cycle=%d committed=%s", self.progress.cycle, self.progress.commit_block)
+        loop = PhaseLoop(self.ctx.chain, self.ctx.config, poll_s=self.poll_s, role="miner")
+        return loop.run(self.tick, until_cycle=until_cycle)
+
+    def tick(self, block: int, info: PhaseInfo) -> None:
+        if info.phase == "train":
+            self.train(info.cycle)
+        elif info.phase == "commit":
+            if self.progress.cycle != info.cycle or self.progress.checkpoint is None:
+                self.train(info.cycle)  # late start: still worth it if it ends before the deadline
+            self.commit(info.cycle)
+        elif info.phase == "reveal":
+            self.reveal(info.cycle)
+
+    # -- phases ------------------------------------------------------------------------------
+
+    def train(self, cycle: int) -> None:
+        """Pull the global experts, train H inner steps on this miner's shard, write the checkpoint."""
+        if self.progress.cycle == cycle and self.progress.checkpoint is not None:
+            return
+        self.pull_global(cycle)
+        assert self.global_state is not None
+        if self.progress.cycle != cycle:
+            self._save_progress(MinerProgress(cycle=cycle, global_revision=self.global_state.revision))
+        experts = self.produce_experts(cycle)
+        if experts is None:
+            return
+        self.write_submission(cycle, experts)
+
+    def pull_global(self, cycle: int) -> None:
+        """Adopt the lead's publication from the previous cycle's merge phase, if it is newer."""
+        if self.global_state is None:
+            self.global_state = genesis_global(self._base_experts())
+        found = find_global_payload(self.ctx.chain)
+        if found is None:
+            return
+        lead, block, payload = found
+        _, merge_last = phase_bounds(payload.cycle, "merge", self.ctx.config.cycle)
+        if payload.cycle <= self.global_state.cycle or payload.cycle >= cycle or block > merge_last:
+            return
+        try:
+            self.global_state = fetch_global(
+                self.ctx.store,
+                lead,
+                payload,
+                self.ctx.workdir / "global" / str(payload.cycle),
+                selection=self.ctx.selection,
+                expected=self._expected(),
+                max_bytes=self.ctx.config.scoring.max_payload_bytes * 4,
+            )
+        except (StoreError, InvalidSubmission) as exc:
+            logger.warning("global fetch failed cycle=%d: %s", payload.cycle, exc)
+
+    def produce_experts(self, cycle: int) -> dict[str, torch.Tensor] | None:
+        """Train the selected experts from the global state; None when out of time."""
+        assert self.global_state is not None
+        cfg = self.ctx.config
+        model = self._load_global_into_model()
+        trainer = SparseTrainer(model, None if isinstance(model, SubsetModel) else self._selection(), cfg.training, device=self.ctx.device)
+        start_step = self._resume(trainer, cycle)
+        neurons = self.ctx.chain.metagraph()
+        uid = uid_of(neurons, self.ctx.hotkey)
+        if uid is None:
+            raise ChainError(f"hotkey {self.ctx.hotkey} is not registered")
+        loader = self.ctx.data.train_loader(uid, len(neurons), cfg.training.batch_size, seed=self._seed(cycle))
+        for _ in range(start_step * cfg.training.grad_accum_steps):
+            next(loader)
+        remaining = cfg.training.inner_steps - start_step
+        while remaining > 0:
+            chunk = min(SAVE_EVERY_STEPS, remaining)
+            result = trainer.train(loader, chunk, progress=self.progress_bars)
+            remaining -= chunk
+            self._save_trainer(trainer, cycle)
+            logger.debug("cycle=%d trained steps=%d loss=%.4f", cycle, trainer.step_count, result.mean_loss)
+        experts = trainer.finish()
+        logger.info("trained cycle=%d steps=%d", cycle, cfg.training.inner_steps)
+        return experts
+
+    def write_submission(self, cycle: int, experts: dict[str, torch.Tensor]) -> None:
+        assert self.global_state is not None
+        folder = self.ctx.workdir / "checkpoints" / str(cycle)
+        manifest = write_checkpoint(
+            folder,
+            experts,
+            kind="submission",
+            domain=self.ctx.config.name,
+            model_id=self.ctx.selection.model_id,
+            model_revision=self.ctx.selection.model_revision,
+            selection_digest=self.ctx.selection.digest,
+            cycle=cycle,
+            global_revision=self.progress.global_revision,
+            hotkey=self.ctx.hotkey,
+        )
+        self._save_progress(
+            self.progress.model_copy(update={"checkpoint": str(folder), "tensors_sha256": manifest.tensors_sha256})
+        )
+
+    def commit(self, cycle: int) -> None:
+        """Commit the digest binding (domain, cycle, global revision, hotkey, tensors) once."""
+        progress = self.progress
+        if progress.cycle != cycle or progress.checkpoint is None or progress.commit_block is not None:
+            return
+        digest = commit_digest(
+            domain=self.ctx.config.name,
+            cycle=cycle,
+            global_revision=progress.global_revision,
+            hotkey=self.ctx.hotkey,
+            tensors_sha256=progress.tensors_sha256 or "",
+        )
+        try:
+            block = self.ctx.chain.commit(encode_commitment(CommitPayload(cycle=cycle, digest=digest)))
+        except ChainError as exc:
+            logger.warning("commit failed cycle=%d: %s", cycle, exc)
+            return
+        self._save_progress(progress.model_copy(update={"commit_block": block}))
+        logger.info("committed cycle=%d block=%d digest=%s", cycle, block, digest.hex()[:12])
+
+    def reveal(self, cycle: int) -> None:
+        """After the commit deadline: upload the checkpoint and commit where it is."""
+        progress = self.progress
+        if progress.cycle != cycle or progress.commit_block is None or progress.reveal_block is not None:
+            return
+        folder = Path(progress.checkpoint or "")
+        try:
+            ref = self.ctx.store.upload(folder, repo=self.ctx.hub_repo, message=f"cycle {cycle}")
+            manifest_sha = hashlib.sha256((folder / MANIFEST_FILE).read_bytes()).digest()
+            payload = RevealPayload(
+                cycle=cycle,
+                store_kind=ref.kind,
+                repo=ref.repo,
+                revision=ref.revision,
+                manifest_digest=short_digest(manifest_sha),
+            )
+            block = self.ctx.chain.commit(encode_commitment(payload))
+        except (StoreError, ChainError) as exc:
+            logger.warning("reveal failed cycle=%d: %s", cycle, exc)
+            return
+        self._save_progress(progress.model_copy(update={"reveal_block": block}))
+        logger.info("revealed cycle=%d block=%d repo=%s rev=%s", cycle, block, ref.repo, ref.revision[:12])
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _selection(self) -> dict[int, list[int]]:
+        return self.ctx.selection.experts_by_layer
+
+    def _expected(self):
+        from connito.checkpoint import ExpertSpec
+
+        specs = {}
+        for key, tensor in self.global_state.experts.items() if self.global_state else []:
+            specs[key] = ExpertSpec(tuple(tensor.shape), tensor.dtype)
+        return specs
+
+    def _base_experts(self) -> dict[str, torch.Tensor]:
+        model = self._model_or_load()
+        if isinstance(model, SubsetModel):
+            return subset_expert_state(model)
+        return read_experts(model, self._selection())
+
+    def _model_or_load(self) -> torch.nn.Module | SubsetModel:
+        if self._model is None:
+            cfg = self.ctx.config
+            if cfg.training.residency == "subset":
+                self._model = load_subset_model(self.ctx.base_dir, cfg.model, self._selection(), device=self.ctx.device)
+            else:
+                self._model = load_model(self.ctx.base_dir, cfg.model).to(self.ctx.device)
+        return self._model
+
+    def _load_global_into_model(self) -> torch.nn.Module | SubsetModel:
+        assert self.global_state is not None
+        model = self._model_or_load()
+        if isinstance(model, SubsetModel):
+            write_subset_experts(model, self.global_state.experts)
+        else:
+            write_experts(model, self.global_state.experts)
+        return model
+
+    def _seed(self, cycle: int) -> int:
+        digest = hashlib.sha256(f"{self.ctx.hotkey}:{cycle}:{self.ctx.config.training.seed}".encode()).digest()
+        return int.from_bytes(digest[:8], "big") >> 1
+
+    def _trainer_path(self) -> Path:
+        return self.ctx.workdir / "trainer_state.safetensors"
+
+    def _save_trainer(self, trainer: SparseTrainer, cycle: int) -> None:
+        tensors = {k: v.contiguous() for k, v in trainer.state_dict().items()}
+        metadata = {"cycle": str(cycle), "global_revision": self.progress.global_revision}
+        tmp = self._trainer_path().with_suffix(".tmp")
+        save_file(tensors, str(tmp), metadata=metadata)
+        atomic_write(self._trainer_path(), tmp.read_bytes())
+        tmp.unlink(missing_ok=True)
+
+    def _resume(self, trainer: SparseTrainer, cycle: int) -> int:
+        path = self._trainer_path()
+        if not path.exists():
+            return 0
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        if metadata.get("cycle") != str(cycle) or metadata.get("global_revision") != self.progress.global_revision:
+            return 0
+        try:
+            trainer.load_state_dict(load_file(str(path)))
+        except ConfigError as exc:
+            logger.warning("trainer state not resumable: %s", exc)
+            return 0
+        logger.info("resumed training cycle=%d step=%d", cycle, trainer.step_count)
+        return trainer.step_count
+
+    def _save_progress(self, progress: MinerProgress) -> None:
+        self.progress = progress
+        atomic_write(self._progress_path, progress.model_dump_json(indent=2).encode())
+
+
+def write_subset_experts(subset: SubsetModel, experts: dict[str, torch.Tensor]) -> None:
+    """Write canonical-key experts (original ids) into the subset model's slots."""
+    layers = {layer.index: layer for layer in moe_layers(subset.model)}
+    grouped: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+    for key, tensor in experts.items():
+        layer, expert, projection = parse_expert_key(key)
+        grouped.setdefault((layer, subset.slot_of(layer, expert)), {})[projection] = tensor
+    for (layer, slot), tensors in grouped.items():
+        write_expert(layers[layer], slot, tensors)
+
+
+_ = StoreRef

@@ -1,0 +1,102 @@
+"""The one entry point behind ``neurons/miner.py`` and ``neurons/validator.py``.
+
+Parse flags, load the domain and the selection, open the chain and the store, build the node
+context, run the role's loop. Failures a person must fix print one line on stderr (exit 1).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+from connito.config import DomainConfig, config_digest, load_domain_config
+from connito.errors import ChainError, ConfigError, StoreError
+from connito.neuron_cli import NeuronArgs, Role, configure_logging, open_chain, parse_args, resolve_args
+from connito.node import NodeContext, load_node_data, load_node_selection, open_store
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["main", "build_context"]
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _base_dir(args: NeuronArgs, config: DomainConfig) -> Path:
+    if args.model_path is not None:
+        return args.model_path
+    if config.model.id is None:
+        raise ConfigError("an inline or library model needs --model.path (a save_pretrained folder)", field="--model.path")
+    if Path(config.model.id).is_dir():
+        return Path(config.model.id)
+    from connito.hub.models import snapshot_base_model
+
+    return snapshot_base_model(config.model.id, config.model.revision)
+
+
+def _hub_repo(args: NeuronArgs, config: DomainConfig, hotkey: str) -> str:
+    if args.hub_repo is not None:
+        return args.hub_repo
+    if args.hub == "hf":
+        raise ConfigError("uploading to the Hub needs --hub.repo NAMESPACE/NAME", field="--hub.repo")
+    return f"{args.role}s/{hotkey}"
+
+
+def build_context(args: NeuronArgs, config: DomainConfig, chain) -> NodeContext:
+    """Everything a neuron needs, from its flags and the domain config."""
+    assert args.workdir is not None and chain.hotkey is not None
+    if args.selection is None:
+        raise ConfigError("--selection is required (the owner's SELECTION.json)", field="--selection")
+    selection = load_node_selection(args.selection, config)
+    cache = args.data_cache or args.workdir / "cache"
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    return NodeContext(
+        config=config,
+        selection=selection,
+        chain=chain,
+        store=open_store(args.hub, args.hub_path, private=args.hub_private),
+        hotkey=chain.hotkey,
+        base_dir=_base_dir(args, config),
+        workdir=args.workdir,
+        data=load_node_data(config, cache),
+        device=_device(args.device),
+        hub_repo=_hub_repo(args, config, chain.hotkey),
+    )
+
+
+def main(role: Role, argv: list[str] | None = None) -> int:
+    args = parse_args(role, argv)
+    configure_logging(args)
+    try:
+        config = load_domain_config(args.config)
+        args = resolve_args(args, config)
+        chain = open_chain(args)
+        logger.info("%s start domain=%s netuid=%s config_digest=%s", role, config.name, args.netuid, config_digest(config)[:12])
+        torch.set_num_threads(max(1, torch.get_num_threads()))
+        ctx = build_context(args, config, chain)
+    except (ConfigError, ChainError, StoreError) as exc:
+        sys.stderr.write(f"{role}: {' '.join(str(exc).split())}\n")
+        return 1
+    if role == "miner":
+        from connito.miner import Miner
+
+        node = Miner(ctx, poll_s=args.poll_s, progress_bars=args.progress)
+    else:
+        from connito.validator import Validator
+
+        node = Validator(ctx, poll_s=args.poll_s)
+    try:
+        return node.run(until_cycle=args.until_cycle)
+    except KeyboardInterrupt:
+        logger.info("%s stopped", role)
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1], sys.argv[2:]))  # type: ignore[arg-type]

@@ -1,0 +1,136 @@
+"""What miners and validators share: the domain, the selection, the base model, data and seams.
+
+Built once in ``main`` from flags and the domain YAML, then passed down explicitly.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from connito.chain.base import Chain, Neuron
+from connito.config import DomainConfig
+from connito.data import DomainData, build_domain_data
+from connito.errors import ChainError, ConfigError
+from connito.hub.base import CheckpointStore
+from connito.protocol import PhaseInfo, phase
+from connito.selection_record import ExpertSelection, load_selection
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["NodeContext", "open_store", "load_node_selection", "PhaseLoop"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NodeContext:
+    """A neuron's fixed inputs."""
+
+    config: DomainConfig
+    selection: ExpertSelection
+    chain: Chain
+    store: CheckpointStore
+    hotkey: str
+    base_dir: Path  # a save_pretrained folder of the base model (weights + tokenizer)
+    workdir: Path
+    data: DomainData
+    device: torch.device
+    hub_repo: str  # where this node uploads
+
+
+def open_store(kind: str, path: Path | None, *, private: bool = False) -> CheckpointStore:
+    """The checkpoint store a neuron's flags name: ``local:PATH`` or the Hugging Face Hub."""
+    if kind == "local":
+        from connito.hub import LocalStore
+
+        if path is None:
+            raise ConfigError("--hub local needs a path: --hub local:PATH", field="--hub")
+        return LocalStore(path)
+    from connito.hub import HfHubStore
+
+    return HfHubStore.from_env(private=private)
+
+
+def load_node_selection(path: Path, config: DomainConfig) -> ExpertSelection:
+    """The owner's selection for this domain.
+
+    Raises:
+        ConfigError: unreadable, tampered, or for another domain.
+    """
+    selection = load_selection(path)
+    if selection.domain != config.name:
+        raise ConfigError(f"selection is for domain {selection.domain!r}, config is {config.name!r}", path=str(path))
+    return selection
+
+
+def load_node_data(config: DomainConfig, cache_dir: Path) -> DomainData:
+    return build_domain_data(config.data, cache_dir=cache_dir, model=config.model)
+
+
+def uid_of(neurons: list[Neuron], hotkey: str) -> int | None:
+    return next((n.uid for n in neurons if n.hotkey == hotkey), None)
+
+
+class PhaseLoop:
+    """Polls the chain and calls ``tick(info)`` once per block, logging each phase transition.
+
+    Chain outages are survived: a failed read logs one WARNING line and backs off (bounded),
+    never crashing the neuron.
+    """
+
+    def __init__(
+        self,
+        chain: Chain,
+        config: DomainConfig,
+        *,
+        poll_s: float,
+        role: str,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.chain = chain
+        self.config = config
+        self.poll_s = poll_s
+        self.role = role
+        self._sleep = sleep
+        self._last: tuple[int, str] | None = None
+        self._last_block: int | None = None
+
+    def run(self, tick: Callable[[int, PhaseInfo], None], *, until_cycle: int | None = None) -> int:
+        """Loop until ``until_cycle`` has completed (None: forever). Returns an exit code."""
+        backoff_s = self.poll_s
+        while True:
+            try:
+                block = self.chain.current_block()
+            except ChainError as exc:
+                logger.warning("%s chain read failed: %s (retry in %.1fs)", self.role, exc, backoff_s)
+                self._sleep(backoff_s)
+                backoff_s = min(backoff_s * 2, 60.0)
+                continue
+            backoff_s = self.poll_s
+            info = phase(block, self.config.cycle)
+            if until_cycle is not None and info.cycle > until_cycle:
+                logger.info("%s done cycles=%d block=%d", self.role, until_cycle + 1, block)
+                return 0
+            if (info.cycle, info.phase) != self._last:
+                logger.info(
+                    "%s cycle=%d phase=%s block=%d blocks_left=%d",
+                    self.role,
+                    info.cycle,
+                    info.phase,
+                    block,
+                    info.blocks_left,
+                )
+                self._last = (info.cycle, info.phase)
+            if block != self._last_block:
+                self._last_block = block
+                try:
+                    tick(block, info)
+                except Exception:  # the top-level loop: log, keep the neuron alive, retry next block
+                    logger.error("%s tick failed cycle=%d phase=%s", self.role, info.cycle, info.phase, exc_info=True)
+                    self._sleep(self.poll_s)
+                continue
+            self._sleep(self.poll_s)

@@ -1,0 +1,564 @@
+"""The validator: observe commitments, evaluate revealed submissions, set weights, merge or adopt.
+
+One method per phase. Evaluation swaps each submission's experts into one resident model (never a
+reload). The lead validator (highest stake with a permit) merges the top accepted pseudo-gradients
+and publishes only a model that beats the current global on held-out loss; the others recompute
+that merge from its record and adopt it only if the digest matches bit for bit. Every piece of
+state is written atomically and each phase is idempotent, so a restart never merges twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from connito.chain.base import lead_validator
+from connito.checkpoint import ExpertSpec
+from connito.errors import ChainError, InvalidSubmission, StoreError
+from connito.fsutil import atomic_write
+from connito.global_state import (
+    GLOBAL_FILES,
+    GlobalState,
+    fetch_global,
+    find_global_payload,
+    genesis_global,
+    save_global,
+)
+from connito.merge import (
+    MergeInput,
+    MergeRecord,
+    OuterParams,
+    adopt_single,
+    apply_merge,
+    record_digest,
+    state_revision,
+)
+from connito.modeling import load_model
+from connito.moe import read_experts, write_experts
+from connito.node import NodeContext, PhaseLoop
+from connito.protocol import (
+    GlobalPayload,
+    PhaseInfo,
+    encode_commitment,
+    eval_seed,
+    phase_bounds,
+    seed_block,
+    short_digest,
+)
+from connito.scoring import (
+    Candidate,
+    SubmissionScore,
+    batch_losses,
+    chain_weights,
+    rank_weights,
+    ranked,
+    score_submissions,
+    update_ema,
+)
+from connito.submissions import Observation, fetch_and_verify, observe_commitments, precheck
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Validator", "ValidatorState", "CycleResult"]
+
+DOWNLOAD_WORKERS = 4
+
+
+class ScoreRow(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    hotkey: str
+    uid: int
+    accepted: bool
+    reason: str | None = None
+    detail: str = ""
+    domain_loss: float | None = None
+    general_loss: float | None = None
+    utility: float = 0.0
+    commit_block: int = 0
+    tensors_sha256: str | None = None
+    repo: str | None = None
+    revision: str | None = None
+    store_kind: str | None = None
+
+
+class CycleResult(BaseModel):
+    """One cycle's evaluation and merge, as this validator saw them (persisted, read by reports)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    cycle: int
+    skipped: bool = False
+    eval_seed: int = 0
+    global_revision: str = ""
+    global_domain_loss: float | None = None
+    global_general_loss: float | None = None
+    scores: list[ScoreRow] = Field(default_factory=list)
+    cycle_weights: dict[str, float] = Field(default_factory=dict)
+    weights: dict[int, float] = Field(default_factory=dict)
+    weights_set_block: int | None = None
+    decision: str = "pending"  # pending | merged | best_single | none | adopted
+    merged: list[str] = Field(default_factory=list)
+    result_revision: str | None = None
+    result_domain_loss: float | None = None
+
+
+class ValidatorState(BaseModel):
+    """Everything that must survive a restart."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    observed: dict[int, dict[str, Observation]] = Field(default_factory=dict)
+    results: dict[int, CycleResult] = Field(default_factory=dict)
+    ema: dict[str, float] = Field(default_factory=dict)
+    global_cycle: int = -1  # cycle of the adopted global state (-1: genesis)
+
+
+@dataclass(slots=True)
+class Validator:
+    ctx: NodeContext
+    poll_s: float = 1.0
+    state: ValidatorState = field(default_factory=ValidatorState)
+    global_state: GlobalState | None = None
+    _model: torch.nn.Module | None = None
+    _candidates: dict[int, dict[str, Candidate]] = field(default_factory=dict)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    @property
+    def _state_path(self) -> Path:
+        return self.ctx.workdir / "validator_state.json"
+
+    def run(self, *, until_cycle: int | None = None) -> int:
+        self._load()
+        loop = PhaseLoop(self.ctx.chain, self.ctx.config, poll_s=self.poll_s, role="validator")
+        return loop.run(self.tick, until_cycle=until_cycle)
+
+    def tick(self, block: int, info: PhaseInfo) -> None:
+        self.observe()
+        if info.cycle < 0:
+            return
+        if info.phase == "evaluate" and info.cycle not in self.state.results:
+            self.evaluate(info.cycle)
+        if info.phase in ("evaluate", "merge"):
+            self.set_weights(info.cycle)
+        if info.phase == "merge":
+            if self._is_lead():
+                self.merge(info.cycle)
+            else:
+                self.sync_global(info.cycle + 1)
+        elif info.phase in ("train", "commit", "reveal"):
+            self.sync_global(info.cycle)
+
+    # -- phases ------------------------------------------------------------------------------
+
+    def observe(self) -> None:
+        """Record in-window commits and reveals while they are on chain."""
+        before = self.state.model_dump_json()
+        neurons = self.ctx.chain.metagraph()
+        validators = {n.hotkey for n in neurons if n.validator_permit}
+        observe_commitments(self.state.observed, self.ctx.chain.commitments(), self.ctx.config, ignore=validators)
+        if self.state.model_dump_json() != before:
+            self._save()
+
+    def evaluate(self, cycle: int) -> None:
+        """Verify and score every submission of ``cycle`` on its seeded held-out sample."""
+        self.sync_global(cycle)
+        assert self.global_state is not None
+        config = self.ctx.config
+        seed = eval_seed(seed_block_hash=self.ctx.chain.block_hash(seed_block(cycle, config.cycle)), domain=config.name, cycle=cycle)
+        neurons = self.ctx.chain.metagraph()
+        uid_of = {n.hotkey: n.uid for n in neurons}
+        observed = {h: o for h, o in self.state.observed.get(cycle, {}).items() if h in uid_of}
+        rows, candidates, outage = self._verify_all(cycle, observed, uid_of)
+        result = CycleResult(cycle=cycle, eval_seed=seed, global_revision=self.global_state.revision)
+        if outage:
+            logger.warning("cycle=%d phase=evaluate skipped: store unreachable for every submission", cycle)
+            self._record(result.model_copy(update={"skipped": True, "decision": "none"}))
+            return
+        model = self._resident_model()
+        domain_batches = self.ctx.data.heldout_sample(seed, config.scoring.eval_batches, config.scoring.eval_batch_size)
+        general_batches = (
+            self.ctx.data.general_sample(seed, config.scoring.general_batches, config.scoring.eval_batch_size)
+            if config.scoring.general_batches
+            else []
+        )
+        (global_domain, global_general), scores = score_submissions(
+            model,
+            self.global_state.experts,
+            list(candidates.values()),
+            domain_batches=domain_batches,
+            general_batches=general_batches,
+            config=config.scoring,
+        )
+        rows.update({s.hotkey: _row(s, rows.get(s.hotkey)) for s in scores})
+        cycle_weights = rank_weights(scores, config.scoring)
+        self.state.ema = update_ema(self.state.ema, cycle_weights, alpha=config.scoring.ema_alpha, registered=set(uid_of))
+        weights = chain_weights(
+            self.state.ema, uid_of, burn_share=config.scoring.burn_share, owner_uid=config.scoring.owner_uid
+        )
+        self._candidates[cycle] = {s.hotkey: candidates[s.hotkey] for s in scores if s.accepted}
+        result = result.model_copy(
+            update={
+                "global_domain_loss": global_domain,
+                "global_general_loss": global_general,
+                "scores": sorted(rows.values(), key=lambda r: r.uid),
+                "cycle_weights": cycle_weights,
+                "weights": weights,
+            }
+        )
+        self._record(result)
+        accepted = sum(r.accepted for r in rows.values())
+        logger.info("cycle=%d phase=evaluate submissions=%d accepted=%d global_loss=%.4f", cycle, len(rows), accepted, global_domain)
+
+    def set_weights(self, cycle: int) -> None:
+        """Set this cycle's weights once; a rate-limited or failed transaction is retried next block."""
+        result = self.state.results.get(cycle)
+        if result is None or result.skipped or result.weights_set_block is not None or not result.weights:
+            return
+        try:
+            block = self.ctx.chain.set_weights(result.weights)
+        except ChainError as exc:
+            logger.warning("cycle=%d set_weights failed (retry next block): %s", cycle, exc)
+            return
+        self._record(result.model_copy(update={"weights_set_block": block}))
+        logger.info("cycle=%d weights set block=%d uids=%d", cycle, block, len(result.weights))
+
+    def merge(self, cycle: int) -> None:
+        """Lead only: merge the top accepted submissions; publish only a model that beats the global."""
+        result = self.state.results.get(cycle)
+        if result is None or result.decision != "pending":
+            return
+        if self._published(cycle):
+            return
+        assert self.global_state is not None
+        top = [s for s in ranked(_scores(result)) if s.hotkey in self._candidates_for(cycle, result)][: self.ctx.config.merge.top_n]
+        if not top:
+            self._record(result.model_copy(update={"decision": "none"}))
+            logger.info("cycle=%d phase=merge decision=none (no accepted submission)", cycle)
+            return
+        candidates = self._candidates_for(cycle, result)
+        states = [candidates[s.hotkey].state for s in top]
+        weights = [1.0 / len(top)] * len(top)
+        merged_experts, merged_outer = apply_merge(self.global_state.outer, states, weights, self.ctx.config.merge)
+        merged_loss = self._domain_loss(merged_experts, result.eval_seed)
+        best = top[0]
+        global_loss = result.global_domain_loss or float("inf")
+        if merged_loss < global_loss and merged_loss <= (best.domain_loss or float("inf")):
+            decision, experts, outer, inputs, loss = "merged", merged_experts, merged_outer, top, merged_loss
+        elif best.domain_loss is not None and best.domain_loss < global_loss:
+            experts = candidates[best.hotkey].state
+            decision, outer, inputs, loss = "best_single", adopt_single(self.global_state.outer, experts), [best], best.domain_loss
+        else:
+            self._record(result.model_copy(update={"decision": "none"}))
+            logger.info("cycle=%d phase=merge decision=none merged_loss=%.4f global=%.4f", cycle, merged_loss, global_loss)
+            return
+        record = self._merge_record(cycle, result, decision, inputs, experts, loss)
+        new_global = GlobalState(cycle=cycle, revision=record.result_revision, experts=experts, outer=outer, record=record)
+        self._publish(new_global)
+        self._adopt(new_global)
+        self._record(
+            result.model_copy(
+                update={
+                    "decision": decision,
+                    "merged": [s.hotkey for s in inputs],
+                    "result_revision": record.result_revision,
+                    "result_domain_loss": loss,
+                }
+            )
+        )
+        logger.info("cycle=%d phase=merge decision=%s inputs=%d loss=%.4f global=%.4f", cycle, decision, len(inputs), loss, global_loss)
+
+    def sync_global(self, cycle: int) -> None:
+        """Adopt the lead's publication from before ``cycle``, after recomputing it where possible."""
+        if self.global_state is None:
+            self.global_state = self._genesis()
+        found = find_global_payload(self.ctx.chain)
+        if found is None:
+            return
+        lead, block, payload = found
+        _, merge_last = phase_bounds(payload.cycle, "merge", self.ctx.config.cycle)
+        if payload.cycle <= self.global_state.cycle or payload.cycle >= cycle or block > merge_last:
+            return
+        try:
+            fetched = fetch_global(
+                self.ctx.store,
+                lead,
+                payload,
+                self.ctx.workdir / "downloads" / f"global-{payload.cycle}",
+                selection=self.ctx.selection,
+                expected=self._expected(),
+                max_bytes=self.ctx.config.scoring.max_payload_bytes * 4,
+            )
+        except (StoreError, InvalidSubmission) as exc:
+            logger.warning("global fetch failed cycle=%d: %s", payload.cycle, exc)
+            return
+        if not self._verify_merge(fetched):
+            return
+        self._adopt(fetched)
+        result = self.state.results.get(payload.cycle)
+        if result is not None and lead != self.ctx.hotkey:
+            self._record(result.model_copy(update={"decision": "adopted", "result_revision": fetched.revision}))
+
+    # -- helpers: verification ---------------------------------------------------------------
+
+    def _verify_all(self, cycle: int, observed: dict[str, Observation], uid_of: dict[str, int]):
+        rows: dict[str, ScoreRow] = {}
+        todo: dict[str, Observation] = {}
+        for hotkey, entry in observed.items():
+            rejection = precheck(entry)
+            if rejection is not None:
+                rows[hotkey] = ScoreRow(hotkey=hotkey, uid=uid_of[hotkey], accepted=False, reason=rejection[0], detail=rejection[1])
+            else:
+                todo[hotkey] = entry
+        candidates: dict[str, Candidate] = {}
+        unreachable = 0
+        expected = self._expected()
+        assert self.global_state is not None
+        root = self.ctx.workdir / "downloads" / str(cycle)
+
+        def verify(hotkey: str) -> Candidate | ScoreRow:
+            entry = todo[hotkey]
+            dest = root / hotkey
+            shutil.rmtree(dest, ignore_errors=True)
+            try:
+                return fetch_and_verify(
+                    self.ctx.store,
+                    entry,
+                    dest,
+                    hotkey=hotkey,
+                    uid=uid_of[hotkey],
+                    cycle=cycle,
+                    config=self.ctx.config,
+                    selection=self.ctx.selection,
+                    expected=expected,
+                    global_revision=self.global_state.revision,
+                )
+            except (InvalidSubmission, StoreError) as exc:
+                reason = exc.reason if isinstance(exc, InvalidSubmission) else f"store_{exc.reason}"
+                logger.warning("cycle=%d rejected hotkey=%s reason=%s: %s", cycle, hotkey, reason, exc)
+                return ScoreRow(hotkey=hotkey, uid=uid_of[hotkey], accepted=False, reason=reason, detail=str(exc)[:300])
+
+        with ThreadPoolExecutor(max_workers=DOWNLOAD_WORKERS) as pool:
+            outcomes = dict(zip(todo, pool.map(verify, sorted(todo)), strict=False))
+        for hotkey in sorted(todo):
+            outcome = outcomes[hotkey]
+            entry = todo[hotkey]
+            location = {"repo": entry.reveal_repo, "revision": entry.reveal_revision, "store_kind": entry.reveal_kind}
+            if isinstance(outcome, Candidate):
+                candidates[hotkey] = outcome
+                rows[hotkey] = ScoreRow(
+                    hotkey=hotkey, uid=outcome.uid, accepted=False, commit_block=outcome.commit_block,
+                    tensors_sha256=outcome.tensors_sha256, **location,
+                )
+            else:
+                unreachable += outcome.reason == "store_unreachable"
+                rows[hotkey] = outcome.model_copy(update=location)
+        outage = bool(todo) and unreachable == len(todo)
+        return rows, candidates, outage
+
+    def _verify_merge(self, fetched: GlobalState) -> bool:
+        """Recompute the lead's merge from its record and compare digests bit for bit."""
+        record = fetched.record
+        assert record is not None and self.global_state is not None
+        if record.parent_revision != self.global_state.revision:
+            logger.warning(
+                "cycle=%d global parent %s is not ours %s: adopting on the lead's word",
+                record.cycle, record.parent_revision[:12], self.global_state.revision[:12],
+            )
+            return True
+        candidates = self._candidates_for(record.cycle, self.state.results.get(record.cycle))
+        missing = [i.hotkey for i in record.inputs if i.hotkey not in candidates or candidates[i.hotkey].tensors_sha256 != i.tensors_sha256]
+        if missing:
+            logger.warning("cycle=%d cannot recompute merge: inputs %s not verified here; adopting on the lead's word", record.cycle, missing)
+            return True
+        states = [candidates[i.hotkey].state for i in record.inputs]
+        if record.decision == "merged":
+            experts, _ = apply_merge(self.global_state.outer, states, [i.weight for i in record.inputs], self.ctx.config.merge)
+        else:
+            experts = states[0]
+        recomputed = state_revision(experts)
+        if recomputed != record.result_revision:
+            logger.error("cycle=%d merge verification FAILED: recomputed %s, lead published %s", record.cycle, recomputed[:12], record.result_revision[:12])
+            return False
+        logger.info("cycle=%d merge verified rev=%s", record.cycle, recomputed[:12])
+        return True
+
+    def _candidates_for(self, cycle: int, result: CycleResult | None) -> dict[str, Candidate]:
+        """Accepted candidates of ``cycle``: from memory, or reloaded from the download cache after a restart."""
+        if cycle in self._candidates or result is None:
+            return self._candidates.get(cycle, {})
+        from connito.checkpoint import load_checkpoint
+
+        loaded = {}
+        for row in result.scores:
+            if not row.accepted:
+                continue
+            try:
+                _, state = load_checkpoint(
+                    self.ctx.workdir / "downloads" / str(cycle) / row.hotkey,
+                    selection=self.ctx.selection,
+                    expected=self._expected(),
+                    max_bytes=self.ctx.config.scoring.max_payload_bytes,
+                )
+            except InvalidSubmission:
+                continue
+            loaded[row.hotkey] = Candidate(hotkey=row.hotkey, uid=row.uid, commit_block=row.commit_block, tensors_sha256=row.tensors_sha256 or "", state=state)
+        self._candidates[cycle] = loaded
+        return loaded
+
+    # -- helpers: merge and publication ------------------------------------------------------
+
+    def _merge_record(self, cycle, result, decision, inputs, experts, loss) -> MergeRecord:
+        rows = {r.hotkey: r for r in result.scores}
+        merge = self.ctx.config.merge
+        assert self.global_state is not None
+        weight = 1.0 / len(inputs)
+        return MergeRecord(
+            domain=self.ctx.config.name,
+            cycle=cycle,
+            parent_revision=self.global_state.revision,
+            decision=decision,
+            inputs=tuple(
+                MergeInput(
+                    hotkey=s.hotkey, uid=s.uid, tensors_sha256=rows[s.hotkey].tensors_sha256 or "",
+                    weight=weight, store_kind=rows[s.hotkey].store_kind or "", repo=rows[s.hotkey].repo or "",
+                    revision=rows[s.hotkey].revision or "",
+                )
+                for s in inputs
+            ),
+            outer=OuterParams(lr=merge.outer_lr, momentum=merge.momentum, nesterov=merge.nesterov, clip_norm=merge.clip_norm),
+            outer_step_before=self.global_state.outer.step,
+            result_revision=state_revision(experts),
+            global_domain_loss=result.global_domain_loss or 0.0,
+            result_domain_loss=loss,
+            eval_seed=result.eval_seed,
+            lead_hotkey=self.ctx.hotkey,
+        )
+
+    def _publish(self, new_global: GlobalState) -> None:
+        assert new_global.record is not None
+        folder = self.ctx.workdir / "global" / str(new_global.cycle)
+        save_global(new_global, folder, config=self.ctx.config, selection=self.ctx.selection, hotkey=self.ctx.hotkey)
+        ref = self.ctx.store.upload(folder, repo=self.ctx.hub_repo, files=GLOBAL_FILES, message=f"global cycle {new_global.cycle}")
+        payload = GlobalPayload(
+            cycle=new_global.cycle, store_kind=ref.kind, repo=ref.repo, revision=ref.revision,
+            record_digest=short_digest(record_digest(new_global.record)),
+        )
+        self.ctx.chain.commit(encode_commitment(payload))
+        logger.info("cycle=%d global published rev=%s repo=%s", new_global.cycle, new_global.revision[:12], ref.repo)
+
+    def _published(self, cycle: int) -> bool:
+        """True when our own publication for ``cycle`` is already on chain (a restart after commit)."""
+        found = find_global_payload(self.ctx.chain)
+        if found is None or found[0] != self.ctx.hotkey or found[2].cycle != cycle:
+            return False
+        self.sync_global(cycle + 1)
+        result = self.state.results[cycle]
+        if self.global_state is not None and self.global_state.cycle == cycle and self.global_state.record is not None:
+            record = self.global_state.record
+            self._record(result.model_copy(update={
+                "decision": record.decision, "merged": [i.hotkey for i in record.inputs],
+                "result_revision": record.result_revision, "result_domain_loss": record.result_domain_loss,
+            }))
+        return True
+
+    def _adopt(self, new_global: GlobalState) -> None:
+        folder = self.ctx.workdir / "global" / str(new_global.cycle)
+        if not (folder / "outer_state.safetensors").exists():
+            save_global(new_global, folder, config=self.ctx.config, selection=self.ctx.selection, hotkey=self.ctx.hotkey)
+        self.global_state = new_global
+        self.state.global_cycle = new_global.cycle
+        if self._model is not None:
+            write_experts(self._model, new_global.experts)
+        self._save()
+        logger.info("global adopted cycle=%d rev=%s", new_global.cycle, new_global.revision[:12])
+
+    # -- helpers: model and state ------------------------------------------------------------
+
+    def _is_lead(self) -> bool:
+        lead = lead_validator(self.ctx.chain.metagraph())
+        return lead is not None and lead.hotkey == self.ctx.hotkey
+
+    def _resident_model(self) -> torch.nn.Module:
+        if self._model is None:
+            self._model = load_model(self.ctx.base_dir, self.ctx.config.model).to(self.ctx.device)
+        assert self.global_state is not None
+        write_experts(self._model, self.global_state.experts)
+        return self._model
+
+    def _genesis(self) -> GlobalState:
+        if self.state.global_cycle >= 0:
+            from connito.global_state import load_global
+
+            folder = self.ctx.workdir / "global" / str(self.state.global_cycle)
+            base = genesis_global(read_experts(self._resident_model_raw(), self.ctx.selection.experts_by_layer))
+            expected = {k: ExpertSpec(tuple(v.shape), v.dtype) for k, v in base.experts.items()}
+            return load_global(folder, selection=self.ctx.selection, expected=expected, max_bytes=2**40, cycle=self.state.global_cycle)
+        return genesis_global(read_experts(self._resident_model_raw(), self.ctx.selection.experts_by_layer))
+
+    def _resident_model_raw(self) -> torch.nn.Module:
+        if self._model is None:
+            self._model = load_model(self.ctx.base_dir, self.ctx.config.model).to(self.ctx.device)
+        return self._model
+
+    def _expected(self) -> dict[str, ExpertSpec]:
+        assert self.global_state is not None
+        return {k: ExpertSpec(tuple(v.shape), v.dtype) for k, v in self.global_state.experts.items()}
+
+    def _domain_loss(self, experts: dict[str, torch.Tensor], seed: int) -> float:
+        assert self.global_state is not None
+        config = self.ctx.config
+        batches = self.ctx.data.heldout_sample(seed, config.scoring.eval_batches, config.scoring.eval_batch_size)
+        model = self._resident_model()
+        try:
+            write_experts(model, experts)
+            losses = batch_losses(model, batches)
+        finally:
+            write_experts(model, self.global_state.experts)
+        return sum(losses) / len(losses)
+
+    def _record(self, result: CycleResult) -> None:
+        self.state.results[result.cycle] = result
+        self._save()
+        atomic_write(self.ctx.workdir / "cycles" / f"{result.cycle}.json", result.model_dump_json(indent=2).encode())
+
+    def _save(self) -> None:
+        for cycle in sorted(self.state.observed)[:-3]:
+            del self.state.observed[cycle]
+        atomic_write(self._state_path, self.state.model_dump_json().encode())
+
+    def _load(self) -> None:
+        if self._state_path.exists():
+            self.state = ValidatorState.model_validate_json(self._state_path.read_bytes())
+            logger.info("validator resumed global_cycle=%d cycles=%s", self.state.global_cycle, sorted(self.state.results))
+
+
+def _row(score: SubmissionScore, pre: ScoreRow | None) -> ScoreRow:
+    base = pre.model_dump() if pre else {"hotkey": score.hotkey, "uid": score.uid}
+    base.update(
+        accepted=score.accepted,
+        reason=score.reason,
+        detail=score.detail,
+        domain_loss=score.domain_loss,
+        general_loss=score.general_loss,
+        utility=score.utility,
+        commit_block=score.commit_block,
+    )
+    return ScoreRow(**base)
+
+
+def _scores(result: CycleResult) -> list[SubmissionScore]:
+    return [
+        SubmissionScore(
+            hotkey=r.hotkey, uid=r.uid, commit_block=r.commit_block, accepted=r.accepted, reason=r.reason,
+            domain_loss=r.domain_loss, general_loss=r.general_loss, utility=r.utility,
+        )
+        for r in result.scores
+    ]

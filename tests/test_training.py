@@ -1,0 +1,226 @@
+"""The sparse inner trainer: only selected experts change, optimizer state only for them, exact resume."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import MODEL_TYPES, random_batch, tiny_model
+from torch.nn.utils import parametrize
+
+from connito.config import TrainingConfig
+from connito.errors import ConfigError
+from connito.moe import moe_layers, read_experts
+from connito.subset import extract_subset, write_back
+from connito.training import SparseTrainer
+
+SELECTION = {0: [1, 5], 1: [3]}
+CFG = TrainingConfig(lr=1e-2, weight_decay=0.1, batch_size=2, grad_clip=1.0)
+
+
+def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _batches(n: int) -> list[torch.Tensor]:
+    return [random_batch(seed=i) for i in range(n)]
+
+
+def _assert_only_selected_changed(before: dict, after: dict, selection: dict[int, list[int]]) -> None:
+    """Unselected rows of fused expert tensors and every other tensor are byte-identical."""
+    assert before.keys() == after.keys()
+    for key in before:
+        if key.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            layer = int(key.split(".")[2])
+            for expert in range(before[key].shape[0]):
+                same = torch.equal(before[key][expert], after[key][expert])
+                assert same != (expert in selection.get(layer, [])), f"{key}[{expert}]"
+        else:
+            assert torch.equal(before[key], after[key]), key
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_full_residency_changes_only_selected_experts(model_type):
+    """Weight decay 0.1: unselected experts, routers, shared experts, attention, norms stay byte-identical."""
+    model = tiny_model(model_type)
+    before = _state(model)
+    trainer = SparseTrainer(model, SELECTION, CFG)
+    trainer.train(_batches(3), 3, progress=False)
+    trainer.finish()
+    _assert_only_selected_changed(before, _state(model), SELECTION)
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_subset_residency_changes_only_selected_experts(model_type):
+    """Training a subset and writing it back changes exactly the selected experts of the full model."""
+    full = tiny_model(model_type)
+    before = _state(full)
+    subset = extract_subset(full, SELECTION)
+    trainer = SparseTrainer(subset, None, CFG)
+    trainer.train(_batches(3), 3, progress=False)
+    trained = trainer.finish()
+    write_back(full, subset)
+    _assert_only_selected_changed(before, _state(full), SELECTION)
+    for key, tensor in read_experts(full, SELECTION).items():
+        assert torch.equal(trained[key], tensor), key
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "deepseek_v3"])
+def test_gradient_checkpointing_changes_nothing_but_memory(model_type):
+    """With activation checkpointing the trained experts are the same as without."""
+    results = []
+    for checkpointing in (False, True):
+        model = tiny_model(model_type)
+        trainer = SparseTrainer(
+            model, SELECTION, CFG.model_copy(update={"gradient_checkpointing": checkpointing})
+        )
+        trainer.train(_batches(2), 2, progress=False)
+        results.append(trainer.finish())
+        assert not model.is_activation_checkpointing
+    for key in results[0]:
+        torch.testing.assert_close(results[0][key], results[1][key], rtol=0, atol=1e-6)
+
+
+def test_optimizer_state_covers_only_selected_experts():
+    """AdamW holds exp_avg and exp_avg_sq for the selected experts' parameters and nothing else."""
+    model = tiny_model("qwen2_moe")
+    trainer = SparseTrainer(model, SELECTION, CFG)
+    trainer.step(random_batch())
+    layer = moe_layers(model)[0]
+    per_expert = 3 * layer.intermediate_size * layer.hidden_size
+    selected_params = per_expert * sum(len(v) for v in SELECTION.values())
+    assert trainer.trainable_params == selected_params
+    moments = sum(v.numel() for s in trainer.optimizer.state.values() for k, v in s.items() if k != "step")
+    assert moments == 2 * selected_params
+    assert not any(p.requires_grad for p in model.parameters() if p not in {s.master for s in trainer.slices})
+
+
+def test_step_equals_adamw_on_selected_rows_of_full_gradient():
+    """Oracle: one sparse step == AdamW on fp32 copies of the selected rows fed the full model's gradient."""
+    cfg = CFG.model_copy(update={"grad_clip": None})
+    batch = random_batch()
+    reference = tiny_model("qwen3_moe")
+    reference.train()
+    logits = reference(input_ids=batch, use_cache=False).logits
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 128), batch[:, 1:].reshape(-1))
+    loss.backward()
+    expected = {}
+    for layer in moe_layers(reference):
+        index = torch.tensor(SELECTION[layer.index])
+        for name in ("gate_up_proj", "down_proj"):
+            fused = getattr(layer.experts, name)
+            master = torch.nn.Parameter(fused.detach().index_select(0, index).clone())
+            master.grad = fused.grad.index_select(0, index)
+            torch.optim.AdamW([master], lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay).step()
+            expected[f"{layer.index}.{name}"] = master.detach()
+    trainer = SparseTrainer(tiny_model("qwen3_moe"), SELECTION, cfg)
+    assert trainer.step(batch) == pytest.approx(float(loss.detach()), rel=1e-6)
+    for item in trainer.slices:
+        torch.testing.assert_close(item.master.detach(), expected[item.name], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+@pytest.mark.parametrize("residency", ["full", "subset"])
+def test_resume_mid_run_is_bit_exact(model_type, residency):
+    """state_dict after 2 steps, a fresh trainer + load_state_dict, 2 more steps == 4 uninterrupted steps."""
+    cfg = CFG.model_copy(update={"grad_accum_steps": 2})
+    batches = _batches(8)
+    base = tiny_model(model_type)
+
+    def fresh():
+        model = copy.deepcopy(base)
+        return (extract_subset(model, SELECTION), None) if residency == "subset" else (model, SELECTION)
+
+    straight = SparseTrainer(*fresh(), cfg)
+    straight.train(batches, 4, progress=False)
+    expected = straight.finish()
+
+    first = SparseTrainer(*fresh(), cfg)
+    first.train(batches[:4], 2, progress=False)
+    saved = {k: v.clone() for k, v in first.state_dict().items()}
+    resumed = SparseTrainer(*fresh(), cfg)
+    resumed.load_state_dict(saved)
+    assert resumed.step_count == 2
+    resumed.train(batches[4:], 2, progress=False)
+    got = resumed.finish()
+    assert got.keys() == expected.keys()
+    for key in expected:
+        assert torch.equal(got[key], expected[key]), key
+
+
+def test_finish_leaves_a_plain_model():
+    """After finish: no parametrizations, original state-dict keys, requires_grad restored, same class."""
+    model = tiny_model("deepseek_v2")
+    keys = list(model.state_dict())
+    classes = {name: type(m) for name, m in model.named_modules()}
+    trainer = SparseTrainer(model, SELECTION, CFG.model_copy(update={"gradient_checkpointing": True}))
+    assert list(model.state_dict()) != keys  # parametrized while training
+    trainer.step(random_batch())
+    trained = trainer.finish()
+    assert list(model.state_dict()) == keys
+    assert not any(parametrize.is_parametrized(m) for m in model.modules())
+    assert {name: type(m) for name, m in model.named_modules()} == classes
+    assert all(p.requires_grad for p in model.parameters())
+    assert not model.is_activation_checkpointing
+    for key, tensor in read_experts(model, SELECTION).items():
+        assert torch.equal(trained[key], tensor) and trained[key].dtype == torch.float32
+
+
+def test_finish_returns_original_ids_for_subset():
+    """A subset trainer returns canonical keys with the experts' ids in the full model."""
+    subset = extract_subset(tiny_model("olmoe"), SELECTION)
+    trainer = SparseTrainer(subset, None, CFG)
+    trainer.step(random_batch())
+    assert set(trainer.finish()) == set(read_experts(tiny_model("olmoe"), SELECTION))
+
+
+def test_grad_accumulation_averages_over_all_tokens():
+    """Two micro-batches of one step give the same update as their concatenation in one micro-batch."""
+    cfg = CFG.model_copy(update={"grad_clip": None})
+    a, b = random_batch(seed=1), random_batch(seed=2)
+    single = SparseTrainer(tiny_model("mixtral"), SELECTION, cfg)
+    loss_single = single.step(torch.cat([a, b]))
+    accum = SparseTrainer(tiny_model("mixtral"), SELECTION, cfg.model_copy(update={"grad_accum_steps": 2}))
+    loss_accum = accum.step([a, b])
+    assert loss_accum == pytest.approx(loss_single, rel=1e-5)
+    for x, y in zip(single.slices, accum.slices, strict=True):  # exp_avg = (1 - beta1) * grad after one step
+        exp_avg_x, exp_avg_y = (
+            single.optimizer.state[x.master]["exp_avg"],
+            accum.optimizer.state[y.master]["exp_avg"],
+        )
+        torch.testing.assert_close(exp_avg_x, exp_avg_y, rtol=1e-5, atol=1e-9)
+
+
+def test_padding_positions_do_not_train():
+    """Tokens masked out by attention_mask contribute no loss."""
+    batch = random_batch()
+    mask = torch.ones_like(batch)
+    mask[:, 8:] = 0
+    changed_tail = batch.clone()
+    changed_tail[:, 9:] = 0
+    losses = []
+    for ids in (batch, changed_tail):
+        trainer = SparseTrainer(tiny_model("qwen3_moe"), SELECTION, CFG)
+        losses.append(trainer.step({"input_ids": ids, "attention_mask": mask}))
+    assert losses[0] == losses[1]
+
+
+def test_wrong_micro_batch_count_is_rejected():
+    trainer = SparseTrainer(
+        tiny_model("qwen3_moe"), SELECTION, CFG.model_copy(update={"grad_accum_steps": 2})
+    )
+    with pytest.raises(ConfigError, match="grad_accum_steps=2 micro-batches, got 1"):
+        trainer.step(random_batch())
+
+
+def test_resume_state_for_another_selection_is_rejected():
+    first = SparseTrainer(tiny_model("qwen3_moe"), SELECTION, CFG)
+    other = SparseTrainer(tiny_model("qwen3_moe"), {0: [1, 6], 1: [3]}, CFG)
+    with pytest.raises(ConfigError, match="0.gate_up_proj: experts \\[1, 6\\], expected \\[1, 5\\]"):
+        first.load_state_dict(other.state_dict())
+
+
+def test_selection_outside_the_model_is_rejected():
+    with pytest.raises(ConfigError, match="layer 0: expert ids must be in 0..7"):
+        SparseTrainer(tiny_model("qwen3_moe"), {0: [9]}, CFG)
