@@ -68,6 +68,13 @@ class NeuronArgs:
     workdir: Path | None
     logging_debug: bool
     logging_trace: bool
+    selection: Path | None = None  # the owner's SELECTION.json
+    model_path: Path | None = None  # local save_pretrained folder of the base model
+    data_cache: Path | None = None  # data and tokenizer cache (default: WORKDIR/cache)
+    device: str = "auto"
+    until_cycle: int | None = None  # stop after this cycle completes (None: run forever)
+    poll_s: float = 2.0
+    progress: bool = True
 
     @property
     def subtensor_network(self) -> str:
@@ -99,7 +106,62 @@ def build_parser(role: Role) -> argparse.ArgumentParser:
     _add_wallet_args(parser)
     _add_store_args(parser, role)
     _add_logging_args(parser)
+    _add_run_args(parser)
     return parser
+
+
+def _add_run_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("run")
+    group.add_argument(
+        "--selection",
+        type=Path,
+        metavar="PATH",
+        default=None,
+        help="the owner's expert selection JSON for this domain (path; required to run)",
+    )
+    group.add_argument(
+        "--model.path",
+        dest="model_path",
+        type=Path,
+        metavar="DIR",
+        default=None,
+        help="local folder of the base model (save_pretrained layout); default: fetch the YAML's model.id",
+    )
+    group.add_argument(
+        "--data.cache",
+        dest="data_cache",
+        type=Path,
+        metavar="DIR",
+        default=None,
+        help="data, tokenizer and token cache folder; default: WORKDIR/cache",
+    )
+    group.add_argument(
+        "--device",
+        default="auto",
+        help="torch device: auto (cuda if available), cpu, cuda, cuda:N (default auto)",
+    )
+    group.add_argument(
+        "--until-cycle",
+        dest="until_cycle",
+        type=_non_negative_int,
+        metavar="N",
+        default=None,
+        help="exit after cycle N completes (default: run forever)",
+    )
+    group.add_argument(
+        "--poll",
+        dest="poll_s",
+        type=float,
+        metavar="SECONDS",
+        default=2.0,
+        help="seconds between chain polls (default 2.0; a block is 12 s on finney)",
+    )
+    group.add_argument(
+        "--no-progress",
+        dest="progress",
+        action="store_false",
+        help="hide progress bars (flag; default: shown)",
+    )
 
 
 def parse_args(role: Role, argv: list[str] | None = None) -> NeuronArgs:
@@ -123,6 +185,13 @@ def parse_args(role: Role, argv: list[str] | None = None) -> NeuronArgs:
         workdir=ns.workdir.expanduser() if ns.workdir is not None else None,
         logging_debug=ns.logging_debug,
         logging_trace=ns.logging_trace,
+        selection=ns.selection,
+        model_path=ns.model_path,
+        data_cache=ns.data_cache,
+        device=ns.device,
+        until_cycle=ns.until_cycle,
+        poll_s=ns.poll_s,
+        progress=ns.progress,
     )
 
 

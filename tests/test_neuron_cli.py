@@ -201,14 +201,8 @@ def test_open_chain_local_ledger_signs_as_the_wallet_hotkey(tmp_path: Path) -> N
     assert chain.current_block() == 0
 
 
-def test_neuron_runs_to_handover_on_a_local_ledger(tmp_path: Path) -> None:
-    """With a reachable chain the entry point gets as far as the role module (exit 0 while absent)."""
-    try:
-        from connito.validator import run_validator  # noqa: F401
-    except ImportError:
-        pass  # the handover is still the placeholder this test checks
-    else:
-        pytest.skip("connito.validator.run_validator exists: the handover runs the real loop")
+def test_neuron_without_selection_fails_with_one_line(tmp_path: Path) -> None:
+    """A reachable chain but no --selection: exit 1, one stderr line naming the flag, no traceback."""
     wallet = _wallet(tmp_path / "wallets")
     ledger = tmp_path / "ledger.db"
     neuron = GenesisNeuron(hotkey=wallet.hotkeypub.ss58_address, stake=1.0, validator_permit=True)
@@ -217,8 +211,9 @@ def test_neuron_runs_to_handover_on_a_local_ledger(tmp_path: Path) -> None:
         "validator.py",
         *("--config", str(DOMAIN), "--chain", f"local:{ledger}"),
         *("--wallet.name", "w", "--wallet.hotkey", "h", "--wallet.path", str(tmp_path / "wallets")),
+        *("--workdir", str(tmp_path / "work")),
         tmp_path=tmp_path,
     )
-    assert result.returncode == 0, result.stderr
-    assert result.stderr == ""
-    assert "chain block=0" in result.stdout
+    assert result.returncode == 1
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "--selection" in result.stderr and "Traceback" not in result.stderr
