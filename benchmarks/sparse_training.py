@@ -130,18 +130,28 @@ class _FullFinetune:
         )
 
 
-def _build(mode: str, model_dir: Path, selection: dict[int, list[int]], cfg, device, dtype):  # noqa: ANN001, ANN202
-    from transformers import AutoModelForCausalLM
+def _build(mode: str, args: argparse.Namespace, selection: dict[int, list[int]], cfg, device, dtype):  # noqa: ANN001, ANN202
+    """The trainer of one mode and a callable that returns its payload (selected experts).
+
+    The full modes build the model from its config with the seed that made the saved folder (the
+    same weights): ``from_pretrained`` would also keep the file mapped, and those clean pages
+    would inflate the baseline's resident memory. Only ``sparse_subset`` reads the folder.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from connito.moe import read_experts
     from connito.subset import load_subset_model
     from connito.training import SparseTrainer
 
     if mode == "sparse_subset":
-        subset = load_subset_model(model_dir, None, selection, dtype=dtype, device=device)
+        subset = load_subset_model(Path(args.model_dir), None, selection, dtype=dtype, device=device)
         trainer = SparseTrainer(subset, None, cfg, device=device)
         return trainer, trainer.finish
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
+    torch.manual_seed(args.seed)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**_model_config(args)), dtype=dtype).to(
+        device
+    )
     if mode == "sparse_full":
         trainer = SparseTrainer(model, selection, cfg, device=device)
         return trainer, trainer.finish
@@ -154,9 +164,16 @@ def _run_child(args: argparse.Namespace) -> dict:
 
     from connito.config import TrainingConfig
 
+    # Import everything the mode will use before the baseline: libraries are not the model.
+    import transformers.models.qwen3_moe.modeling_qwen3_moe  # noqa: F401
+
+    import connito.subset  # noqa: F401
+    import connito.training  # noqa: F401
+
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    torch.set_num_threads(args.threads) if args.threads else None
+    if args.threads:
+        torch.set_num_threads(args.threads)
     selection = {int(k): v for k, v in json.loads(args.selection).items()}
     cfg = TrainingConfig(
         lr=1e-4, weight_decay=0.1, batch_size=args.micro_batch, grad_clip=1.0,
@@ -169,7 +186,7 @@ def _run_child(args: argparse.Namespace) -> dict:
     else:
         can_reset = _reset_peak_rss()
         base = _proc_kib("VmRSS") * 1024
-    trainer, finish = _build(args.child, Path(args.model_dir), selection, cfg, device, dtype)
+    trainer, finish = _build(args.child, args, selection, cfg, device, dtype)
     generator = torch.Generator().manual_seed(args.seed)
     step_s = []
     for step in range(args.warmup + args.steps):
@@ -262,7 +279,9 @@ def _spawn(
         sys.executable, str(Path(__file__).resolve()), "--child", mode, "--model-dir", str(model_dir),
         "--selection", json.dumps(selection), "--device", args.device, "--micro-batch", str(micro_batch),
         "--steps", str(args.steps), "--warmup", str(args.warmup), "--seq-len", str(args.seq_len),
-        "--vocab", str(args.vocab), "--seed", str(args.seed), "--threads", str(args.threads or 0),
+        "--vocab", str(args.vocab), "--seed", str(args.seed), "--threads", str(args.threads),
+        "--hidden", str(args.hidden), "--layers", str(args.layers), "--experts", str(args.experts),
+        "--moe-intermediate", str(args.moe_intermediate),
     ]  # fmt: skip
     if checkpointing:
         command.append("--gradient-checkpointing")
@@ -333,7 +352,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--seed", type=int, default=0, help="seed for weights, selection and data (default 0)"
     )
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 keeps torch's default")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1: on a shared machine more threads spin and time noise; 0 keeps torch's default)",
+    )
     parser.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     parser.add_argument("--selection", help=argparse.SUPPRESS)

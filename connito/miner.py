@@ -57,7 +57,7 @@ class MinerProgress(BaseModel):
     reveal_block: int | None = None
 
 
-@dataclass(slots=True)
+@dataclass
 class Miner:
     """A miner bound to one hotkey; ``run`` drives it from the chain's blocks."""
 

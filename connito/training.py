@@ -250,14 +250,18 @@ class SparseTrainer:
         return micro
 
     def _loss_sum(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        """Summed next-token cross-entropy (no router aux loss; bf16 autocast on CUDA only)."""
+        """Summed next-token cross-entropy (no router aux loss; bf16 autocast on CUDA only).
+
+        Targets are shifted rather than logits, so the (B, T, V) logits are never copied.
+        """
         with torch.autocast(
             device_type=self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"
         ):
             logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        targets = F.pad(_targets(input_ids, attention_mask), (0, 1), value=IGNORE_INDEX)  # (B, T)
         return F.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-            _targets(input_ids, attention_mask).reshape(-1),
+            logits.reshape(-1, logits.shape[-1]).float(),
+            targets.reshape(-1),
             ignore_index=IGNORE_INDEX,
             reduction="sum",
         )

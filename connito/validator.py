@@ -120,7 +120,7 @@ class ValidatorState(BaseModel):
     global_cycle: int = -1  # cycle of the adopted global state (-1: genesis)
 
 
-@dataclass(slots=True)
+@dataclass
 class Validator:
     ctx: NodeContext
     poll_s: float = 1.0
@@ -346,7 +346,7 @@ class Validator:
                 return ScoreRow(hotkey=hotkey, uid=uid_of[hotkey], accepted=False, reason=reason, detail=str(exc)[:300])
 
         with ThreadPoolExecutor(max_workers=DOWNLOAD_WORKERS) as pool:
-            outcomes = dict(zip(todo, pool.map(verify, sorted(todo)), strict=False))
+            outcomes = dict(zip(sorted(todo), pool.map(verify, sorted(todo)), strict=True))
         for hotkey in sorted(todo):
             outcome = outcomes[hotkey]
             entry = todo[hotkey]

@@ -16,6 +16,7 @@ from connito.chain.local import GenesisNeuron, LocalChain
 from connito.config import DomainConfig, parse_domain_config
 from connito.data import build_domain_data
 from connito.hub import LocalStore
+from connito.localnet.adversary import AdversaryMiner
 from connito.miner import Miner
 from connito.modeling import build_model
 from connito.node import NodeContext
@@ -84,7 +85,9 @@ class Subnet:
             self.chain.advance_blocks(1)
 
 
-def build_subnet(tmp: Path, config: DomainConfig, *, miners: int = 2, validators: int = 2, miner_cls=None, miner_kwargs=None) -> Subnet:
+def build_subnet(
+    tmp: Path, config: DomainConfig, *, miners: int = 2, validators: int = 2, adversaries: tuple[str, ...] = ()
+) -> Subnet:
     """Owner bootstrap, genesis, and one context per node (uids: validators first, then miners)."""
     cache = tmp / "cache"
     data = build_domain_data(config.data, cache_dir=cache, model=config.model)
@@ -94,6 +97,7 @@ def build_subnet(tmp: Path, config: DomainConfig, *, miners: int = 2, validators
     selection = build_selection(config, model, data, model_revision="test-base", progress=False).sealed()
     save_selection(selection, tmp / "selection.json")
     names = [f"v{i}" for i in range(validators)] + [f"m{i}" for i in range(miners)]
+    names += [f"adv-{kind}" for kind in adversaries]
     keys = {name: Keypair.create_from_uri(f"//{name}") for name in names}
     LocalChain.genesis(
         tmp / "chain.sqlite",
@@ -124,6 +128,14 @@ def build_subnet(tmp: Path, config: DomainConfig, *, miners: int = 2, validators
         )
         if name.startswith("v"):
             nodes[name] = Validator(ctx)
+        elif name.startswith("adv-"):
+            nodes[name] = AdversaryMiner(
+                ctx,
+                progress_bars=False,
+                kind=name.removeprefix("adv-"),
+                victim_workdir=tmp / "nodes" / "m0",
+                victim_hotkey=keys["m0"].ss58_address,
+            )
         else:
             nodes[name] = Miner(ctx, progress_bars=False)
     return Subnet(

@@ -29,3 +29,21 @@ def test_two_cycles_merge_and_adopt(tmp_path):
     assert miner.progress.global_revision == lead.state.results[0].result_revision
     weights = subnet.chain.weights()
     assert set(weights) == {0, 1}
+
+
+def test_every_adversary_is_rejected_with_its_own_reason(tmp_path):
+    config = domain_config()
+    subnet = build_subnet(tmp_path, config, miners=2, validators=1, adversaries=("copy", "nan", "lazy", "stale"))
+    _, end = phase_bounds(1, "merge", config.cycle)
+    subnet.run_until(end)
+    lead = subnet.nodes["v0"]
+    names = {key.ss58_address: name for name, key in subnet.keys.items()}
+    expected = {"adv-copy": "duplicate", "adv-nan": "non_finite", "adv-lazy": "lazy", "adv-stale": "stale"}
+    for cycle in (0, 1):
+        reasons = {names[row.hotkey]: row.reason for row in lead.state.results[cycle].scores}
+        assert {name: reasons.get(name) for name in expected} == expected, reasons
+        assert reasons["m0"] is None and reasons["m1"] is None
+        weights = lead.state.results[cycle].weights
+        uids = {n.hotkey: n.uid for n in subnet.chain.metagraph()}
+        assert all(weights.get(uids[subnet.keys[name].ss58_address], 0.0) == 0.0 for name in expected)
+        assert weights.get(uids[subnet.keys["m0"].ss58_address], 0.0) > 0.0

@@ -33,7 +33,7 @@ __all__ = ["ADVERSARY_KINDS", "AdversaryMiner"]
 ADVERSARY_KINDS = ("copy", "nan", "lazy", "stale")
 
 
-@dataclass(slots=True)
+@dataclass
 class AdversaryMiner(Miner):
     kind: str = "lazy"
     victim_workdir: Path | None = None
