@@ -162,13 +162,12 @@ def _run_child(args: argparse.Namespace) -> dict:
     """Train one mode for warm-up + timed steps and measure it."""
     import torch
 
-    from connito.config import TrainingConfig
-
     # Import everything the mode will use before the baseline: libraries are not the model.
     import transformers.models.qwen3_moe.modeling_qwen3_moe  # noqa: F401
 
     import connito.subset  # noqa: F401
     import connito.training  # noqa: F401
+    from connito.config import TrainingConfig
 
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -179,6 +178,7 @@ def _run_child(args: argparse.Namespace) -> dict:
         lr=1e-4, weight_decay=0.1, batch_size=args.micro_batch, grad_clip=1.0,
         gradient_checkpointing=args.gradient_checkpointing,
     )  # fmt: skip
+    can_reset = True
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -214,7 +214,7 @@ def _run_child(args: argparse.Namespace) -> dict:
         "optimizer_state_bytes": int(optimizer_state_bytes),
         "payload_bytes": int(sum(t.numel() * t.element_size() for t in payload.values())),
         "payload_keys": len(payload),
-        "peak_reset": bool(device.type == "cuda" or can_reset),
+        "peak_reset": can_reset,
     }
 
 
@@ -347,7 +347,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--selected-fraction", type=float, default=0.125, help="share of experts per layer (default 0.125)"
     )
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per mode (default 5)")
+    parser.add_argument("--steps", type=int, default=8, help="timed steps per mode (default 8)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed warm-up steps per mode (default 2)")
     parser.add_argument(
         "--seed", type=int, default=0, help="seed for weights, selection and data (default 0)"

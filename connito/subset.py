@@ -60,7 +60,6 @@ _DISK_EXPERT_RE = re.compile(
     r"^model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w3|w2)\.weight$"
 )
 _DISK_PROJECTION = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
-_DISK_FUSED_RE = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -135,7 +135,8 @@ class SparseTrainer:
 
     ``model`` is a full transformers MoE (``full`` residency; ``selection`` names the experts) or a
     ``SubsetModel`` (``subset`` residency; ``selection`` defaults to all resident experts and uses
-    ORIGINAL expert ids either way). The trainer owns the model until ``finish``.
+    ORIGINAL expert ids either way). The trainer owns the model until ``finish``: it freezes every
+    parameter, parametrizes the fused expert tensors, and seeds torch's global RNG with ``cfg.seed``.
     """
 
     def __init__(

@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 from conftest import MODEL_TYPES, random_batch, tiny_model
+from safetensors.torch import load, save
 from torch.nn.utils import parametrize
 
 from connito.config import TrainingConfig
@@ -57,9 +58,12 @@ def test_subset_residency_changes_only_selected_experts(model_type):
     full = tiny_model(model_type)
     before = _state(full)
     subset = extract_subset(full, SELECTION)
+    subset_before = _state(subset.model)
     trainer = SparseTrainer(subset, None, CFG)
     trainer.train(_batches(3), 3, progress=False)
     trained = trainer.finish()
+    every_slot = {layer: list(range(len(ids))) for layer, ids in SELECTION.items()}
+    _assert_only_selected_changed(subset_before, _state(subset.model), every_slot)  # subset routers too
     write_back(full, subset)
     _assert_only_selected_changed(before, _state(full), SELECTION)
     for key, tensor in read_experts(full, SELECTION).items():
@@ -123,7 +127,8 @@ def test_step_equals_adamw_on_selected_rows_of_full_gradient():
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
 @pytest.mark.parametrize("residency", ["full", "subset"])
 def test_resume_mid_run_is_bit_exact(model_type, residency):
-    """state_dict after 2 steps, a fresh trainer + load_state_dict, 2 more steps == 4 uninterrupted steps."""
+    """state_dict after 2 steps, saved as safetensors, a fresh trainer + load_state_dict, 2 more steps
+    == 4 uninterrupted steps, bit for bit."""
     cfg = CFG.model_copy(update={"grad_accum_steps": 2})
     batches = _batches(8)
     base = tiny_model(model_type)
@@ -138,7 +143,7 @@ def test_resume_mid_run_is_bit_exact(model_type, residency):
 
     first = SparseTrainer(*fresh(), cfg)
     first.train(batches[:4], 2, progress=False)
-    saved = {k: v.clone() for k, v in first.state_dict().items()}
+    saved = load(save(first.state_dict()))  # the state survives a safetensors round trip
     resumed = SparseTrainer(*fresh(), cfg)
     resumed.load_state_dict(saved)
     assert resumed.step_count == 2
