@@ -21,7 +21,6 @@ from connito.checkpoint import MANIFEST_FILE, write_checkpoint
 from connito.errors import ChainError, ConfigError, InvalidSubmission, StoreError
 from connito.fsutil import atomic_write
 from connito.global_state import GlobalState, fetch_global, find_global_payload, genesis_global
-from connito.hub.base import StoreRef
 from connito.modeling import load_model
 from connito.moe import moe_layers, parse_expert_key, read_experts, write_expert, write_experts
 from connito.node import NodeContext, PhaseLoop, uid_of
@@ -72,10 +71,13 @@ class Miner:
     def _progress_path(self) -> Path:
         return self.ctx.workdir / "miner_progress.json"
 
-    def run(self, *, until_cycle: int | None = None) -> int:
+    def __post_init__(self) -> None:
+        """Resume from the workdir: a restart within a cycle never trains or commits twice."""
         if self._progress_path.exists():
             self.progress = MinerProgress.model_validate_json(self._progress_path.read_bytes())
             logger.info("miner resumed cycle=%d committed=%s", self.progress.cycle, self.progress.commit_block)
+
+    def run(self, *, until_cycle: int | None = None) -> int:
         loop = PhaseLoop(self.ctx.chain, self.ctx.config, poll_s=self.poll_s, role="miner")
         return loop.run(self.tick, until_cycle=until_cycle)
 
@@ -300,5 +302,3 @@ def write_subset_experts(subset: SubsetModel, experts: dict[str, torch.Tensor]) 
     for (layer, slot), tensors in grouped.items():
         write_expert(layers[layer], slot, tensors)
 
-
-_ = StoreRef

@@ -23,7 +23,7 @@ from connito.selection_record import ExpertSelection, load_selection
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["NodeContext", "open_store", "load_node_selection", "PhaseLoop"]
+__all__ = ["NodeContext", "open_store", "load_node_selection", "PhaseLoop", "guarded_tick"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -73,6 +73,16 @@ def load_node_data(config: DomainConfig, cache_dir: Path) -> DomainData:
 
 def uid_of(neurons: list[Neuron], hotkey: str) -> int | None:
     return next((n.uid for n in neurons if n.hotkey == hotkey), None)
+
+
+def guarded_tick(role: str, tick: Callable[[int, PhaseInfo], None], block: int, info: PhaseInfo) -> bool:
+    """Run one tick; any failure is logged with its traceback and the neuron lives on (False)."""
+    try:
+        tick(block, info)
+    except Exception:  # the top-level loop: log, keep the neuron alive, retry next block
+        logger.error("%s tick failed cycle=%d phase=%s", role, info.cycle, info.phase, exc_info=True)
+        return False
+    return True
 
 
 class PhaseLoop:
@@ -127,10 +137,7 @@ class PhaseLoop:
                 self._last = (info.cycle, info.phase)
             if block != self._last_block:
                 self._last_block = block
-                try:
-                    tick(block, info)
-                except Exception:  # the top-level loop: log, keep the neuron alive, retry next block
-                    logger.error("%s tick failed cycle=%d phase=%s", self.role, info.cycle, info.phase, exc_info=True)
+                if not guarded_tick(self.role, tick, block, info):
                     self._sleep(self.poll_s)
                 continue
             self._sleep(self.poll_s)

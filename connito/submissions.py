@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict
 from connito.chain.base import Commitment
 from connito.checkpoint import MANIFEST_FILE, ExpertSpec, load_checkpoint
 from connito.config import DomainConfig
-from connito.errors import CommitmentDecodeError, InvalidSubmission, StoreError
+from connito.errors import CommitmentDecodeError, InvalidSubmission
 from connito.hub.base import CheckpointStore, StoreRef
 from connito.protocol import (
     CommitPayload,
@@ -183,5 +183,3 @@ def fetch_and_verify(
         state=state,
     )
 
-
-_ = StoreError

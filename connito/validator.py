@@ -135,12 +135,17 @@ class Validator:
     def _state_path(self) -> Path:
         return self.ctx.workdir / "validator_state.json"
 
-    def run(self, *, until_cycle: int | None = None) -> int:
+    def __post_init__(self) -> None:
+        """Resume scores, EMA, observations and the adopted global state from the workdir."""
         self._load()
+
+    def run(self, *, until_cycle: int | None = None) -> int:
         loop = PhaseLoop(self.ctx.chain, self.ctx.config, poll_s=self.poll_s, role="validator")
         return loop.run(self.tick, until_cycle=until_cycle)
 
     def tick(self, block: int, info: PhaseInfo) -> None:
+        if self.global_state is None:
+            self.global_state = self._genesis()  # the adopted state from the workdir, or genesis
         self.observe()
         if info.cycle < 0:
             return
@@ -261,7 +266,11 @@ class Validator:
             return
         record = self._merge_record(cycle, result, decision, inputs, experts, loss)
         new_global = GlobalState(cycle=cycle, revision=record.result_revision, experts=experts, outer=outer, record=record)
-        self._publish(new_global)
+        try:
+            self._publish(new_global)
+        except (ChainError, StoreError) as exc:  # nothing adopted yet: the next block retries the same merge
+            logger.warning("cycle=%d merge publication failed (retry next block): %s", cycle, exc)
+            return
         self._adopt(new_global)
         self._record(
             result.model_copy(

@@ -19,7 +19,7 @@ from connito.hub import LocalStore
 from connito.localnet.adversary import AdversaryMiner
 from connito.miner import Miner
 from connito.modeling import build_model
-from connito.node import NodeContext
+from connito.node import NodeContext, guarded_tick
 from connito.owner import build_selection
 from connito.protocol import phase
 from connito.selection_record import save_selection
@@ -80,8 +80,8 @@ class Subnet:
         """Tick every node at every block up to ``block`` (inclusive), then stop."""
         while (current := self.chain.current_block()) <= block:
             info = phase(current, self.config.cycle)
-            for node in self.nodes.values():
-                node.tick(current, info)
+            for name, node in self.nodes.items():
+                guarded_tick(name, node.tick, current, info)  # as the neuron loop does
             self.chain.advance_blocks(1)
 
 
