@@ -127,6 +127,13 @@ class Manifest(BaseModel):
             InvalidSubmission: ``bad_manifest`` for anything that is not a valid manifest.
         """
         try:
+            # Duplicate keys first: pydantic keeps the last one, another tool may keep the first,
+            # and the reveal binds these bytes (the safetensors header is held to the same rule).
+            json.loads(raw, object_pairs_hook=_no_duplicates)
+        except (ValueError, RecursionError) as exc:
+            detail = "duplicate key" if "duplicate key" in str(exc) else f"not JSON ({type(exc).__name__})"
+            raise InvalidSubmission("bad_manifest", f"{MANIFEST_FILE}: <root>: {detail}") from None
+        try:
             return cls.model_validate_json(raw)
         except ValidationError as exc:
             err = exc.errors(include_url=False)[0]

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import reprlib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -34,10 +36,48 @@ __all__ = [
 ]
 
 DTYPES = ("float32", "bfloat16", "float16")
+MAX_INLINE_DEPTH = 16  # transformers configs nest two or three levels (rope_scaling, quantization)
+MAX_INLINE_VALUES = 100_000  # YAML aliases can fan a few lines out to 10**9 values ("billion laughs")
+# Error messages show the offending input through this: bounded length and nesting, so a
+# megabyte string or a 5000-deep list still gives one short line (and no RecursionError).
+_SHOWN = reprlib.Repr()
+_SHOWN.maxstring = _SHOWN.maxother = 80
+_SHOWN.maxlevel, _SHOWN.maxlist, _SHOWN.maxdict = 3, 4, 4
+_JSON_SCALARS = (str, int, float, bool, type(None))
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # No NaN or Inf in any float field: ``.inf`` for an lr or a tolerance is never a setting
+    # (off is None), and NaN compares false against every bound the scorer and merge rely on.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+def _check_json_data(inline: dict[str, Any]) -> None:
+    """Raise ValueError unless ``inline`` is plain, bounded JSON data (what ``config_digest`` hashes).
+
+    Iterative with a budget on depth and on values visited, so neither deep nesting nor aliased
+    fan-out can exhaust the stack or the CPU.
+    """
+    stack: list[tuple[Any, int]] = [(inline, 0)]
+    visited = 0
+    while stack:
+        value, depth = stack.pop()
+        visited += 1
+        if visited > MAX_INLINE_VALUES or depth > MAX_INLINE_DEPTH:
+            raise ValueError(
+                f"inline config exceeds {MAX_INLINE_VALUES} values or {MAX_INLINE_DEPTH} levels of nesting"
+            )
+        if isinstance(value, dict):
+            if not all(isinstance(key, str) for key in value):
+                raise ValueError("inline config keys must be strings")
+            stack.extend((item, depth + 1) for item in value.values())
+        elif isinstance(value, list | tuple):
+            stack.extend((item, depth + 1) for item in value)
+        elif not isinstance(value, _JSON_SCALARS):
+            raise ValueError(f"inline config values must be JSON data, got a {type(value).__name__}")
+        elif isinstance(value, float) and not math.isfinite(value):
+            # config_digest serialises NaN and Inf as null: two different configs, one digest
+            raise ValueError(f"inline config values must be finite, got {value}")
 
 
 class ModelConfig(_Strict):
@@ -64,8 +104,10 @@ class ModelConfig(_Strict):
             raise ValueError(f"set exactly one of id, inline, base (got {sources or 'none'})")
         if self.inline is not None and "model_type" not in self.inline:
             raise ValueError("inline config needs a model_type")
+        if self.inline is not None:
+            _check_json_data(self.inline)  # YAML dates, bytes or sets would break config_digest
         if self.base is not None and not self.base.startswith("library:"):
-            raise ValueError(f"base must look like library:VERSION, got {self.base!r}")
+            raise ValueError(f"base must look like library:VERSION, got {_SHOWN.repr(self.base)}")
         return self
 
     @property
@@ -252,7 +294,7 @@ def _first_error(exc: ValidationError) -> tuple[str, str]:
     elif err["type"] == "missing":
         message = "required field is missing"
     elif "input" in err and err["type"] not in ("model_type", "dict_type"):
-        message = f"{message}, got {err['input']!r}"
+        message = f"{message}, got {_SHOWN.repr(err['input'])}"
     return _field_path(loc), message.replace("Value error, ", "")
 
 
@@ -289,6 +331,11 @@ def load_domain_config(path: str | Path) -> DomainConfig:
         where = f"line {mark.line + 1}" if mark is not None else "yaml"
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(f"invalid YAML: {problem}", path=path_str, field=where) from None
+    except (ValueError, OverflowError, RecursionError) as exc:
+        # PyYAML's constructors raise these for ``!!int abc``, ``!!timestamp 2020-13-45``, a
+        # 5000-digit int or nesting deeper than the interpreter's stack.
+        detail = _SHOWN.repr(str(exc).splitlines()[0] if str(exc) else "")
+        raise ConfigError(f"invalid YAML: {type(exc).__name__} {detail}", path=path_str, field="yaml") from None
     return parse_domain_config(data, path=path_str)
 
 

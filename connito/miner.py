@@ -145,15 +145,36 @@ class Miner:
         for _ in range(start_step * cfg.training.grad_accum_steps):
             next(loader)
         remaining = cfg.training.inner_steps - start_step
+        deadline = self._training_deadline(cycle)
         while remaining > 0:
             chunk = min(SAVE_EVERY_STEPS, remaining)
+            start_block = self._block()
             result = trainer.train(loader, chunk, progress=self.progress_bars)
             remaining -= chunk
             self._save_trainer(trainer, cycle)
             logger.debug("cycle=%d trained steps=%d loss=%.4f", cycle, trainer.step_count, result.mean_loss)
+            now = self._block()
+            if remaining > 0 and now + max(1, now - start_block) > deadline:
+                logger.warning(
+                    "cycle=%d stopping early at step=%d of %d to make the commit window (block=%d deadline=%d)",
+                    cycle, trainer.step_count, cfg.training.inner_steps, now, deadline,
+                )  # fmt: skip
+                break
         experts = trainer.finish()
-        logger.info("trained cycle=%d steps=%d", cycle, cfg.training.inner_steps)
+        logger.info("trained cycle=%d steps=%d", cycle, trainer.step_count)
         return experts
+
+    def _training_deadline(self, cycle: int) -> int:
+        """The last block at which training may end and still leave time to commit."""
+        first, last = phase_bounds(cycle, "commit", self.ctx.config.cycle)
+        return last - max(1, (last - first + 1) // 2)
+
+    def _block(self) -> int:
+        """The current block; on a chain outage, a block far in the past (keep training)."""
+        try:
+            return self.ctx.chain.current_block()
+        except ChainError:
+            return -1
 
     def write_submission(self, cycle: int, experts: dict[str, torch.Tensor]) -> None:
         assert self.global_state is not None

@@ -26,6 +26,7 @@ from connito.moe import write_experts
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "LOSS_RESOLUTION",
     "Candidate",
     "SubmissionScore",
     "batch_losses",
@@ -37,6 +38,14 @@ __all__ = [
     "update_ema",
     "chain_weights",
 ]
+
+# Smallest loss drop, as a share of the global loss, that counts as an improvement. Each batch
+# loss is an fp32 sum over thousands of tokens, rounded to ~sqrt(tokens) * 2**-24 of its size
+# (5e-6 at 2,048 tokens): below this a difference is rounding, or the first-order accident of a
+# random direction, not learning. Without it, random noise of small norm on the global experts
+# (a lazy miner dodging the zero-delta check) measures "better" about half the time and earns
+# rank weight. ``ScoringConfig.min_improvement`` can only raise the bar.
+LOSS_RESOLUTION = 1e-5
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -198,11 +207,12 @@ def _evaluate_one(
                 general_loss=general_loss,
             )
     utility = global_domain - domain_loss
-    if utility <= config.min_improvement:
+    threshold = max(config.min_improvement, LOSS_RESOLUTION * abs(global_domain))
+    if not utility > threshold:  # written so that a NaN utility is never an improvement
         return _reject(
             candidate,
             "no_improvement",
-            f"domain loss {domain_loss:.4f} not below global {global_domain:.4f}",
+            f"domain loss {domain_loss:.6f} not below global {global_domain:.6f} by more than {threshold:.2e}",
             domain_loss=domain_loss,
             general_loss=general_loss,
         )
@@ -226,8 +236,12 @@ def _evaluate_one(
 
 
 def ranked(scores: Sequence[SubmissionScore]) -> list[SubmissionScore]:
-    """Accepted submissions, best first: lower loss, then earlier commitment, then hotkey."""
-    accepted = [s for s in scores if s.accepted and s.domain_loss is not None]
+    """Accepted submissions, best first: lower loss, then earlier commitment, then hotkey.
+
+    A non-finite loss is never ranked: NaN compares false both ways, so it would make the order
+    depend on the input order and differ between validators.
+    """
+    accepted = [s for s in scores if s.accepted and s.domain_loss is not None and math.isfinite(s.domain_loss)]
     return sorted(accepted, key=lambda s: (s.domain_loss, s.commit_block, s.hotkey))
 
 

@@ -26,6 +26,7 @@ from connito.protocol import (
     RevealPayload,
     commit_digest,
     decode_commitment,
+    phase,
     phase_bounds,
     short_digest,
 )
@@ -60,7 +61,13 @@ def observe_commitments(
     *,
     ignore: set[str],
 ) -> None:
-    """Fold the chain's current commitments into ``observed`` (cycle -> hotkey -> Observation)."""
+    """Fold the chain's current commitments into ``observed`` (cycle -> hotkey -> Observation).
+
+    A payload counts only for the cycle of the block that carries it. Anyone registered can write
+    any cycle number; the validator keeps only its latest few cycles, so commitments naming far-
+    future cycles would otherwise evict the current cycle's observations and void every honest
+    submission. A commit or reveal for cycle c written in another cycle is never in time anyway.
+    """
     for commitment in commitments:
         if commitment.hotkey in ignore:
             continue
@@ -68,6 +75,8 @@ def observe_commitments(
             payload = decode_commitment(commitment.data)
         except CommitmentDecodeError:
             continue  # foreign or malformed: not a submission
+        if payload.cycle != phase(commitment.block, config.cycle).cycle:
+            continue  # another cycle's payload (a replay, or a far-future cycle number)
         if isinstance(payload, CommitPayload):
             _observe_commit(observed, commitment, payload, config)
         elif isinstance(payload, RevealPayload):

@@ -12,6 +12,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -32,7 +33,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["LocalnetPlan", "run_localnet"]
 
 PRETRAIN = {"steps": 400, "batch_size": 8, "lr": 3e-3, "mixture": {"english": 0.4, "code": 0.4, "math": 0.2}}
-STARTUP_S = 60.0  # seconds before cycle 0 starts: processes import torch and load data and models
+STARTUP_S = 90.0  # seconds before cycle 0 starts: processes import torch and load data and models
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -152,6 +153,8 @@ def _write_run_config(config: DomainConfig, workdir: Path, plan: LocalnetPlan) -
 def _genesis(workdir: Path, config: DomainConfig, roles, hotkeys, plan: LocalnetPlan) -> None:
     from connito.chain.local import GenesisNeuron, LocalChain
 
+    for stale in ("nodes", "hub", "logs"):  # a fresh subnet each run; base, selection and cache are kept
+        shutil.rmtree(workdir / stale, ignore_errors=True)
     ledger = workdir / "chain.sqlite"
     for suffix in ("", "-wal", "-shm"):
         Path(str(ledger) + suffix).unlink(missing_ok=True)

@@ -1,0 +1,413 @@
+"""Does training with N miners and the DiLoCo outer step match one centralized sparse run?
+
+Same total training tokens, same selected experts, same inner optimizer settings, both in
+``subset`` residency (``SparseTrainer`` over ``load_subset_model``, the miners' real path):
+
+- ``distributed``: each cycle, each of N miners starts from the current global experts, trains H
+  inner steps (``training.inner_steps``, ``training.batch_size``) on its own document shard
+  (``data.train_loader(i, N, ...)``) with a fresh AdamW, and the N results are merged with
+  ``OuterOptimizer.step`` (lr, momentum, Nesterov and clip from the config's ``merge`` section,
+  uniform weights): the protocol with every miner honest and every submission merged;
+- ``central``: one trainer on the union of the data (``train_loader(0, 1, ...)``) for N x H steps
+  per cycle, AdamW state kept across cycles, no outer optimizer: the baseline a single well-funded
+  trainer would reach.
+
+The base is the config's model briefly pretrained on the general + code + math mixture
+(``owner.pretrain_base``, cached in ``--cache-dir``) and the experts are selected the owner's way
+(``owner.build_selection``, cached too). After every cycle the full model, holding each arm's
+experts, is measured on a fixed held-out domain sample and a fixed general sample. Reported:
+``domain_loss_reduction_ratio = (base - distributed_final) / (base - central_final)`` (target
+>= 0.9) and each arm's relative general-loss drift.
+
+    python benchmarks/distributed_vs_central.py --out d_vs_c.json [--miners 3] [--cycles 3] [--cache-dir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from _common import add_common_flags, emit, load_config, metadata, setup
+from torch import nn
+
+from connito.config import DomainConfig, config_digest
+from connito.data import DomainData, build_domain_data
+from connito.modeling import heldout_loss
+from connito.moe import expert_key, parse_expert_key, read_experts, write_experts
+from connito.outer import OuterOptimizer
+from connito.owner import PRETRAIN_MARKER, build_selection, pretrain_base
+from connito.selection_record import load_selection, save_selection
+from connito.subset import SubsetModel, load_subset_model, subset_expert_state
+from connito.training import SparseTrainer
+
+TARGET_RATIO = 0.9  # distributed must reach >= this share of the centralized domain-loss drop
+PRETRAIN_MIXTURE = {"english": 0.4, "code": 0.4, "math": 0.2}  # the localnet owner's recipe
+PRETRAIN_LR = 3e-3
+
+# (domain loss, general loss) of the full model holding an expert state
+Measure = Callable[[dict[str, torch.Tensor]], tuple[float, float]]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EvalSample:
+    """The fixed batches every expert state is measured on."""
+
+    domain: list[torch.Tensor]
+    general: list[torch.Tensor]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CyclePoint:
+    """One arm after one cycle."""
+
+    cycle: int
+    domain_loss: float
+    general_loss: float
+    train_loss: float  # mean inner loss over the cycle's steps (all miners for distributed)
+    tokens: int  # predicted training tokens consumed so far
+    train_s: float  # wall time of this cycle's training (and merge)
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_common_flags(parser)
+    parser.add_argument("--miners", type=int, default=3, help="N miners, one shard each (default 3)")
+    parser.add_argument("--cycles", type=int, default=3, help="cycles of both arms (default 3)")
+    parser.add_argument(
+        "--inner-steps",
+        type=int,
+        default=None,
+        help="H per miner per cycle (default: the config's training.inner_steps)",
+    )
+    parser.add_argument(
+        "--pretrain-steps", type=int, default=200, help="base pretraining steps (default 200)"
+    )
+    parser.add_argument(
+        "--pretrain-batch-size", type=int, default=8, help="base pretraining batch (default 8)"
+    )
+    parser.add_argument(
+        "--eval-batches", type=int, default=16, help="held-out domain batches measured (default 16)"
+    )
+    parser.add_argument("--general-batches", type=int, default=8, help="general batches measured (default 8)")
+    parser.add_argument(
+        "--eval-batch-size",
+        type=int,
+        default=None,
+        help="sequences per eval batch (default: scoring.eval_batch_size)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the fixed evaluation sample (default 0)")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.miners, args.cycles = min(args.miners, 2), min(args.cycles, 2)
+        args.pretrain_steps, args.eval_batches, args.general_batches = 10, 4, 2
+    if min(args.miners, args.cycles, args.pretrain_steps, args.eval_batches, args.general_batches) < 1:
+        parser.error("--miners, --cycles, --pretrain-steps and the batch counts must be >= 1")
+    if args.inner_steps is not None and args.inner_steps < 1:
+        parser.error("--inner-steps must be >= 1")
+    return args
+
+
+# -- owner bootstrap ---------------------------------------------------------------------------
+
+
+def _pretrain_mixture(data: DomainData) -> dict[str, float]:
+    """The localnet owner's mixture over the parts this domain has (its own weights if none match)."""
+    parts = {part.name for part in data.mixture}
+    mixture = {name: weight for name, weight in PRETRAIN_MIXTURE.items() if name in parts}
+    return mixture or {part.name: part.weight for part in data.mixture}
+
+
+def _pretrain(config: DomainConfig, data: DomainData, base_dir: Path, args: argparse.Namespace) -> nn.Module:
+    return pretrain_base(
+        config,
+        data,
+        base_dir,
+        steps=args.pretrain_steps,
+        batch_size=args.pretrain_batch_size,
+        lr=PRETRAIN_LR,
+        mixture=_pretrain_mixture(data),
+        progress=False,
+    )
+
+
+def _selection(
+    config: DomainConfig, model: nn.Module, data: DomainData, base_dir: Path
+) -> dict[int, list[int]]:
+    """The owner's selection for this base, reused from the cache when the base and config match."""
+    revision = str(json.loads((base_dir / PRETRAIN_MARKER).read_text())["revision"])
+    path = base_dir / f"selection-{config_digest(config)[:16]}.json"
+    if path.exists():
+        cached = load_selection(path)
+        if cached.model_revision == revision:
+            return cached.experts_by_layer
+    selection = build_selection(config, model, data, model_revision=revision, progress=False)
+    save_selection(selection, path)
+    return selection.experts_by_layer
+
+
+# -- the two arms -------------------------------------------------------------------------------
+
+
+def _measure(model: nn.Module, state: dict[str, torch.Tensor], sample: EvalSample) -> tuple[float, float]:
+    """(domain, general) loss of the full model holding ``state``'s experts."""
+    write_experts(model, state)
+    return heldout_loss(model, sample.domain), heldout_loss(model, sample.general)
+
+
+def _load_into_subset(subset: SubsetModel, state: dict[str, torch.Tensor]) -> None:
+    """Write canonical-key experts (original ids) into the subset's slots."""
+    by_slot = {}
+    for key, tensor in state.items():
+        layer, expert, projection = parse_expert_key(key)
+        by_slot[expert_key(layer, subset.slot_of(layer, expert), projection)] = tensor
+    write_experts(subset.model, by_slot)
+
+
+def _run_distributed(
+    config: DomainConfig,
+    subset: SubsetModel,
+    loaders: Sequence[Iterator[torch.Tensor]],
+    *,
+    inner_steps: int,
+    cycles: int,
+    measure: Measure,
+    device: torch.device,
+) -> list[CyclePoint]:
+    """N miners per cycle from the current global, merged by the outer optimizer."""
+    merge = config.merge
+    global_state = subset_expert_state(subset)
+    outer = OuterOptimizer(global_state, lr=merge.outer_lr, momentum=merge.momentum, nesterov=merge.nesterov)
+    points, tokens = [], 0
+    for cycle in range(cycles):
+        start = time.perf_counter()
+        local_states, losses = [], []
+        for loader in loaders:
+            _load_into_subset(subset, global_state)
+            trainer = SparseTrainer(subset, None, config.training, device=device)
+            result = trainer.train(loader, inner_steps, progress=False)
+            local_states.append(trainer.finish())
+            losses.extend(result.losses)
+            tokens += result.tokens
+        global_state = outer.step(local_states, clip_norm=merge.clip_norm)
+        train_s = time.perf_counter() - start
+        domain, general = measure(global_state)
+        points.append(_point(cycle, domain, general, losses, tokens, train_s))
+        _print_point("distributed", points[-1])
+    return points
+
+
+def _run_central(
+    config: DomainConfig,
+    subset: SubsetModel,
+    loader: Iterator[torch.Tensor],
+    *,
+    steps_per_cycle: int,
+    cycles: int,
+    measure: Measure,
+    device: torch.device,
+) -> list[CyclePoint]:
+    """One trainer on all the data, N x H steps per cycle, no outer step."""
+    trainer = SparseTrainer(subset, None, config.training, device=device)
+    points, tokens = [], 0
+    for cycle in range(cycles):
+        start = time.perf_counter()
+        result = trainer.train(loader, steps_per_cycle, progress=False)
+        tokens += result.tokens
+        train_s = time.perf_counter() - start
+        domain, general = measure(subset_expert_state(subset))
+        points.append(_point(cycle, domain, general, list(result.losses), tokens, train_s))
+        _print_point("central", points[-1])
+    trainer.finish()
+    return points
+
+
+def _point(
+    cycle: int, domain: float, general: float, losses: list[float], tokens: int, train_s: float
+) -> CyclePoint:
+    return CyclePoint(
+        cycle=cycle,
+        domain_loss=domain,
+        general_loss=general,
+        train_loss=sum(losses) / max(len(losses), 1),
+        tokens=tokens,
+        train_s=train_s,
+    )
+
+
+def _print_point(arm: str, point: CyclePoint) -> None:
+    print(f"{arm:11s} cycle={point.cycle} domain={point.domain_loss:.4f} general={point.general_loss:.4f} "
+          f"train_loss={point.train_loss:.4f} tokens={point.tokens:,d} train_s={point.train_s:.1f}", flush=True)  # fmt: skip
+
+
+# -- the run -------------------------------------------------------------------------------------
+
+
+def _run(
+    args: argparse.Namespace, config: DomainConfig, device: torch.device, cache_dir: Path
+) -> dict[str, Any]:
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    data = build_domain_data(config.data, cache_dir=cache_dir / "data", model=config.model)
+    timings["data_s"] = time.perf_counter() - start
+    base_dir = cache_dir / "base"
+    start = time.perf_counter()
+    model = _pretrain(config, data, base_dir, args).to(device).eval()
+    timings["pretrain_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    selection = _selection(config, model, data, base_dir)
+    timings["selection_s"] = time.perf_counter() - start
+    batch_size = args.eval_batch_size or config.scoring.eval_batch_size
+    sample = EvalSample(
+        domain=data.heldout_sample(args.seed, args.eval_batches, batch_size),
+        general=data.general_sample(args.seed, args.general_batches, batch_size),
+    )
+    base_state = read_experts(model, selection)
+    base_domain, base_general = _measure(model, base_state, sample)
+    print(
+        f"base        domain={base_domain:.4f} general={base_general:.4f} selection={selection}", flush=True
+    )
+    inner_steps = args.inner_steps or config.training.inner_steps
+    batch = config.training.batch_size
+
+    def measure(state: dict[str, torch.Tensor]) -> tuple[float, float]:
+        return _measure(model, state, sample)
+
+    seed = config.training.seed
+    start = time.perf_counter()
+    distributed = _run_distributed(
+        config,
+        load_subset_model(base_dir, config.model, selection, device=device),
+        [data.train_loader(i, args.miners, batch, seed=seed) for i in range(args.miners)],
+        inner_steps=inner_steps,
+        cycles=args.cycles,
+        measure=measure,
+        device=device,
+    )
+    timings["distributed_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    central = _run_central(
+        config,
+        load_subset_model(base_dir, config.model, selection, device=device),
+        data.train_loader(0, 1, batch, seed=seed),
+        steps_per_cycle=args.miners * inner_steps,
+        cycles=args.cycles,
+        measure=measure,
+        device=device,
+    )
+    timings["central_s"] = time.perf_counter() - start
+    setup_record = {
+        "miners": args.miners,
+        "cycles": args.cycles,
+        "inner_steps": inner_steps,
+        "batch_size": batch,
+        "sequence_length": config.data.sequence_length,
+        "residency": "subset",
+        "pretrain": {
+            "steps": args.pretrain_steps,
+            "batch_size": args.pretrain_batch_size,
+            "lr": PRETRAIN_LR,
+            "mixture": _pretrain_mixture(data),
+        },
+        "outer": config.merge.model_dump(mode="json"),
+        "inner": config.training.model_dump(mode="json"),
+        "eval": {
+            "seed": args.seed,
+            "domain_batches": args.eval_batches,
+            "general_batches": args.general_batches,
+            "batch_size": batch_size,
+        },
+    }
+    return _summarise(
+        setup_record, selection, model, (base_domain, base_general), distributed, central, timings
+    )
+
+
+def _relative(new: float, old: float) -> float:
+    return (new - old) / old
+
+
+def _summarise(
+    setup_record: dict[str, Any],
+    selection: dict[int, list[int]],
+    model: nn.Module,
+    base: tuple[float, float],
+    distributed: list[CyclePoint],
+    central: list[CyclePoint],
+    timings: dict[str, float],
+) -> dict[str, Any]:
+    base_domain, base_general = base
+    dist_final, central_final = distributed[-1], central[-1]
+    central_drop = base_domain - central_final.domain_loss
+    ratio = (base_domain - dist_final.domain_loss) / central_drop if central_drop > 0 else None
+    return {
+        "setup": setup_record,
+        "model": {
+            "model_type": model.config.model_type,
+            "total_params": sum(p.numel() for p in model.parameters()),
+            "selected_experts": sum(len(e) for e in selection.values()),
+        },
+        "selection": {str(layer): experts for layer, experts in selection.items()},
+        "base": {"domain_loss": base_domain, "general_loss": base_general},
+        "distributed": [_as_dict(p) for p in distributed],
+        "central": [_as_dict(p) for p in central],
+        "train_tokens_distributed": dist_final.tokens,
+        "train_tokens_central": central_final.tokens,
+        "domain_loss_reduction_ratio": ratio,
+        "domain_reduction_distributed": -_relative(dist_final.domain_loss, base_domain),
+        "domain_reduction_central": -_relative(central_final.domain_loss, base_domain),
+        "general_drift_distributed": _relative(dist_final.general_loss, base_general),
+        "general_drift_central": _relative(central_final.general_loss, base_general),
+        "timings_s": timings,
+        "targets": {
+            f"domain_loss_reduction_ratio_ge_{TARGET_RATIO}": ratio is not None and ratio >= TARGET_RATIO
+        },
+    }
+
+
+def _as_dict(point: CyclePoint) -> dict[str, Any]:
+    return {name: getattr(point, name) for name in CyclePoint.__slots__}
+
+
+def _report(result: dict[str, Any]) -> None:
+    ratio = result["domain_loss_reduction_ratio"]
+    print(f"device={result['device']} miners={result['setup']['miners']} cycles={result['setup']['cycles']} "
+          f"H={result['setup']['inner_steps']} tokens distributed={result['train_tokens_distributed']:,d} "
+          f"central={result['train_tokens_central']:,d}")  # fmt: skip
+    print(f"domain loss: base {result['base']['domain_loss']:.4f} -> distributed "
+          f"{result['distributed'][-1]['domain_loss']:.4f} ({-result['domain_reduction_distributed']:+.2%}), "
+          f"central {result['central'][-1]['domain_loss']:.4f} ({-result['domain_reduction_central']:+.2%})")  # fmt: skip
+    print(
+        f"domain_loss_reduction_ratio {'n/a (central did not improve)' if ratio is None else f'{ratio:.3f}'}"
+    )
+    print(f"general_drift distributed {result['general_drift_distributed']:+.3%} "
+          f"central {result['general_drift_central']:+.3%}")  # fmt: skip
+    print("timings " + " ".join(f"{k}={v:.1f}" for k, v in result["timings_s"].items()))
+    for name, ok in result["targets"].items():
+        print(f"target {name} {'PASS' if ok else 'FAIL'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    device = setup(args)
+    config = load_config(args)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="connito-dvc-") as tmp:
+        cache_dir = args.cache_dir if args.cache_dir is not None else Path(tmp)
+        measured = _run(args, config, device, cache_dir)
+    result = {**metadata("distributed_vs_central", args, config, device), **measured}
+    result["timings_s"]["total_s"] = time.perf_counter() - started
+    _report(result)
+    emit(result, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
