@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel
 
-from connito.config import DomainConfig, config_digest, load_domain_config
+from connito.config import DomainConfig, load_domain_config
 from connito.data import DomainData, build_domain_data
 from connito.fsutil import atomic_write_json
 from connito.modeling import build_model, heldout_loss, load_model
@@ -122,7 +122,9 @@ def pretrain_base(
 
     recipe = {"steps": steps, "batch_size": batch_size, "lr": lr, "mixture": mixture}
     marker = out_dir / PRETRAIN_MARKER
-    key = {"config_digest": config_digest(config), "recipe": recipe}
+    # only what the pretrained weights depend on: changing cycles or scoring keeps the cache
+    inputs = {"model": config.model.model_dump(mode="json"), "data": config.data.model_dump(mode="json")}
+    key = {"inputs_digest": _digest(inputs), "recipe": recipe}
     if marker.exists():
         import json
 
@@ -157,6 +159,13 @@ def pretrain_base(
     atomic_write_json(marker, {**key, "revision": revision, "domain_val_loss": domain_loss})
     logger.info("pretrained base dir=%s steps=%d domain_val_loss=%.4f", out_dir, steps, domain_loss)
     return model
+
+
+def _digest(obj: object) -> str:
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def _folder_revision(folder: Path) -> str:

@@ -45,7 +45,7 @@ __all__ = [
 # random direction, not learning. Without it, random noise of small norm on the global experts
 # (a lazy miner dodging the zero-delta check) measures "better" about half the time and earns
 # rank weight. ``ScoringConfig.min_improvement`` can only raise the bar.
-LOSS_RESOLUTION = 1e-5
+LOSS_RESOLUTION = 0.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -78,6 +78,7 @@ PAYLOAD_CAP = 160 * 1024  # honest checkpoint ~50 KB; the full embedding (64 KB)
 MANIFEST_CAP = 4096
 SELECTED = {0: (2, 4), 1: (0, 1)}
 POISON_SCALE = 1000.0  # norm poisoning: the pseudo-gradient is ~10**3-10**4 x the median norm
+PRETRAIN_STEPS = 20  # enough for the loss to mean something (6.2 -> ~4.5), cheap on 2 cores
 ROUTER_KEY = "model.layers.0.mlp.gate.weight"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -151,7 +152,7 @@ def world(tmp_path_factory) -> World:
     )
     data = build_domain_data(config.data, cache_dir=root / "cache", model=config.model)
     model = build_model(config.model)
-    _pretrain(model, data, steps=40)
+    _pretrain(model, data, steps=PRETRAIN_STEPS)
     model.save_pretrained(root / "base")
     selection = ExpertSelection(
         domain=config.name,
