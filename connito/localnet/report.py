@@ -53,7 +53,7 @@ def write_report(report: LocalnetReport, path: Path) -> None:
 
 def format_cycle_row(row: CycleReport, baseline: LossPair, names: dict[str, str]) -> str:
     """One printable line per cycle for the terminal table."""
-    drop = 100.0 * (baseline.domain_val_loss - row.domain_val_loss) / baseline.domain_val_loss
+    drop = 100.0 * (row.domain_val_loss - baseline.domain_val_loss) / baseline.domain_val_loss
     drift = 100.0 * (row.general_val_loss - baseline.general_val_loss) / baseline.general_val_loss
     merged = ",".join(names.get(h, h[:8]) for h in row.merged) or "-"
     rejected = ",".join(f"{names.get(h, h[:8])}:{r}" for h, r in sorted(row.rejected.items())) or "-"
@@ -73,14 +73,20 @@ def render_plot(report: LocalnetReport, path: Path) -> None:
 
     uid_names = {uid: report.hotkeys.get(hotkey, f"uid {uid}") for hotkey, uid in report.uids.items()}
     cycles = [-1] + [row.cycle for row in report.cycles]
-    domain = [report.baseline.domain_val_loss] + [row.domain_val_loss for row in report.cycles]
-    general = [report.baseline.general_val_loss] + [row.general_val_loss for row in report.cycles]
+    base = report.baseline
+
+    def change(values: list[float], reference: float) -> list[float]:
+        return [100.0 * (v - reference) / reference for v in values]
+
+    domain = change([row.domain_val_loss for row in report.cycles], base.domain_val_loss)
+    general = change([row.general_val_loss for row in report.cycles], base.general_val_loss)
     fig, (ax_loss, ax_weights) = plt.subplots(1, 2, figsize=(11, 4))
-    ax_loss.plot(cycles, domain, marker="o", label="domain held-out")
-    ax_loss.plot(cycles, general, marker="s", label="general held-out")
+    ax_loss.plot(cycles, [0.0, *domain], marker="o", label=f"domain held-out (base {base.domain_val_loss:.3f})")
+    ax_loss.plot(cycles, [0.0, *general], marker="s", label=f"general held-out (base {base.general_val_loss:.3f})")
+    ax_loss.axhline(0.0, color="grey", linewidth=0.8)
     ax_loss.set_xticks(cycles, ["base"] + [str(c) for c in cycles[1:]])
     ax_loss.set_xlabel("cycle")
-    ax_loss.set_ylabel("cross-entropy (nats/token)")
+    ax_loss.set_ylabel("loss change vs base model (%)")
     ax_loss.set_title("Global model held-out loss")
     ax_loss.legend()
     uid_name = {}
@@ -94,6 +100,7 @@ def render_plot(report: LocalnetReport, path: Path) -> None:
             marker="o",
             label=uid_name[uid],
         )
+    ax_weights.set_xticks([row.cycle for row in report.cycles])
     ax_weights.set_xlabel("cycle")
     ax_weights.set_ylabel("weight")
     ax_weights.set_title("Weights set by the lead validator")
