@@ -45,7 +45,7 @@ __all__ = [
 # random direction, not learning. Without it, random noise of small norm on the global experts
 # (a lazy miner dodging the zero-delta check) measures "better" about half the time and earns
 # rank weight. ``ScoringConfig.min_improvement`` can only raise the bar.
-LOSS_RESOLUTION = 0.0
+LOSS_RESOLUTION = 1e-5
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -104,7 +104,9 @@ def cosine_similarity(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _reject(candidate: Candidate, reason: str, detail: str, **losses: float | None) -> SubmissionScore:
-    logger.warning("rejected hotkey=%s uid=%d reason=%s detail=%s", candidate.hotkey, candidate.uid, reason, detail)
+    logger.warning(
+        "rejected hotkey=%s uid=%d reason=%s detail=%s", candidate.hotkey, candidate.uid, reason, detail
+    )
     return SubmissionScore(
         hotkey=candidate.hotkey,
         uid=candidate.uid,
@@ -119,7 +121,11 @@ def _reject(candidate: Candidate, reason: str, detail: str, **losses: float | No
 def _screen_copies(
     candidates: Sequence[Candidate], global_state: dict[str, torch.Tensor], cosine_threshold: float
 ) -> tuple[list[tuple[Candidate, torch.Tensor]], list[SubmissionScore]]:
-    """Drop lazy and copied submissions before any evaluation; earliest commitment wins ties."""
+    """Drop lazy and copied submissions before any evaluation; earliest commitment wins ties.
+
+    Candidates are visited in ``(commit_block, hotkey)`` order, so copies committed in the same
+    block go to the lexically smaller hotkey on every validator, whatever the arrival order.
+    """
     kept: list[tuple[Candidate, torch.Tensor]] = []
     rejected: list[SubmissionScore] = []
     seen_digests: dict[str, str] = {}
@@ -137,11 +143,20 @@ def _screen_copies(
             rejected.append(_reject(candidate, "lazy", "zero delta: the global experts unchanged"))
             continue
         twin = next(
-            (other for other, other_delta in kept if cosine_similarity(delta, other_delta) >= cosine_threshold), None
+            (
+                other
+                for other, other_delta in kept
+                if cosine_similarity(delta, other_delta) >= cosine_threshold
+            ),
+            None,
         )
         if twin is not None:
             rejected.append(
-                _reject(candidate, "duplicate", f"pseudo-gradient cosine >= {cosine_threshold} with hotkey={twin.hotkey}")
+                _reject(
+                    candidate,
+                    "duplicate",
+                    f"pseudo-gradient cosine >= {cosine_threshold} with hotkey={twin.hotkey}",
+                )
             )
             continue
         kept.append((candidate, delta))
@@ -169,7 +184,9 @@ def score_submissions(
         try:
             write_experts(model, candidate.state)
             scores.append(
-                _evaluate_one(model, candidate, domain_batches, general_batches, global_domain, global_general, config)
+                _evaluate_one(
+                    model, candidate, domain_batches, general_batches, global_domain, global_general, config
+                )
             )
         finally:
             write_experts(model, global_state)
@@ -196,7 +213,9 @@ def _evaluate_one(
         general = batch_losses(model, general_batches)
         general_loss = _mean(general)
         if not all(math.isfinite(x) for x in general):
-            return _reject(candidate, "non_finite", "loss non-finite on general batches", domain_loss=domain_loss)
+            return _reject(
+                candidate, "non_finite", "loss non-finite on general batches", domain_loss=domain_loss
+            )
         limit = global_general * (1.0 + config.general_tolerance)
         if general_loss > limit:
             return _reject(
@@ -241,7 +260,9 @@ def ranked(scores: Sequence[SubmissionScore]) -> list[SubmissionScore]:
     A non-finite loss is never ranked: NaN compares false both ways, so it would make the order
     depend on the input order and differ between validators.
     """
-    accepted = [s for s in scores if s.accepted and s.domain_loss is not None and math.isfinite(s.domain_loss)]
+    accepted = [
+        s for s in scores if s.accepted and s.domain_loss is not None and math.isfinite(s.domain_loss)
+    ]
     return sorted(accepted, key=lambda s: (s.domain_loss, s.commit_block, s.hotkey))
 
 

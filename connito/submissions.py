@@ -148,9 +148,13 @@ def fetch_and_verify(
         InvalidSubmission: any violation (``reason`` says which).
         StoreError: the store failed; ``reason`` is missing | too_large | unreachable | refused.
     """
-    ref = StoreRef(kind=entry.reveal_kind or "", repo=entry.reveal_repo or "", revision=entry.reveal_revision or "")
+    ref = StoreRef(
+        kind=entry.reveal_kind or "", repo=entry.reveal_repo or "", revision=entry.reveal_revision or ""
+    )
     if ref.kind != store.kind:
-        raise InvalidSubmission("wrong_store", f"revealed store {ref.kind!r}, this subnet uses {store.kind!r}")
+        raise InvalidSubmission(
+            "wrong_store", f"revealed store {ref.kind!r}, this subnet uses {store.kind!r}"
+        )
     store.download(ref, dest, max_bytes=config.scoring.max_payload_bytes)
     labels = {"hotkey": hotkey, "cycle": cycle, "revision": ref.revision[:12]}
     manifest_sha = hashlib.sha256((dest / MANIFEST_FILE).read_bytes()).digest()
@@ -174,7 +178,9 @@ def fetch_and_verify(
     )
     for field, got, want, reason in checks:
         if got != want:
-            raise InvalidSubmission(reason, f"manifest {field} {str(got)[:16]!r}, expected {str(want)[:16]!r}", **labels)
+            raise InvalidSubmission(
+                reason, f"manifest {field} {str(got)[:16]!r}, expected {str(want)[:16]!r}", **labels
+            )
     digest = commit_digest(
         domain=manifest.domain,
         cycle=manifest.cycle,
@@ -191,4 +197,3 @@ def fetch_and_verify(
         tensors_sha256=manifest.tensors_sha256,
         state=state,
     )
-

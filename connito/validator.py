@@ -225,15 +225,21 @@ class Validator:
     def set_weights(self, cycle: int) -> None:
         """Set this cycle's weights once; a rate-limited or failed transaction is retried next block."""
         result = self.state.results.get(cycle)
-        if result is None or result.skipped or result.weights_set_block is not None or not result.weights:
+        if result is None or result.skipped or result.weights_set_block is not None:
             return
+        scoring = self.ctx.config.scoring
         try:
-            block = self.ctx.chain.set_weights(result.weights)
+            # uids are read at send time: a uid freed or re-registered since evaluation gets nothing
+            uid_of = {n.hotkey: n.uid for n in self.ctx.chain.metagraph()}
+            weights = chain_weights(self.state.ema, uid_of, burn_share=scoring.burn_share, owner_uid=scoring.owner_uid)
+            if not weights:
+                return
+            block = self.ctx.chain.set_weights(weights)
         except ChainError as exc:
             logger.warning("cycle=%d set_weights failed (retry next block): %s", cycle, exc)
             return
-        self._record(result.model_copy(update={"weights_set_block": block}))
-        logger.info("cycle=%d weights set block=%d uids=%d", cycle, block, len(result.weights))
+        self._record(result.model_copy(update={"weights": weights, "weights_set_block": block}))
+        logger.info("cycle=%d weights set block=%d uids=%d", cycle, block, len(weights))
 
     def merge(self, cycle: int) -> None:
         """Lead only: merge the top accepted submissions; publish only a model that beats the global."""

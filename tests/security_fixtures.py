@@ -74,7 +74,9 @@ def build_domain(root: Path) -> Domain:
     model.save_pretrained(root / "base")
     selection = build_selection(config, model, data, model_revision="test-base", progress=False).sealed()
     experts = read_experts(model, selection.experts_by_layer)
-    return Domain(config=config, data=data, base_dir=root / "base", selection=selection, global_experts=experts)
+    return Domain(
+        config=config, data=data, base_dir=root / "base", selection=selection, global_experts=experts
+    )
 
 
 def hotkey_of(name: str) -> str:
@@ -84,7 +86,9 @@ def hotkey_of(name: str) -> str:
 
 def commit_record(hotkey: str, block: int, *, cycle: int, digest: bytes) -> Commitment:
     """The chain record of a commit written at ``block``."""
-    return Commitment(hotkey=hotkey, block=block, data=encode_commitment(CommitPayload(cycle=cycle, digest=digest)))
+    return Commitment(
+        hotkey=hotkey, block=block, data=encode_commitment(CommitPayload(cycle=cycle, digest=digest))
+    )
 
 
 def reveal_record(hotkey: str, block: int, *, cycle: int, ref: StoreRef, manifest_sha: bytes) -> Commitment:
@@ -223,5 +227,10 @@ def build_net(
         )
         nodes[name] = Validator(ctx) if name.startswith("v") else Miner(ctx, progress_bars=False)
     return Subnet(
-        config=domain.config, chain=LocalChain.open(path), store=store, base_dir=domain.base_dir, nodes=nodes, keys=keys
+        config=domain.config,
+        chain=LocalChain.open(path),
+        store=store,
+        base_dir=domain.base_dir,
+        nodes=nodes,
+        keys=keys,
     )
