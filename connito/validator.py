@@ -258,10 +258,13 @@ class Validator:
         states = [candidates[s.hotkey].state for s in top]
         weights = [1.0 / len(top)] * len(top)
         merged_experts, merged_outer = apply_merge(self.global_state.outer, states, weights, self.ctx.config.merge)
-        merged_loss = self._domain_loss(merged_experts, result.eval_seed)
+        merged_loss, merged_general = self._heldout_losses(merged_experts, result.eval_seed)
         best = top[0]
         global_loss = result.global_domain_loss or float("inf")
-        if merged_loss < global_loss and merged_loss <= (best.domain_loss or float("inf")):
+        general_limit = (result.global_general_loss or float("inf")) * (1 + self.ctx.config.scoring.general_tolerance)
+        # the spec's order: the merged model if it beats the global (and passes the general guard),
+        # else the best single submission if it does, else nothing
+        if merged_loss < global_loss and not merged_general > general_limit:
             decision, experts, outer, inputs, loss = "merged", merged_experts, merged_outer, top, merged_loss
         elif best.domain_loss is not None and best.domain_loss < global_loss:
             experts = candidates[best.hotkey].state
@@ -527,17 +530,25 @@ class Validator:
         assert self.global_state is not None
         return {k: ExpertSpec(tuple(v.shape), v.dtype) for k, v in self.global_state.experts.items()}
 
-    def _domain_loss(self, experts: dict[str, torch.Tensor], seed: int) -> float:
+    def _heldout_losses(self, experts: dict[str, torch.Tensor], seed: int) -> tuple[float, float]:
+        """Mean (domain, general) loss of ``experts`` on the cycle's seeded samples; the model is restored."""
         assert self.global_state is not None
-        config = self.ctx.config
-        batches = self.ctx.data.heldout_sample(seed, config.scoring.eval_batches, config.scoring.eval_batch_size)
+        scoring = self.ctx.config.scoring
+        domain = self.ctx.data.heldout_sample(seed, scoring.eval_batches, scoring.eval_batch_size)
+        general = (
+            self.ctx.data.general_sample(seed, scoring.general_batches, scoring.eval_batch_size)
+            if scoring.general_batches
+            else []
+        )
         model = self._resident_model()
         try:
             write_experts(model, experts)
-            losses = batch_losses(model, batches)
+            domain_losses = batch_losses(model, domain)
+            general_losses = batch_losses(model, general)
         finally:
             write_experts(model, self.global_state.experts)
-        return sum(losses) / len(losses)
+        mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
+        return mean(domain_losses), mean(general_losses)
 
     def _record(self, result: CycleResult) -> None:
         self.state.results[result.cycle] = result
