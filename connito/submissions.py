@@ -157,7 +157,14 @@ def fetch_and_verify(
         )
     store.download(ref, dest, max_bytes=config.scoring.max_payload_bytes)
     labels = {"hotkey": hotkey, "cycle": cycle, "revision": ref.revision[:12]}
-    manifest_sha = hashlib.sha256((dest / MANIFEST_FILE).read_bytes()).digest()
+    manifest_path = dest / MANIFEST_FILE
+    if not manifest_path.is_file():
+        raise InvalidSubmission("missing_file", f"{MANIFEST_FILE}: not in the download", **labels)
+    if manifest_path.stat().st_size > config.scoring.max_manifest_bytes:  # before reading a byte of it
+        raise InvalidSubmission(
+            "bad_manifest", f"{MANIFEST_FILE}: over {config.scoring.max_manifest_bytes} bytes", **labels
+        )
+    manifest_sha = hashlib.sha256(manifest_path.read_bytes()).digest()
     if short_digest(manifest_sha).hex() != entry.reveal_manifest_digest:
         raise InvalidSubmission("reveal_mismatch", "manifest differs from the revealed digest", **labels)
     manifest, state = load_checkpoint(
