@@ -137,7 +137,8 @@ class Manifest(BaseModel):
             return cls.model_validate_json(raw)
         except ValidationError as exc:
             err = exc.errors(include_url=False)[0]
-            field = ".".join(str(part) for part in err["loc"]) or "<root>"
+            # an unknown key is miner text: shown escaped, so the message stays on one line
+            field = _shown(".".join(str(part) for part in err["loc"]) or "<root>")
             raise InvalidSubmission("bad_manifest", f"{MANIFEST_FILE}: {field}: {err['msg']}") from None
 
 

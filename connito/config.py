@@ -44,6 +44,17 @@ _SHOWN = reprlib.Repr()
 _SHOWN.maxstring = _SHOWN.maxother = 80
 _SHOWN.maxlevel, _SHOWN.maxlist, _SHOWN.maxdict = 3, 4, 4
 _JSON_SCALARS = (str, int, float, bool, type(None))
+# PyYAML's safe constructors convert tagged scalars without checking them first: ``!!bool abc``
+# raises KeyError, ``!!int`` (empty) IndexError, ``!!timestamp abc`` AttributeError, ``!!int abc``
+# or a 5000-digit int ValueError, and deep nesting RecursionError. All are bad YAML, not bugs.
+_YAML_CONSTRUCTOR_ERRORS = (
+    ArithmeticError,
+    AttributeError,
+    LookupError,
+    RecursionError,
+    TypeError,
+    ValueError,
+)
 
 
 class _Strict(BaseModel):
@@ -164,7 +175,10 @@ class SelectionConfig(_Strict):
 
     method: Literal["token_ratio", "gate_score", "differential"] = "token_ratio"
     p: float | None = Field(
-        None, gt=0, le=1, description="cumulative share to reach per layer; default 0.2 token_ratio, 0.1 gate_score"
+        None,
+        gt=0,
+        le=1,
+        description="cumulative share to reach per layer; default 0.2 token_ratio, 0.1 gate_score",
     )
     min_experts_per_layer: int = Field(1, ge=1)
     max_experts_per_layer: int | None = Field(None, ge=1, description="None: no cap")
@@ -218,7 +232,11 @@ class CycleConfig(_Strict):
     @property
     def cycle_blocks(self) -> int:
         return (
-            self.train_blocks + self.commit_blocks + self.reveal_blocks + self.evaluate_blocks + self.merge_blocks
+            self.train_blocks
+            + self.commit_blocks
+            + self.reveal_blocks
+            + self.evaluate_blocks
+            + self.merge_blocks
         )
 
 
@@ -264,7 +282,9 @@ class MergeConfig(_Strict):
 class DomainConfig(_Strict):
     """A whole domain: the one file a subnet owner edits."""
 
-    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,31}$", description="domain name, bound into commitments")
+    name: str = Field(
+        pattern=r"^[a-z0-9][a-z0-9_-]{0,31}$", description="domain name, bound into commitments"
+    )
     netuid: int = Field(0, ge=0, description="subnet uid")
     model: ModelConfig
     data: DataConfig
@@ -281,7 +301,9 @@ def _field_path(loc: tuple[Any, ...]) -> str:
         if isinstance(item, int):
             parts.append(f"[{item}]")
         else:
-            parts.append(("." if parts else "") + str(item))
+            name = str(item)  # an unknown key is untrusted text: keep the message on one short line
+            name = name if name.isprintable() and len(name) <= 64 else _SHOWN.repr(name)
+            parts.append(("." if parts else "") + name)
     return "".join(parts) or "<root>"
 
 
@@ -331,11 +353,10 @@ def load_domain_config(path: str | Path) -> DomainConfig:
         where = f"line {mark.line + 1}" if mark is not None else "yaml"
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(f"invalid YAML: {problem}", path=path_str, field=where) from None
-    except (ValueError, OverflowError, RecursionError) as exc:
-        # PyYAML's constructors raise these for ``!!int abc``, ``!!timestamp 2020-13-45``, a
-        # 5000-digit int or nesting deeper than the interpreter's stack.
+    except _YAML_CONSTRUCTOR_ERRORS as exc:
         detail = _SHOWN.repr(str(exc).splitlines()[0] if str(exc) else "")
-        raise ConfigError(f"invalid YAML: {type(exc).__name__} {detail}", path=path_str, field="yaml") from None
+        message = f"invalid YAML: {type(exc).__name__} {detail}"
+        raise ConfigError(message, path=path_str, field="yaml") from None
     return parse_domain_config(data, path=path_str)
 
 

@@ -458,6 +458,9 @@ _YAML_SNIPPETS = [
     "!!int abc",
     "!!float abc",
     "!!timestamp 2020-13-45",
+    "!!timestamp abc",
+    "!!bool abc",
+    "!!int ",
     "!!binary '%%%'",
     "!!set {a, b}",
     "&anchor",
@@ -502,6 +505,32 @@ def test_yaml_text_mutations_load_or_raise_config_error(tmp_path, inserts):
         assert "\n" not in str(err)
         return
     assert isinstance(config, DomainConfig) and len(config_digest(config)) == 64
+
+
+@pytest.mark.parametrize(
+    "snippet",
+    [
+        "!!int abc",
+        "!!int ",
+        "!!float ",
+        "!!bool abc",
+        "!!timestamp abc",
+        "!!timestamp 2020-13-45",
+        "!!timestamp 2001-12-14t21:59:43.10+99:00",
+        "9" * 5000,
+        "[" * 5000 + "]" * 5000,
+        "{a: " * 3000 + "1" + "}" * 3000,
+    ],
+    ids=lambda snippet: snippet[:24],
+)
+def test_yaml_constructor_errors_are_config_errors(tmp_path, snippet):
+    """PyYAML's safe constructors raise KeyError, IndexError, AttributeError, ValueError or
+    RecursionError on such scalars; the loader reports each as one ConfigError line."""
+    path = tmp_path / "domain.yaml"
+    path.write_text(TINY_MATH.read_text().replace("netuid: 0", f"netuid: {snippet}", 1))
+    with pytest.raises(ConfigError, match="invalid YAML") as info:
+        load_domain_config(path)
+    assert "\n" not in str(info.value)
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -41,6 +41,7 @@ from connito.checkpoint import (
     Manifest,
     load_checkpoint,
     tensors_digest,
+    verify_checkpoint_cli,
     write_checkpoint,
 )
 from connito.config import DataConfig, DataSource, DomainConfig, MergeConfig, TokenizerConfig
@@ -78,7 +79,7 @@ PAYLOAD_CAP = 160 * 1024  # honest checkpoint ~50 KB; the full embedding (64 KB)
 MANIFEST_CAP = 4096
 SELECTED = {0: (2, 4), 1: (0, 1)}
 POISON_SCALE = 1000.0  # norm poisoning: the pseudo-gradient is ~10**3-10**4 x the median norm
-PRETRAIN_STEPS = 20  # enough for the loss to mean something (6.2 -> ~4.5), cheap on 2 cores
+PRETRAIN_STEPS = 20  # enough for the loss to mean something (6.2 -> ~5), cheap on 2 cores
 ROUTER_KEY = "model.layers.0.mlp.gate.weight"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -88,6 +89,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class World:
+    """What every test here shares; built once per module (the pretraining costs seconds)."""
+
     config: DomainConfig
     data: DomainData
     base_dir: Path
@@ -136,7 +139,7 @@ def _trained_experts(base_dir: Path, world_config: DomainConfig, data: DomainDat
         grads = torch.autograd.grad(_next_token_loss(model, next(loader)), params)
         with torch.no_grad():
             for p, g in zip(params, grads, strict=True):
-                p -= 0.5 * g
+                p -= 2.0 * g
     trained = read_experts(model.eval(), {k: list(v) for k, v in SELECTED.items()})
     genesis = read_experts(
         load_model(base_dir, world_config.model), {k: list(v) for k, v in SELECTED.items()}
@@ -213,6 +216,8 @@ def _rescaled(state: dict[str, torch.Tensor], scale: float) -> dict[str, torch.T
 
 @dataclass
 class Subnet:
+    """A LocalChain ledger, a LocalStore and real validators; miners are played by the test."""
+
     world: World
     ledger: Path
     store: LocalStore
@@ -308,9 +313,10 @@ def _commit_for(world: World, hotkey: str, tensors_sha256: str, **overrides) -> 
     )
 
 
-def _honest_play(
+def _written_play(
     world: World, folder: Path, hotkey: str, state: dict[str, torch.Tensor], **overrides
 ) -> Play:
+    """A checkpoint written by connito's own writer, committed with the digest of its manifest."""
     manifest = write_checkpoint(folder, state, **_manifest_fields(world, hotkey, **overrides))
     return Play(folder=folder, commit=_commit_for(world, hotkey, manifest.tensors_sha256, **overrides))
 
@@ -406,13 +412,13 @@ def _hostile_plays(world: World, root: Path, keys: dict[str, Keypair], marker: P
     hidden = world.config.model.inline["hidden_size"]
     vocab = world.config.model.inline["vocab_size"]
     plays: dict[str, Play] = {
-        "honest": _honest_play(world, root / "honest", hk["honest"], world.honest_b),
-        "nan": _honest_play(world, root / "nan", hk["nan"], _poisoned(a, float("nan"))),
-        "inf": _honest_play(world, root / "inf", hk["inf"], _poisoned(a, float("-inf"))),
-        "shape": _honest_play(
+        "honest": _written_play(world, root / "honest", hk["honest"], world.honest_b),
+        "nan": _written_play(world, root / "nan", hk["nan"], _poisoned(a, float("nan"))),
+        "inf": _written_play(world, root / "inf", hk["inf"], _poisoned(a, float("-inf"))),
+        "shape": _written_play(
             world, root / "shape", hk["shape"], _with(a, **{first: a[first][:-1].contiguous()})
         ),
-        "dtype": _honest_play(world, root / "dtype", hk["dtype"], _with(a, **{first: a[first].bfloat16()})),
+        "dtype": _written_play(world, root / "dtype", hk["dtype"], _with(a, **{first: a[first].bfloat16()})),
         "router": _raw_play(
             world, root / "router", hk["router"], _with(a, **{ROUTER_KEY: torch.zeros(8, hidden)})
         ),
@@ -446,13 +452,13 @@ def _hostile_plays(world: World, root: Path, keys: dict[str, Keypair], marker: P
             hk["fused-tensor"],
             _with(a, **{"model.layers.0.mlp.experts.gate_up_proj": torch.zeros(2, 2)}),
         ),
-        "manifest-domain": _honest_play(world, root / "mdomain", hk["manifest-domain"], a, domain="code"),
-        "manifest-cycle": _honest_play(world, root / "mcycle", hk["manifest-cycle"], a, cycle=5),
-        "manifest-model-revision": _honest_play(
+        "manifest-domain": _written_play(world, root / "mdomain", hk["manifest-domain"], a, domain="code"),
+        "manifest-cycle": _written_play(world, root / "mcycle", hk["manifest-cycle"], a, cycle=5),
+        "manifest-model-revision": _written_play(
             world, root / "mrev", hk["manifest-model-revision"], a, model_revision="other-base"
         ),
     }
-    many = _honest_play(world, root / "many", hk["honest-many-files"], a)
+    many = _written_play(world, root / "many", hk["honest-many-files"], a)
     extras = [f"shard-{i:03d}.bin" for i in range(60)] + ["pytorch_model.bin", "model.py", "config.json"]
     for name in extras:
         (many.folder / name).write_bytes(pickle.dumps(_Detonator(marker)))
@@ -460,19 +466,19 @@ def _hostile_plays(world: World, root: Path, keys: dict[str, Keypair], marker: P
         folder=many.folder, commit=many.commit, files=(*CHECKPOINT_FILES, *extras)
     )
 
-    pickled = _honest_play(world, root / "pickle", hk["pickle"], a)
+    pickled = _written_play(world, root / "pickle", hk["pickle"], a)
     (pickled.folder / EXPERTS_FILE).write_bytes(pickle.dumps({"weights": _Detonator(marker)}))
     plays["pickle"] = pickled
-    zipped = _honest_play(world, root / "zip", hk["torch-zip"], a)
+    zipped = _written_play(world, root / "zip", hk["torch-zip"], a)
     torch.save({"weights": _Detonator(marker)}, zipped.folder / EXPERTS_FILE)
     plays["torch-zip"] = zipped
-    oversize = _honest_play(world, root / "oversize", hk["oversize"], a)
+    oversize = _written_play(world, root / "oversize", hk["oversize"], a)
     os.truncate(oversize.folder / EXPERTS_FILE, 10 * PAYLOAD_CAP)
     plays["oversize"] = oversize
-    malformed = _honest_play(world, root / "malformed", hk["manifest-malformed"], a)
+    malformed = _written_play(world, root / "malformed", hk["manifest-malformed"], a)
     (malformed.folder / MANIFEST_FILE).write_bytes(b'{"kind": "submission", "cycle": ')
     plays["manifest-malformed"] = malformed
-    huge = _honest_play(world, root / "huge", hk["manifest-huge"], a)
+    huge = _written_play(world, root / "huge", hk["manifest-huge"], a)
     (huge.folder / MANIFEST_FILE).write_bytes(
         (huge.folder / MANIFEST_FILE).read_bytes() + b" " * (3 * MANIFEST_CAP)
     )
@@ -481,7 +487,7 @@ def _hostile_plays(world: World, root: Path, keys: dict[str, Keypair], marker: P
     overflow = _with(world.genesis)
     for projection in ("gate_proj", "up_proj"):  # finite weights; their product overflows fp32
         overflow[f"model.layers.1.mlp.experts.0.{projection}.weight"] *= 1e25
-    plays["overflow-activations"] = _honest_play(
+    plays["overflow-activations"] = _written_play(
         world, root / "overflow", hk["overflow-activations"], overflow
     )
 
@@ -620,7 +626,7 @@ def _fetch(world: World, store, entry: Observation, dest: Path, hotkey: str) -> 
 
 def test_hub_checkpoint_over_the_cap_is_refused_before_download(world, hub, tmp_path):
     """10x the byte cap on the Hub: refused from paths-info sizes, no file content ever requested."""
-    play = _honest_play(world, tmp_path / "ckpt", "5Fminer", world.honest_a)
+    play = _written_play(world, tmp_path / "ckpt", "5Fminer", world.honest_a)
     manifest = (play.folder / MANIFEST_FILE).read_bytes()
     sha = hub.add_commit("miner/experts", {EXPERTS_FILE: bytes(10 * PAYLOAD_CAP), MANIFEST_FILE: manifest})
     with pytest.raises(StoreError) as info:
@@ -636,7 +642,7 @@ def test_hub_repo_with_many_files_yields_only_the_checkpoint(world, hub, tmp_pat
     """A Hub revision with 100 extra files (pickles, code, nested copies): only the two checkpoint
     files are requested, and the submission verifies."""
     hotkey = "5Fminer"
-    play = _honest_play(world, tmp_path / "ckpt", hotkey, world.honest_a)
+    play = _written_play(world, tmp_path / "ckpt", hotkey, world.honest_a)
     files = {name: (play.folder / name).read_bytes() for name in CHECKPOINT_FILES}
     extras = {f"extra/{i}.bin": b"x" for i in range(96)}
     extras |= {
@@ -673,16 +679,11 @@ def test_path_like_file_names_are_refused_by_both_stores(hub, tmp_path, name):
     assert not (tmp_path / "store").exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="connito/submissions.py fetch_and_verify hashes manifest.json with read_bytes() before the "
-    "strict loader's size check: stat it and refuse > scoring.max_manifest_bytes as bad_manifest first",
-)
 def test_oversized_manifest_is_refused_before_it_is_read(world, tmp_path, monkeypatch):
     """A manifest up to the whole payload cap (512 MiB by default) must not be read into memory and
     hashed before the loader refuses it for exceeding max_manifest_bytes."""
     hotkey = "5Fminer"
-    play = _honest_play(world, tmp_path / "ckpt", hotkey, world.honest_a)
+    play = _written_play(world, tmp_path / "ckpt", hotkey, world.honest_a)
     manifest_path = play.folder / MANIFEST_FILE
     manifest_path.write_bytes(manifest_path.read_bytes() + b" " * (10 * MANIFEST_CAP))
     store = LocalStore(tmp_path / "store")
@@ -712,15 +713,18 @@ def test_oversized_manifest_is_refused_before_it_is_read(world, tmp_path, monkey
 # --- class 3: connito verify-checkpoint on a hostile set ---------------------------------------
 
 
-def test_verify_checkpoint_cli_rejects_each_hostile_variant_with_its_own_reason(world, tmp_path):
-    """``python -m connito.cli verify-checkpoint`` on a real checkpoint and five hostile copies:
-    exit 0 for the real one, exit 1 with a distinct one-line reason for each copy."""
+def test_verify_checkpoint_cli_rejects_each_hostile_variant_with_its_own_reason(world, tmp_path, capsys):
+    """``python -m connito.cli verify-checkpoint`` on five hostile copies of a real checkpoint (NaN,
+    a router key, a wrong shape, a pickle named .safetensors, 10x the size cap): exit 1 with one
+    line and a distinct reason each. The real checkpoint itself verifies (in-process, same code)."""
     selection_path = tmp_path / "selection.json"
     save_selection(world.selection, selection_path)
     a = world.honest_a
-    first = sorted(a)[0]
+    first = sorted(a)[0]  # a down_proj: (H, I)
+    _written_play(world, tmp_path / "real", "5Fminer", a)
+    assert verify_checkpoint_cli(tmp_path / "real", selection_path, max_bytes=PAYLOAD_CAP) == 0
+    assert " ok " in capsys.readouterr().out
     variants = {
-        "real": None,
         "nan": "non_finite",
         "router": "extra_key",
         "shape": "shape",
@@ -728,35 +732,18 @@ def test_verify_checkpoint_cli_rejects_each_hostile_variant_with_its_own_reason(
         "oversize": "too_large",
     }
     folders = {name: tmp_path / name for name in variants}
-    _honest_play(world, folders["real"], "5Fminer", a)
-    _honest_play(world, folders["nan"], "5Fminer", _poisoned(a, float("nan")))
+    _written_play(world, folders["nan"], "5Fminer", _poisoned(a, float("nan")))
     _raw_play(world, folders["router"], "5Fminer", _with(a, **{ROUTER_KEY: torch.zeros(8, 32)}))
-    _honest_play(world, folders["shape"], "5Fminer", _with(a, **{first: a[first][:-1].contiguous()}))
-    _honest_play(world, folders["pickle"], "5Fminer", a)
+    _written_play(world, folders["shape"], "5Fminer", _with(a, **{first: a[first][:-1].contiguous()}))
+    _written_play(world, folders["pickle"], "5Fminer", a)
     (folders["pickle"] / EXPERTS_FILE).write_bytes(pickle.dumps({"w": [1.0] * 100}))
-    _honest_play(world, folders["oversize"], "5Fminer", a)
+    _written_play(world, folders["oversize"], "5Fminer", a)
     os.truncate(folders["oversize"] / EXPERTS_FILE, 10 * PAYLOAD_CAP)
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-    }
-    processes = {
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    command = [sys.executable, "-m", "connito.cli", "verify-checkpoint"]
+    processes = {  # started together: each pays the torch import once, in parallel
         name: subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "connito.cli",
-                "verify-checkpoint",
-                str(folder),
-                "--selection",
-                str(selection_path),
-                "--model",
-                str(world.base_dir),
-                "--max-bytes",
-                str(PAYLOAD_CAP),
-            ],
+            [*command, str(folder), "--selection", str(selection_path), "--max-bytes", str(PAYLOAD_CAP)],
             cwd=REPO_ROOT,
             env=env,
             stdout=subprocess.PIPE,
@@ -768,14 +755,11 @@ def test_verify_checkpoint_cli_rejects_each_hostile_variant_with_its_own_reason(
     reasons = {}
     for name, process in processes.items():
         out, err = process.communicate(timeout=300)
-        if variants[name] is None:
-            assert process.returncode == 0 and " ok " in out, err
-            continue
         assert process.returncode == 1, (name, out, err)
         lines = [line for line in err.splitlines() if ": rejected: " in line]
-        assert len(lines) == 1, err
+        assert len(lines) == 1 and out == "", err
         reasons[name] = lines[0].split(": rejected: ", 1)[1].split(":", 1)[0]
-    assert reasons == {name: reason for name, reason in variants.items() if reason is not None}
+    assert reasons == variants
     assert len(set(reasons.values())) == len(reasons)
 
 
@@ -808,7 +792,9 @@ def test_lead_never_publishes_a_global_worse_than_the_current_one(world, tmp_pat
     config = world.config.model_copy(update={"merge": MergeConfig(top_n=3, clip_norm=clip_norm)})
     subnet = _subnet(world, tmp_path, ["a", "b", "poisoner"], config=config)
     states = {"a": world.honest_a, "b": world.honest_b, "poisoner": _rescaled(world.honest_a, POISON_SCALE)}
-    plays = {name: _honest_play(world, tmp_path / name, subnet.hotkey(name), s) for name, s in states.items()}
+    plays = {
+        name: _written_play(world, tmp_path / name, subnet.hotkey(name), s) for name, s in states.items()
+    }
     _play_cycle_zero(subnet, plays)
     lead = subnet.validators["v0"]
     lead.evaluate(0)
@@ -831,6 +817,36 @@ def test_lead_never_publishes_a_global_worse_than_the_current_one(world, tmp_pat
         )
         assert _heldout_loss(world, naive, result.eval_seed) > global_loss  # the gate had work to do
         assert result.decision != "merged"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="connito/validator.py Validator.merge falls back to the best single submission with no norm "
+    "screen, so when the merge loses to the global a same-loss 10**3 x rescale becomes the global "
+    "parametrisation. Fix: before choosing merged/best_single, drop accepted candidates whose "
+    "pseudo-gradient norm exceeds R x the lower median norm of the accepted ones (reason "
+    "norm_outlier; R = merge.clip_norm, which should default to a finite value such as 4, not None)",
+)
+def test_norm_poisoned_submission_is_never_published_as_the_global(world, tmp_path):
+    """Only the poisoner trained layer 0 (honest b trained layer 1), so its rescaled experts rank
+    first; the unclipped merge is wrecked, and the lead must still not publish the 10**3 x
+    parametrisation as the global: every later miner's AdamW steps on its down_proj would be
+    ~10**3 x too large relative to the weights."""
+    config = world.config.model_copy(update={"merge": MergeConfig(top_n=3, clip_norm=None)})  # the default
+    subnet = _subnet(world, tmp_path, ["b", "poisoner"], config=config)
+    states = {"b": world.honest_b, "poisoner": _rescaled(world.honest_a, POISON_SCALE)}
+    plays = {
+        name: _written_play(world, tmp_path / name, subnet.hotkey(name), s) for name, s in states.items()
+    }
+    _play_cycle_zero(subnet, plays)
+    lead = subnet.validators["v0"]
+    lead.evaluate(0)
+    assert all(row.accepted for row in lead.state.results[0].scores)
+    subnet.advance_to(phase_bounds(0, "merge", world.config.cycle)[0])
+    lead.merge(0)
+    median = min(float(pseudo_gradient(world.genesis, s).double().norm()) for s in states.values())
+    published = float(pseudo_gradient(world.genesis, lead.global_state.experts).double().norm())
+    assert published < 100 * median  # the poisoner's norm is > 1000 x the median
 
 
 # --- class 8: the evaluation seed -------------------------------------------------------------
