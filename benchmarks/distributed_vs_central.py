@@ -1,7 +1,8 @@
 """Does training with N miners and the DiLoCo outer step match one centralized sparse run?
 
 Same total training tokens, same selected experts, same inner optimizer settings, both in
-``subset`` residency (``SparseTrainer`` over ``load_subset_model``, the miners' real path):
+``subset`` residency by default (``SparseTrainer`` over ``load_subset_model``, the miners' real
+path; ``--residency full`` trains the whole frozen model's selected experts instead):
 
 - ``distributed``: each cycle, each of N miners starts from the current global experts, trains H
   inner steps (``training.inner_steps``, ``training.batch_size``) on its own document shard
@@ -17,7 +18,9 @@ The base is the config's model briefly pretrained on the general + code + math m
 (``owner.build_selection``, cached too). After every cycle the full model, holding each arm's
 experts, is measured on a fixed held-out domain sample and a fixed general sample. Reported:
 ``domain_loss_reduction_ratio = (base - distributed_final) / (base - central_final)`` (target
->= 0.9) and each arm's relative general-loss drift.
+>= 0.9) and each arm's relative general-loss drift. Each point also carries
+``trainer_view_domain_loss``, the held-out loss of the model being trained (the subset model in
+subset residency), to show how far the trainer's objective is from the full model's.
 
     python benchmarks/distributed_vs_central.py --out d_vs_c.json [--miners 3] [--cycles 3] [--cache-dir DIR]
 """
@@ -40,7 +43,7 @@ from torch import nn
 
 from connito.config import DomainConfig, config_digest
 from connito.data import DomainData, build_domain_data
-from connito.modeling import heldout_loss
+from connito.modeling import heldout_loss, load_model
 from connito.moe import expert_key, parse_expert_key, read_experts, write_experts
 from connito.outer import OuterOptimizer
 from connito.owner import PRETRAIN_MARKER, build_selection, pretrain_base
@@ -71,6 +74,7 @@ class CyclePoint:
     cycle: int
     domain_loss: float
     general_loss: float
+    trainer_view_domain_loss: float  # held-out domain loss of the trained model itself (subset or full)
     train_loss: float  # mean inner loss over the cycle's steps (all miners for distributed)
     tokens: int  # predicted training tokens consumed so far
     train_s: float  # wall time of this cycle's training (and merge)
@@ -104,6 +108,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         help="sequences per eval batch (default: scoring.eval_batch_size)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the fixed evaluation sample (default 0)")
+    parser.add_argument(
+        "--residency",
+        choices=("subset", "full"),
+        default="subset",
+        help="what the trainers hold: subset (the miners' path) or the full model (default subset)",
+    )
     args = parser.parse_args(argv)
     if args.smoke:
         args.miners, args.cycles = min(args.miners, 2), min(args.cycles, 2)
@@ -162,80 +172,132 @@ def _measure(model: nn.Module, state: dict[str, torch.Tensor], sample: EvalSampl
     return heldout_loss(model, sample.domain), heldout_loss(model, sample.general)
 
 
-def _load_into_subset(subset: SubsetModel, state: dict[str, torch.Tensor]) -> None:
-    """Write canonical-key experts (original ids) into the subset's slots."""
-    by_slot = {}
-    for key, tensor in state.items():
-        layer, expert, projection = parse_expert_key(key)
-        by_slot[expert_key(layer, subset.slot_of(layer, expert), projection)] = tensor
-    write_experts(subset.model, by_slot)
+class _Trainee:
+    """The model a trainer trains, in either residency, seen through canonical expert keys.
+
+    ``subset``: a ``SubsetModel`` from ``load_subset_model`` (the miners' path: only the selected
+    experts resident, routing among them only). ``full``: the whole base model, frozen but for the
+    selected experts. ``view_loss`` is the held-out loss the trainer itself sees, which differs
+    from the full model's in subset residency (the subset router renormalises over fewer experts).
+    """
+
+    def __init__(
+        self,
+        base_dir: Path,
+        config: DomainConfig,
+        selection: dict[int, list[int]],
+        *,
+        residency: str,
+        device: torch.device,
+    ) -> None:
+        self.selection = selection
+        if residency == "subset":
+            self.subset: SubsetModel | None = load_subset_model(
+                base_dir, config.model, selection, device=device
+            )
+            self.model = self.subset.model
+        else:
+            self.subset = None
+            self.model = load_model(base_dir, config.model).to(device)
+        self.config = config
+        self.device = device
+
+    def load(self, state: dict[str, torch.Tensor]) -> None:
+        """Write canonical-key experts (original ids) into the model (the subset's slots)."""
+        if self.subset is None:
+            write_experts(self.model, state)
+            return
+        by_slot = {}
+        for key, tensor in state.items():
+            layer, expert, projection = parse_expert_key(key)
+            by_slot[expert_key(layer, self.subset.slot_of(layer, expert), projection)] = tensor
+        write_experts(self.model, by_slot)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        if self.subset is None:
+            return read_experts(self.model, self.selection)
+        return subset_expert_state(self.subset)
+
+    def trainer(self) -> SparseTrainer:
+        if self.subset is None:
+            return SparseTrainer(self.model, self.selection, self.config.training, device=self.device)
+        return SparseTrainer(self.subset, None, self.config.training, device=self.device)
+
+    def view_loss(self, sample: EvalSample) -> float:
+        return heldout_loss(self.model, sample.domain)
 
 
 def _run_distributed(
     config: DomainConfig,
-    subset: SubsetModel,
+    trainee: _Trainee,
     loaders: Sequence[Iterator[torch.Tensor]],
     *,
     inner_steps: int,
     cycles: int,
     measure: Measure,
-    device: torch.device,
+    sample: EvalSample,
 ) -> list[CyclePoint]:
     """N miners per cycle from the current global, merged by the outer optimizer."""
     merge = config.merge
-    global_state = subset_expert_state(subset)
+    global_state = trainee.state()
     outer = OuterOptimizer(global_state, lr=merge.outer_lr, momentum=merge.momentum, nesterov=merge.nesterov)
     points, tokens = [], 0
     for cycle in range(cycles):
         start = time.perf_counter()
         local_states, losses = [], []
         for loader in loaders:
-            _load_into_subset(subset, global_state)
-            trainer = SparseTrainer(subset, None, config.training, device=device)
+            trainee.load(global_state)
+            trainer = trainee.trainer()
             result = trainer.train(loader, inner_steps, progress=False)
             local_states.append(trainer.finish())
             losses.extend(result.losses)
             tokens += result.tokens
         global_state = outer.step(local_states, clip_norm=merge.clip_norm)
         train_s = time.perf_counter() - start
-        domain, general = measure(global_state)
-        points.append(_point(cycle, domain, general, losses, tokens, train_s))
+        trainee.load(global_state)
+        view = trainee.view_loss(sample)
+        points.append(_point(cycle, measure(global_state), view, losses, tokens, train_s))
         _print_point("distributed", points[-1])
     return points
 
 
 def _run_central(
-    config: DomainConfig,
-    subset: SubsetModel,
+    trainee: _Trainee,
     loader: Iterator[torch.Tensor],
     *,
     steps_per_cycle: int,
     cycles: int,
     measure: Measure,
-    device: torch.device,
+    sample: EvalSample,
 ) -> list[CyclePoint]:
     """One trainer on all the data, N x H steps per cycle, no outer step."""
-    trainer = SparseTrainer(subset, None, config.training, device=device)
+    trainer = trainee.trainer()
     points, tokens = [], 0
     for cycle in range(cycles):
         start = time.perf_counter()
         result = trainer.train(loader, steps_per_cycle, progress=False)
         tokens += result.tokens
         train_s = time.perf_counter() - start
-        domain, general = measure(subset_expert_state(subset))
-        points.append(_point(cycle, domain, general, list(result.losses), tokens, train_s))
+        view = trainee.view_loss(sample)
+        points.append(_point(cycle, measure(trainee.state()), view, list(result.losses), tokens, train_s))
         _print_point("central", points[-1])
     trainer.finish()
     return points
 
 
 def _point(
-    cycle: int, domain: float, general: float, losses: list[float], tokens: int, train_s: float
+    cycle: int,
+    losses_full: tuple[float, float],
+    view: float,
+    losses: list[float],
+    tokens: int,
+    train_s: float,
 ) -> CyclePoint:
     return CyclePoint(
         cycle=cycle,
-        domain_loss=domain,
-        general_loss=general,
+        domain_loss=losses_full[0],
+        general_loss=losses_full[1],
+        trainer_view_domain_loss=view,
         train_loss=sum(losses) / max(len(losses), 1),
         tokens=tokens,
         train_s=train_s,
@@ -244,7 +306,7 @@ def _point(
 
 def _print_point(arm: str, point: CyclePoint) -> None:
     print(f"{arm:11s} cycle={point.cycle} domain={point.domain_loss:.4f} general={point.general_loss:.4f} "
-          f"train_loss={point.train_loss:.4f} tokens={point.tokens:,d} train_s={point.train_s:.1f}", flush=True)  # fmt: skip
+          f"view={point.trainer_view_domain_loss:.4f} train_loss={point.train_loss:.4f} tokens={point.tokens:,d} train_s={point.train_s:.1f}", flush=True)  # fmt: skip
 
 
 # -- the run -------------------------------------------------------------------------------------
@@ -280,27 +342,31 @@ def _run(
     def measure(state: dict[str, torch.Tensor]) -> tuple[float, float]:
         return _measure(model, state, sample)
 
+    def trainee() -> _Trainee:
+        return _Trainee(base_dir, config, selection, residency=args.residency, device=device)
+
     seed = config.training.seed
+    base_view = trainee().view_loss(sample)
+    print(f"base        trainer view ({args.residency}) domain={base_view:.4f}", flush=True)
     start = time.perf_counter()
     distributed = _run_distributed(
         config,
-        load_subset_model(base_dir, config.model, selection, device=device),
+        trainee(),
         [data.train_loader(i, args.miners, batch, seed=seed) for i in range(args.miners)],
         inner_steps=inner_steps,
         cycles=args.cycles,
         measure=measure,
-        device=device,
+        sample=sample,
     )
     timings["distributed_s"] = time.perf_counter() - start
     start = time.perf_counter()
     central = _run_central(
-        config,
-        load_subset_model(base_dir, config.model, selection, device=device),
+        trainee(),
         data.train_loader(0, 1, batch, seed=seed),
         steps_per_cycle=args.miners * inner_steps,
         cycles=args.cycles,
         measure=measure,
-        device=device,
+        sample=sample,
     )
     timings["central_s"] = time.perf_counter() - start
     setup_record = {
@@ -309,7 +375,7 @@ def _run(
         "inner_steps": inner_steps,
         "batch_size": batch,
         "sequence_length": config.data.sequence_length,
-        "residency": "subset",
+        "residency": args.residency,
         "pretrain": {
             "steps": args.pretrain_steps,
             "batch_size": args.pretrain_batch_size,
@@ -325,9 +391,8 @@ def _run(
             "batch_size": batch_size,
         },
     }
-    return _summarise(
-        setup_record, selection, model, (base_domain, base_general), distributed, central, timings
-    )
+    base = {"domain_loss": base_domain, "general_loss": base_general, "trainer_view_domain_loss": base_view}
+    return _summarise(setup_record, selection, model, base, distributed, central, timings)
 
 
 def _relative(new: float, old: float) -> float:
@@ -338,12 +403,12 @@ def _summarise(
     setup_record: dict[str, Any],
     selection: dict[int, list[int]],
     model: nn.Module,
-    base: tuple[float, float],
+    base: dict[str, float],
     distributed: list[CyclePoint],
     central: list[CyclePoint],
     timings: dict[str, float],
 ) -> dict[str, Any]:
-    base_domain, base_general = base
+    base_domain, base_general = base["domain_loss"], base["general_loss"]
     dist_final, central_final = distributed[-1], central[-1]
     central_drop = base_domain - central_final.domain_loss
     ratio = (base_domain - dist_final.domain_loss) / central_drop if central_drop > 0 else None
@@ -355,7 +420,7 @@ def _summarise(
             "selected_experts": sum(len(e) for e in selection.values()),
         },
         "selection": {str(layer): experts for layer, experts in selection.items()},
-        "base": {"domain_loss": base_domain, "general_loss": base_general},
+        "base": base,
         "distributed": [_as_dict(p) for p in distributed],
         "central": [_as_dict(p) for p in central],
         "train_tokens_distributed": dist_final.tokens,

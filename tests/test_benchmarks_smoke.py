@@ -14,25 +14,42 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+import torch
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-METADATA_KEYS = {"benchmark", "date", "device", "versions", "git_sha", "config_path", "config_digest", "smoke"}
+METADATA_KEYS = {
+    "benchmark",
+    "date",
+    "device",
+    "versions",
+    "git_sha",
+    "config_path",
+    "config_digest",
+    "smoke",
+}
 
 
 @pytest.fixture
 def bench(monkeypatch: pytest.MonkeyPatch):
-    """Import a benchmark script by name, with ``benchmarks/`` on the path as when run as a script."""
+    """Import a benchmark script by name, with ``benchmarks/`` on the path as when run as a script.
+
+    The benchmark sets torch's thread count for the process; put it back for the other tests.
+    """
     monkeypatch.syspath_prepend(str(BENCHMARKS))
+    threads = torch.get_num_threads()
 
     def load(name: str) -> ModuleType:
         return importlib.import_module(name)
 
-    return load
+    yield load
+    torch.set_num_threads(threads)
 
 
 def _run(module: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> dict:
     out = tmp_path / "result.json"
-    code = module.main(["--smoke", "--out", str(out), "--cache-dir", str(tmp_path / "cache")])
+    # one thread: on a shared 2-core machine two OpenMP threads stall each other at every barrier
+    argv = ["--smoke", "--threads", "1", "--out", str(out), "--cache-dir", str(tmp_path / "cache")]
+    code = module.main(argv)
     stdout = capsys.readouterr().out.strip().splitlines()
     assert code == 0
     assert len(stdout) > 1, "human-readable lines come before the JSON line"
@@ -57,7 +74,9 @@ def test_validator_eval_smoke_measures_swap_eval_and_reload(bench, tmp_path: Pat
         assert _positive(result[key]), key
     assert result["swap_fraction"] == pytest.approx(result["swap_s"] / result["eval_s"])
     assert result["reload_over_swap"] == pytest.approx(result["reload_s"] / result["swap_s"])
-    assert result["submissions_per_minute"] == pytest.approx(60 * result["submissions"] / result["score_wall_s"])
+    assert result["submissions_per_minute"] == pytest.approx(
+        60 * result["submissions"] / result["score_wall_s"]
+    )
     assert result["submissions"] == 3
     assert result["evaluated"] == result["submissions"], "no synthetic submission may be screened out"
     assert result["global_restored_exactly"] is True
