@@ -16,6 +16,7 @@ from typing import Protocol, runtime_checkable
 from connito.errors import StoreError
 
 __all__ = [
+    "check_ref",
     "StoreRef",
     "CheckpointStore",
     "CHECKPOINT_FILES",
@@ -133,3 +134,24 @@ def validate_file_names(files: Iterable[str], *, repo: str | None = None) -> tup
     if len(set(names)) != len(names):
         raise StoreError(f"repo={repo} files {names}: names must be unique", reason="refused", repo=repo)
     return names
+
+
+def check_ref(ref: StoreRef, *, kind: str, revision: re.Pattern[str], rule: str) -> None:
+    """Refuse a ref of another store kind, an invalid repo id, or a revision that does not pin content.
+
+    Raises:
+        StoreError: reason ``refused``, naming the repo, the revision and the rule.
+    """
+    where = f"{kind} ref repo={ref.repo} rev={ref.revision!r}"
+    if ref.kind != kind:
+        raise StoreError(
+            f"{where}: kind {ref.kind!r}, expected {kind!r}",
+            reason="refused",
+            repo=ref.repo,
+            revision=ref.revision,
+        )
+    validate_repo_id(ref.repo)
+    if not isinstance(ref.revision, str) or revision.fullmatch(ref.revision) is None:
+        raise StoreError(
+            f"{where}: revision must be {rule}", reason="refused", repo=ref.repo, revision=str(ref.revision)
+        )

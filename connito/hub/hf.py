@@ -35,7 +35,7 @@ from huggingface_hub.errors import (
 from huggingface_hub.hf_api import RepoFile
 
 from connito.errors import ConfigError, StoreError
-from connito.hub.base import CHECKPOINT_FILES, StoreRef, validate_file_names, validate_repo_id
+from connito.hub.base import CHECKPOINT_FILES, StoreRef, check_ref, validate_file_names, validate_repo_id
 
 __all__ = ["HfHubStore", "HF_KIND", "DEFAULT_ENDPOINT"]
 
@@ -291,22 +291,12 @@ class HfHubStore:
 
 
 def _check_ref(ref: StoreRef) -> None:
-    if ref.kind != HF_KIND:
-        raise StoreError(
-            f"hf ref repo={ref.repo} rev={ref.revision}: kind {ref.kind!r}, expected {HF_KIND!r}",
-            reason="refused",
-            repo=ref.repo,
-            revision=ref.revision,
-        )
-    validate_repo_id(ref.repo)
-    if not isinstance(ref.revision, str) or _COMMIT_SHA.fullmatch(ref.revision) is None:
-        # A branch or tag name can move after the commit deadline; only a commit sha pins content.
-        raise StoreError(
-            f"hf ref repo={ref.repo} rev={ref.revision!r}: revision must be a 40-hex lowercase commit sha",
-            reason="refused",
-            repo=ref.repo,
-            revision=str(ref.revision),
-        )
+    check_ref(
+        ref,
+        kind=HF_KIND,
+        revision=_COMMIT_SHA,
+        rule="a 40-hex lowercase commit sha (a branch or tag can move after the commit deadline)",
+    )
 
 
 def _check_size(ref: StoreRef, name: str, path: Path, expected_bytes: int) -> None:

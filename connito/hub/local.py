@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from connito.errors import StoreError
 from connito.fsutil import fsync_dir
-from connito.hub.base import CHECKPOINT_FILES, StoreRef, validate_file_names, validate_repo_id
+from connito.hub.base import CHECKPOINT_FILES, StoreRef, check_ref, validate_file_names, validate_repo_id
 
 __all__ = ["LocalStore", "LOCAL_KIND", "compute_revision"]
 
@@ -252,21 +252,7 @@ class _SizeExceeded(Exception):
 
 
 def _check_ref(ref: StoreRef) -> None:
-    if ref.kind != LOCAL_KIND:
-        raise StoreError(
-            f"local ref repo={ref.repo} rev={ref.revision}: kind {ref.kind!r}, expected {LOCAL_KIND!r}",
-            reason="refused",
-            repo=ref.repo,
-            revision=ref.revision,
-        )
-    validate_repo_id(ref.repo)
-    if not isinstance(ref.revision, str) or _REVISION.fullmatch(ref.revision) is None:
-        raise StoreError(
-            f"local ref repo={ref.repo} rev={ref.revision!r}: revision must be 64 lowercase hex chars",
-            reason="refused",
-            repo=ref.repo,
-            revision=str(ref.revision),
-        )
+    check_ref(ref, kind=LOCAL_KIND, revision=_REVISION, rule="64 lowercase hex chars")
 
 
 def _tampered(ref: StoreRef, name: str) -> StoreError:
