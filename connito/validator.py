@@ -505,21 +505,22 @@ class Validator:
         return lead is not None and lead.hotkey == self.ctx.hotkey
 
     def _resident_model(self) -> torch.nn.Module:
-        if self._model is None:
-            self._model = load_model(self.ctx.base_dir, self.ctx.config.model).to(self.ctx.device)
+        """The loaded base model holding the adopted global experts."""
+        model = self._resident_model_raw()
         assert self.global_state is not None
-        write_experts(self._model, self.global_state.experts)
-        return self._model
+        write_experts(model, self.global_state.experts)
+        return model
 
     def _genesis(self) -> GlobalState:
-        if self.state.global_cycle >= 0:
-            from connito.global_state import load_global
+        """The adopted global state saved in the workdir, or genesis (the base model's experts)."""
+        base = genesis_global(read_experts(self._resident_model_raw(), self.ctx.selection.experts_by_layer))
+        if self.state.global_cycle < 0:
+            return base
+        from connito.global_state import load_global
 
-            folder = self.ctx.workdir / "global" / str(self.state.global_cycle)
-            base = genesis_global(read_experts(self._resident_model_raw(), self.ctx.selection.experts_by_layer))
-            expected = {k: ExpertSpec(tuple(v.shape), v.dtype) for k, v in base.experts.items()}
-            return load_global(folder, selection=self.ctx.selection, expected=expected, max_bytes=2**40, cycle=self.state.global_cycle)
-        return genesis_global(read_experts(self._resident_model_raw(), self.ctx.selection.experts_by_layer))
+        folder = self.ctx.workdir / "global" / str(self.state.global_cycle)
+        expected = {k: ExpertSpec(tuple(v.shape), v.dtype) for k, v in base.experts.items()}
+        return load_global(folder, selection=self.ctx.selection, expected=expected, max_bytes=2**40, cycle=self.state.global_cycle)
 
     def _resident_model_raw(self) -> torch.nn.Module:
         if self._model is None:
