@@ -1,26 +1,31 @@
 """Does training with N miners and the DiLoCo outer step match one centralized sparse run?
 
-Same total training tokens, same selected experts, same inner optimizer settings, both in
-``subset`` residency by default (``SparseTrainer`` over ``load_subset_model``, the miners' real
-path; ``--residency full`` trains the whole frozen model's selected experts instead):
+Same total training tokens, same selected experts, same inner optimizer settings, in the
+config's residency by default (``--residency subset|full`` overrides; ``subset`` trains a
+``SubsetModel`` from ``load_subset_model``, ``full`` the whole frozen model's selected experts):
 
 - ``distributed``: each cycle, each of N miners starts from the current global experts, trains H
   inner steps (``training.inner_steps``, ``training.batch_size``) on its own document shard
   (``data.train_loader(i, N, ...)``) with a fresh AdamW, and the N results are merged with
   ``OuterOptimizer.step`` (lr, momentum, Nesterov and clip from the config's ``merge`` section,
   uniform weights): the protocol with every miner honest and every submission merged;
-- ``central``: one trainer on the union of the data (``train_loader(0, 1, ...)``) for N x H steps
-  per cycle, AdamW state kept across cycles, no outer optimizer: the baseline a single well-funded
-  trainer would reach.
+- ``central`` (synchronous data parallel, the DiLoCo paper's baseline): one trainer on the union
+  of the data (``train_loader(0, 1, ...)``) taking H optimizer steps per cycle over N x the batch
+  (gradient accumulation), AdamW kept across cycles: the same tokens and the same number of
+  optimizer steps as the miners, synchronised every step instead of every H steps;
+- ``sequential`` (reported beside, ``--no-sequential`` skips it): one trainer taking N x H steps
+  per cycle at the miners' batch, the same tokens spent one after another. No parallel scheme
+  reaches it per token in a few cycles; it shows what the parallelism costs.
 
 The base is the config's model briefly pretrained on the general + code + math mixture
 (``owner.pretrain_base``, cached in ``--cache-dir``) and the experts are selected the owner's way
 (``owner.build_selection``, cached too). After every cycle the full model, holding each arm's
 experts, is measured on a fixed held-out domain sample and a fixed general sample. Reported:
 ``domain_loss_reduction_ratio = (base - distributed_final) / (base - central_final)`` (target
->= 0.9) and each arm's relative general-loss drift. Each point also carries
-``trainer_view_domain_loss``, the held-out loss of the model being trained (the subset model in
-subset residency), to show how far the trainer's objective is from the full model's.
+>= 0.9), the same ratio against ``sequential``, and each arm's relative general-loss drift. Each
+point also carries ``trainer_view_domain_loss``, the held-out loss of the model being trained
+(the subset model in subset residency), to show how far the trainer's objective is from the full
+model's.
 
     python benchmarks/distributed_vs_central.py --out d_vs_c.json [--miners 3] [--cycles 3] [--cache-dir DIR]
 """
@@ -41,7 +46,7 @@ import torch
 from _common import add_common_flags, emit, load_config, metadata, setup
 from torch import nn
 
-from connito.config import DomainConfig, config_digest
+from connito.config import DomainConfig, TrainingConfig, config_digest
 from connito.data import DomainData, build_domain_data
 from connito.modeling import heldout_loss, load_model
 from connito.moe import expert_key, parse_expert_key, read_experts, write_experts
@@ -111,8 +116,14 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--residency",
         choices=("subset", "full"),
-        default="subset",
-        help="what the trainers hold: subset (the miners' path) or the full model (default subset)",
+        default=None,
+        help="what the trainers hold: subset or the full model (default: the config's training.residency)",
+    )
+    parser.add_argument(
+        "--no-sequential",
+        dest="sequential",
+        action="store_false",
+        help="skip the sequential N x H-step arm (reported beside the synchronous baseline)",
     )
     args = parser.parse_args(argv)
     if args.smoke:
@@ -189,8 +200,10 @@ class _Trainee:
         *,
         residency: str,
         device: torch.device,
+        training: TrainingConfig | None = None,
     ) -> None:
         self.selection = selection
+        self.training = training or config.training
         if residency == "subset":
             self.subset: SubsetModel | None = load_subset_model(
                 base_dir, config.model, selection, device=device
@@ -220,8 +233,8 @@ class _Trainee:
 
     def trainer(self) -> SparseTrainer:
         if self.subset is None:
-            return SparseTrainer(self.model, self.selection, self.config.training, device=self.device)
-        return SparseTrainer(self.subset, None, self.config.training, device=self.device)
+            return SparseTrainer(self.model, self.selection, self.training, device=self.device)
+        return SparseTrainer(self.subset, None, self.training, device=self.device)
 
     def view_loss(self, sample: EvalSample) -> float:
         return heldout_loss(self.model, sample.domain)
@@ -269,8 +282,9 @@ def _run_central(
     cycles: int,
     measure: Measure,
     sample: EvalSample,
+    arm: str,
 ) -> list[CyclePoint]:
-    """One trainer on all the data, N x H steps per cycle, no outer step."""
+    """One trainer on all the data for ``steps_per_cycle`` steps a cycle, no outer step."""
     trainer = trainee.trainer()
     points, tokens = [], 0
     for cycle in range(cycles):
@@ -280,7 +294,7 @@ def _run_central(
         train_s = time.perf_counter() - start
         view = trainee.view_loss(sample)
         points.append(_point(cycle, measure(trainee.state()), view, list(result.losses), tokens, train_s))
-        _print_point("central", points[-1])
+        _print_point(arm, points[-1])
     trainer.finish()
     return points
 
@@ -343,9 +357,10 @@ def _run(
         return _measure(model, state, sample)
 
     def trainee() -> _Trainee:
-        return _Trainee(base_dir, config, selection, residency=args.residency, device=device)
+        return _Trainee(base_dir, config, selection, residency=residency, device=device)
 
     seed = config.training.seed
+    residency = args.residency or config.training.residency
     base_view = trainee().view_loss(sample)
     print(f"base        trainer view ({args.residency}) domain={base_view:.4f}", flush=True)
     start = time.perf_counter()
@@ -360,22 +375,42 @@ def _run(
     )
     timings["distributed_s"] = time.perf_counter() - start
     start = time.perf_counter()
+    accumulate = args.miners * config.training.grad_accum_steps
+    synchronous = config.training.model_copy(update={"grad_accum_steps": accumulate})
     central = _run_central(
-        trainee(),
+        _Trainee(base_dir, config, selection, residency=residency, device=device, training=synchronous),
         data.train_loader(0, 1, batch, seed=seed),
-        steps_per_cycle=args.miners * inner_steps,
+        steps_per_cycle=inner_steps,
         cycles=args.cycles,
         measure=measure,
         sample=sample,
+        arm="central",
     )
     timings["central_s"] = time.perf_counter() - start
+    sequential: list[CyclePoint] = []
+    if args.sequential:
+        start = time.perf_counter()
+        sequential = _run_central(
+            trainee(),
+            data.train_loader(0, 1, batch, seed=seed),
+            steps_per_cycle=args.miners * inner_steps,
+            cycles=args.cycles,
+            measure=measure,
+            sample=sample,
+            arm="sequential",
+        )
+        timings["sequential_s"] = time.perf_counter() - start
     setup_record = {
         "miners": args.miners,
         "cycles": args.cycles,
         "inner_steps": inner_steps,
         "batch_size": batch,
         "sequence_length": config.data.sequence_length,
-        "residency": args.residency,
+        "residency": residency,
+        "central": f"{inner_steps} steps/cycle at batch {args.miners} x {batch} (grad accumulation)",
+        "sequential": f"{args.miners * inner_steps} steps/cycle at batch {batch}"
+        if args.sequential
+        else None,
         "pretrain": {
             "steps": args.pretrain_steps,
             "batch_size": args.pretrain_batch_size,
@@ -392,7 +427,7 @@ def _run(
         },
     }
     base = {"domain_loss": base_domain, "general_loss": base_general, "trainer_view_domain_loss": base_view}
-    return _summarise(setup_record, selection, model, base, distributed, central, timings)
+    return _summarise(setup_record, selection, model, base, distributed, central, sequential, timings)
 
 
 def _relative(new: float, old: float) -> float:
@@ -406,12 +441,25 @@ def _summarise(
     base: dict[str, float],
     distributed: list[CyclePoint],
     central: list[CyclePoint],
+    sequential: list[CyclePoint],
     timings: dict[str, float],
 ) -> dict[str, Any]:
     base_domain, base_general = base["domain_loss"], base["general_loss"]
     dist_final, central_final = distributed[-1], central[-1]
-    central_drop = base_domain - central_final.domain_loss
-    ratio = (base_domain - dist_final.domain_loss) / central_drop if central_drop > 0 else None
+
+    def ratio_to(baseline: list[CyclePoint]) -> float | None:
+        drop = base_domain - baseline[-1].domain_loss
+        return (base_domain - dist_final.domain_loss) / drop if baseline and drop > 0 else None
+
+    ratio = ratio_to(central)
+    beside: dict[str, Any] = {}
+    if sequential:
+        beside = {
+            "sequential": [_as_dict(p) for p in sequential],
+            "domain_loss_reduction_ratio_vs_sequential": ratio_to(sequential),
+            "domain_reduction_sequential": -_relative(sequential[-1].domain_loss, base_domain),
+            "general_drift_sequential": _relative(sequential[-1].general_loss, base_general),
+        }
     return {
         "setup": setup_record,
         "model": {
@@ -430,6 +478,7 @@ def _summarise(
         "domain_reduction_central": -_relative(central_final.domain_loss, base_domain),
         "general_drift_distributed": _relative(dist_final.general_loss, base_general),
         "general_drift_central": _relative(central_final.general_loss, base_general),
+        **beside,
         "timings_s": timings,
         "targets": {
             f"domain_loss_reduction_ratio_ge_{TARGET_RATIO}": ratio is not None and ratio >= TARGET_RATIO
@@ -452,6 +501,11 @@ def _report(result: dict[str, Any]) -> None:
     print(
         f"domain_loss_reduction_ratio {'n/a (central did not improve)' if ratio is None else f'{ratio:.3f}'}"
     )
+    if "sequential" in result:
+        seq = result["domain_loss_reduction_ratio_vs_sequential"]
+        print(f"sequential {result['sequential'][-1]['domain_loss']:.4f} "
+              f"({-result['domain_reduction_sequential']:+.2%}); ratio vs sequential "
+              f"{'n/a' if seq is None else f'{seq:.3f}'} (reported beside, no target)")  # fmt: skip
     print(f"general_drift distributed {result['general_drift_distributed']:+.3%} "
           f"central {result['general_drift_central']:+.3%}")  # fmt: skip
     print("timings " + " ".join(f"{k}={v:.1f}" for k, v in result["timings_s"].items()))
