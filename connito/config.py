@@ -139,8 +139,13 @@ class DataSource(_Strict):
     ``files`` (``name`` is a glob of local json/jsonl/txt/parquet files).
     """
 
-    kind: Literal["generated", "hub", "files"]
-    name: str = Field(min_length=1)
+    kind: Literal["generated", "hub", "files"] = Field(
+        description="generated: a connito offline generator; hub: a Hub dataset; files: local files"
+    )
+    name: str = Field(
+        min_length=1,
+        description="generator name (math, english, code), Hub dataset id, or a glob of local files",
+    )
     subset: str | None = Field(None, description="datasets config name")
     split: str = Field("train", description="datasets split")
     text_field: str = Field("text", description="column holding the document text")
@@ -151,7 +156,10 @@ class DataSource(_Strict):
 class TokenizerConfig(_Strict):
     """Tokenizer: a Hub/local tokenizer, or a byte-level BPE connito trains and caches."""
 
-    kind: Literal["pretrained", "local_bpe"] = "pretrained"
+    kind: Literal["pretrained", "local_bpe"] = Field(
+        "pretrained",
+        description="pretrained: load a tokenizer; local_bpe: train a byte-level BPE and cache it",
+    )
     id: str | None = Field(None, description="tokenizer id or folder; None uses the model id")
     vocab_size: int = Field(4096, ge=256, description="vocabulary size of a local_bpe tokenizer")
 
@@ -167,21 +175,28 @@ class DataConfig(_Strict):
     general: list[DataSource] = Field(default_factory=list, description="general-domain reference text")
     heldout_fraction: float = Field(0.05, gt=0, lt=0.5, description="share of train docs held out by hash")
     sequence_length: int = Field(256, ge=8, description="tokens per packed sequence")
-    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig, description="how text becomes tokens")
 
 
 class SelectionConfig(_Strict):
     """ESFT expert selection (paper: Wang et al. 2024, section 3)."""
 
-    method: Literal["token_ratio", "gate_score", "differential"] = "token_ratio"
+    method: Literal["token_ratio", "gate_score", "differential"] = Field(
+        "token_ratio",
+        description="rank experts by share of routed tokens, by mean gate score, or by domain minus general share",
+    )
     p: float | None = Field(
         None,
         gt=0,
         le=1,
         description="cumulative share to reach per layer; default 0.2 token_ratio, 0.1 gate_score",
     )
-    min_experts_per_layer: int = Field(1, ge=1)
-    max_experts_per_layer: int | None = Field(None, ge=1, description="None: no cap")
+    min_experts_per_layer: int = Field(1, ge=1, description="experts selected in every MoE layer at least")
+    max_experts_per_layer: int | None = Field(
+        None,
+        ge=1,
+        description="experts selected per layer at most; must be >= min_experts_per_layer; None: no cap",
+    )
     probe_tokens: int = Field(131072, ge=16, description="domain tokens forwarded to measure routing")
     probe_batch_size: int = Field(8, ge=1, description="sequences per probing forward pass")
 
@@ -206,27 +221,33 @@ class TrainingConfig(_Strict):
     """The miners' inner optimisation: AdamW on the selected experts only."""
 
     inner_steps: int = Field(100, ge=1, description="H: optimizer steps per cycle")
-    lr: float = Field(1e-4, gt=0)
-    weight_decay: float = Field(0.1, ge=0)
-    betas: tuple[float, float] = (0.9, 0.95)
+    lr: float = Field(1e-4, gt=0, description="AdamW learning rate (constant)")
+    weight_decay: float = Field(
+        0.1, ge=0, description="AdamW decoupled weight decay, on the selected experts only"
+    )
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW (beta1, beta2)")
     batch_size: int = Field(8, ge=1, description="sequences per micro-batch")
-    grad_accum_steps: int = Field(1, ge=1)
+    grad_accum_steps: int = Field(1, ge=1, description="micro-batches summed into one optimizer step")
     grad_clip: float | None = Field(1.0, gt=0, description="max global grad norm; None disables")
     residency: Literal["full", "subset"] = Field(
         "subset", description="full: whole model resident; subset: only selected experts resident"
     )
-    gradient_checkpointing: bool = False
-    seed: int = 0
+    gradient_checkpointing: bool = Field(
+        False, description="recompute activations in backward: less memory, about a third more compute"
+    )
+    seed: int = Field(
+        0, description="torch seed of the trainer; also mixed into each miner's per-cycle data order"
+    )
 
 
 class CycleConfig(_Strict):
     """Phase lengths in blocks; a cycle is train, commit, reveal, evaluate, merge in that order."""
 
-    train_blocks: int = Field(ge=1)
-    commit_blocks: int = Field(ge=1)
-    reveal_blocks: int = Field(ge=1)
-    evaluate_blocks: int = Field(ge=1)
-    merge_blocks: int = Field(ge=1)
+    train_blocks: int = Field(ge=1, description="blocks in which miners pull the global experts and train")
+    commit_blocks: int = Field(ge=1, description="blocks in which miners commit their checkpoint digest")
+    reveal_blocks: int = Field(ge=1, description="blocks in which miners upload and reveal where")
+    evaluate_blocks: int = Field(ge=1, description="blocks in which validators verify, score and set weights")
+    merge_blocks: int = Field(ge=1, description="blocks in which the lead validator merges and publishes")
     genesis_block: int = Field(0, ge=0, description="block at which cycle 0 starts")
 
     @property
@@ -244,7 +265,7 @@ class ScoringConfig(_Strict):
     """Proof-of-Loss scoring, ranking and weights."""
 
     eval_batches: int = Field(8, ge=1, description="held-out batches in each cycle's seeded sample")
-    eval_batch_size: int = Field(8, ge=1)
+    eval_batch_size: int = Field(8, ge=1, description="sequences per evaluation batch")
     general_batches: int = Field(4, ge=0, description="general-domain batches for the forgetting guard")
     general_tolerance: float = Field(
         0.02, ge=0, description="max relative general-loss increase over the global model"
@@ -252,13 +273,19 @@ class ScoringConfig(_Strict):
     min_improvement: float = Field(0.0, ge=0, description="loss drop below which a submission is lazy")
     duplicate_cosine: float = Field(0.99, gt=0, le=1, description="pseudo-gradient cosine marking a copy")
     top_k: int = Field(8, ge=1, description="miners rewarded per cycle")
-    rank_weighting: Literal["linear", "exponential", "winner_take_all"] = "exponential"
+    rank_weighting: Literal["linear", "exponential", "winner_take_all"] = Field(
+        "exponential", description="how a cycle's ranks of accepted submissions become weights"
+    )
     rank_decay: float = Field(0.5, gt=0, lt=1, description="ratio between consecutive ranks (exponential)")
     ema_alpha: float = Field(0.5, gt=0, le=1, description="weight of the newest cycle in the score EMA")
-    burn_share: float = Field(0.0, ge=0, le=1, description="share of weight sent to owner_uid")
-    owner_uid: int | None = Field(None, ge=0)
+    burn_share: float = Field(
+        0.0, ge=0, le=1, description="share of weight sent to owner_uid; > 0 needs owner_uid"
+    )
+    owner_uid: int | None = Field(None, ge=0, description="uid receiving burn_share; None: no burn")
     max_payload_bytes: int = Field(512 * 2**20, ge=1, description="cap on a checkpoint's download size")
-    max_manifest_bytes: int = Field(64 * 1024, ge=256)
+    max_manifest_bytes: int = Field(
+        64 * 1024, ge=256, description="cap on manifest.json, checked before reading it"
+    )
 
     @model_validator(mode="after")
     def _burn(self) -> ScoringConfig:
@@ -271,9 +298,9 @@ class MergeConfig(_Strict):
     """The DiLoCo outer step applied by the lead validator."""
 
     top_n: int = Field(3, ge=1, description="accepted submissions merged per cycle")
-    outer_lr: float = Field(0.7, gt=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    nesterov: bool = True
+    outer_lr: float = Field(0.7, gt=0, description="outer SGD learning rate on the averaged pseudo-gradient")
+    momentum: float = Field(0.9, ge=0, lt=1, description="outer momentum (lr 1, momentum 0: plain averaging)")
+    nesterov: bool = Field(True, description="Nesterov momentum in the outer step")
     clip_norm: float | None = Field(
         None, gt=0, description="clip each pseudo-gradient to this multiple of the median norm; None disables"
     )
@@ -286,13 +313,15 @@ class DomainConfig(_Strict):
         pattern=r"^[a-z0-9][a-z0-9_-]{0,31}$", description="domain name, bound into commitments"
     )
     netuid: int = Field(0, ge=0, description="subnet uid")
-    model: ModelConfig
-    data: DataConfig
-    selection: SelectionConfig = Field(default_factory=SelectionConfig)
-    training: TrainingConfig = Field(default_factory=TrainingConfig)
-    cycle: CycleConfig
-    scoring: ScoringConfig = Field(default_factory=ScoringConfig)
-    merge: MergeConfig = Field(default_factory=MergeConfig)
+    model: ModelConfig = Field(description="the base MoE")
+    data: DataConfig = Field(description="training, held-out and general text")
+    selection: SelectionConfig = Field(
+        default_factory=SelectionConfig, description="which experts are trained"
+    )
+    training: TrainingConfig = Field(default_factory=TrainingConfig, description="the miners' inner loop")
+    cycle: CycleConfig = Field(description="phase lengths in blocks")
+    scoring: ScoringConfig = Field(default_factory=ScoringConfig, description="Proof-of-Loss and weights")
+    merge: MergeConfig = Field(default_factory=MergeConfig, description="the lead validator's outer step")
 
 
 def _field_path(loc: tuple[Any, ...]) -> str:
