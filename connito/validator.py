@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from connito.chain.base import lead_validator
+from connito.chain.base import Neuron, lead_validator
 from connito.checkpoint import ExpertSpec
 from connito.errors import ChainError, InvalidSubmission, StoreError
 from connito.fsutil import atomic_write
@@ -117,6 +117,7 @@ class ValidatorState(BaseModel):
     observed: dict[int, dict[str, Observation]] = Field(default_factory=dict)
     results: dict[int, CycleResult] = Field(default_factory=dict)
     ema: dict[str, float] = Field(default_factory=dict)
+    registered_at: dict[str, int] = Field(default_factory=dict)  # registration block behind each EMA
     global_cycle: int = -1  # cycle of the adopted global state (-1: genesis)
 
 
@@ -180,7 +181,13 @@ class Validator:
         seed = eval_seed(seed_block_hash=self.ctx.chain.block_hash(seed_block(cycle, config.cycle)), domain=config.name, cycle=cycle)
         neurons = self.ctx.chain.metagraph()
         uid_of = {n.hotkey: n.uid for n in neurons}
-        observed = {h: o for h, o in self.state.observed.get(cycle, {}).items() if h in uid_of}
+        self._forget_reregistered(neurons)
+        registered = {n.hotkey: n.registered_block for n in neurons}
+        observed = {
+            h: o
+            for h, o in self.state.observed.get(cycle, {}).items()
+            if h in registered and (o.commit_block is None or o.commit_block >= registered[h])
+        }
         rows, candidates, outage = self._verify_all(cycle, observed, uid_of)
         result = CycleResult(cycle=cycle, eval_seed=seed, global_revision=self.global_state.revision)
         if outage:
@@ -221,6 +228,21 @@ class Validator:
         self._record(result)
         accepted = sum(r.accepted for r in rows.values())
         logger.info("cycle=%d phase=evaluate submissions=%d accepted=%d global_loss=%.4f", cycle, len(rows), accepted, global_domain)
+
+    def _forget_reregistered(self, neurons: list[Neuron]) -> None:
+        """A hotkey registered anew since its EMA was earned starts from zero EMA.
+
+        Deregistration frees the uid, so a returning hotkey is a new participant: carrying its
+        old EMA would pay it for a previous life. (Unregistered hotkeys are dropped by
+        ``update_ema``; an EMA with no recorded registration, from an older state file, is kept.)
+        """
+        current = {n.hotkey: n.registered_block for n in neurons}
+        known = self.state.registered_at
+        stale = [h for h in self.state.ema if h in known and h in current and known[h] != current[h]]
+        for hotkey in stale:
+            logger.info("hotkey=%s registration changed: EMA reset", hotkey)
+            del self.state.ema[hotkey]
+        self.state.registered_at = current
 
     def set_weights(self, cycle: int) -> None:
         """Set this cycle's weights once; a rate-limited or failed transaction is retried next block."""

@@ -44,6 +44,7 @@ class FakeNeuron:
     stake_rao: int = 0
     validator_permit: bool = False
     last_update: int = 0
+    registered_block: int = 1
 
 
 @dataclass(frozen=True)
@@ -313,7 +314,7 @@ class FakeSubstrate:
             "active": [True] * count,
             "validator_permit": [n.validator_permit for n in self.neurons],
             "last_update": [n.last_update for n in self.neurons],
-            "block_at_registration": [1] * count,
+            "block_at_registration": [n.registered_block for n in self.neurons],
             "total_stake": [n.stake_rao for n in self.neurons],
             "alpha_stake": [n.stake_rao for n in self.neurons],
             "tao_stake": [0] * count,

@@ -428,8 +428,12 @@ def test_deregister_then_register_replaces_the_hotkey_on_a_uid(ledger: Path) -> 
     _as(ledger, "//Dave").commit(b"dave's")
     _as(ledger, "//Bob").set_weights({3: 1.0})
     assert chain.deregister(DAVE) == 3
+    registered_at = chain.advance_blocks(5)
     assert chain.register(EVE, uid=3) == 3
-    assert chain.metagraph()[3] == Neuron(uid=3, hotkey=EVE, stake=0.0, validator_permit=False)
+    assert chain.metagraph()[3] == Neuron(
+        uid=3, hotkey=EVE, stake=0.0, validator_permit=False, registered_block=registered_at
+    )
+    assert registered_at > 0 and chain.metagraph()[0].registered_block == 0  # genesis neurons
     assert chain.commitments() == []
     assert [c.hotkey for c in chain.commitment_history()] == [DAVE]
     with pytest.raises(ChainError, match=f"commit refused hotkey={DAVE}: hotkey is not registered"):

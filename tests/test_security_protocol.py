@@ -423,21 +423,32 @@ def test_ema_of_a_deregistered_hotkey_is_cleared_and_its_uid_inherits_nothing(do
     assert uid not in result.weights and result.weights == {_uid(net, stayer): pytest.approx(1.0)}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="validator keys history by hotkey only: a hotkey deregistered and registered again between "
-    "two evaluations keeps its EMA; needs the registration block in Neuron and a reset in the validator",
-)
 def test_ema_of_a_reregistered_hotkey_starts_from_zero(domain, tmp_path):
     net = build_net(tmp_path, domain, miners=2, validators=1)
     validator = net.nodes["v0"]
     returner = net.keys["m0"].ss58_address
     validator.state.ema = {returner: 1.0}
+    validator.state.registered_at = {returner: 0}  # earned under its genesis registration
+    net.chain.advance_blocks(1)
     net.chain.deregister(returner)
     net.chain.register(returner)
-    net.chain.advance_blocks(_window(domain, "evaluate", cycle=0)[0])
+    net.chain.advance_blocks(_window(domain, "evaluate", cycle=0)[0] - 1)
     validator.evaluate(0)
     assert returner not in validator.state.ema
+
+
+def test_ema_survives_evaluations_while_the_registration_is_unchanged(domain, tmp_path):
+    """The reset keys on the registration block, not on every evaluation: a hotkey that stays
+    registered keeps its EMA blended, not zeroed."""
+    net = build_net(tmp_path, domain, miners=2, validators=1)
+    validator = net.nodes["v0"]
+    stayer = net.keys["m0"].ss58_address
+    net.chain.advance_blocks(_window(domain, "evaluate", cycle=0)[0])
+    validator.evaluate(0)
+    validator.state.ema[stayer] = 1.0
+    net.chain.advance_blocks(_window(domain, "evaluate", cycle=1)[0] - net.chain.current_block())
+    validator.evaluate(1)
+    assert validator.state.ema[stayer] == pytest.approx(1 - domain.config.scoring.ema_alpha)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ class Neuron:
     hotkey: str
     stake: float
     validator_permit: bool
+    registered_block: int = 0  # when this hotkey took its uid: a new value means a new registration
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

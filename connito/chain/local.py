@@ -577,8 +577,12 @@ def _block_hash(seed: int, block: int) -> str:
 
 
 def _neurons(conn: sqlite3.Connection) -> list[Neuron]:
-    rows = conn.execute("SELECT uid, hotkey, stake, validator_permit FROM neurons ORDER BY uid").fetchall()
-    return [Neuron(uid=u, hotkey=h, stake=s, validator_permit=bool(p)) for u, h, s, p in rows]
+    rows = conn.execute(
+        "SELECT uid, hotkey, stake, validator_permit, registered_block FROM neurons ORDER BY uid"
+    ).fetchall()
+    return [
+        Neuron(uid=u, hotkey=h, stake=s, validator_permit=bool(p), registered_block=b) for u, h, s, p, b in rows
+    ]
 
 
 def _registered(conn: sqlite3.Connection, hotkey: str, *, operation: str) -> Neuron:

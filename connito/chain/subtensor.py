@@ -207,6 +207,7 @@ class SubtensorChain:
                 hotkey=str(n.hotkey),
                 stake=float(n.total_stake.amount),
                 validator_permit=bool(n.validator_permit),
+                registered_block=int(n.block_at_registration or 0),
             )
             for n in sorted(graph.neurons, key=lambda n: n.uid)
         ]
