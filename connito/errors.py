@@ -15,6 +15,7 @@ __all__ = [
     "UnsupportedModelError",
     "CommitmentDecodeError",
     "StateError",
+    "LibraryError",
 ]
 
 
@@ -105,3 +106,11 @@ class CommitmentDecodeError(ConnitoError, ValueError):
 
 class StateError(ConnitoError, ValueError):
     """A node's own durable state file (e.g. outer optimizer momentum) is unreadable or inconsistent."""
+
+
+class LibraryError(ConnitoError, ValueError):
+    """An expert-library request cannot be served.
+
+    An unknown or removed version, two lanes changing one expert, a blob that does not match its
+    digest, or a base model the library cannot find. The message names the version or lanes.
+    """
