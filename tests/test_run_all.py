@@ -40,7 +40,11 @@ def run_all(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
 
 
 def _stub(folder: Path, name: str, *, smoke: bool = True, body: str = "") -> None:
-    extra = 'parser.add_argument("--smoke", action="store_true")\nparser.add_argument("--device")' if smoke else ""
+    extra = (
+        'parser.add_argument("--smoke", action="store_true")\nparser.add_argument("--device")'
+        if smoke
+        else ""
+    )
     (folder / f"{name}.py").write_text(textwrap.dedent(STUB.format(name=name, extra=extra, body=body)))
 
 
