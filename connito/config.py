@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import reprlib
 from pathlib import Path
 from typing import Any, Literal
@@ -44,6 +45,7 @@ _SHOWN = reprlib.Repr()
 _SHOWN.maxstring = _SHOWN.maxother = 80
 _SHOWN.maxlevel, _SHOWN.maxlist, _SHOWN.maxdict = 3, 4, 4
 _JSON_SCALARS = (str, int, float, bool, type(None))
+_LIBRARY_BASE = re.compile(r"library:[a-z0-9][a-z0-9_-]{0,31}@v[1-9][0-9]{0,8}")  # connito.library names
 # PyYAML's safe constructors convert tagged scalars without checking them first: ``!!bool abc``
 # raises KeyError, ``!!int`` (empty) IndexError, ``!!timestamp abc`` AttributeError, ``!!int abc``
 # or a 5000-digit int ValueError, and deep nesting RecursionError. All are bad YAML, not bugs.
@@ -101,7 +103,7 @@ class ModelConfig(_Strict):
     id: str | None = Field(None, description="Hub model id or local folder of a pretrained MoE")
     revision: str = Field("main", description="Hub revision (commit sha preferred) of the base model")
     inline: dict[str, Any] | None = Field(None, description="transformers config dict for a tiny model")
-    base: str | None = Field(None, description="start from an expert library version: library:VERSION")
+    base: str | None = Field(None, description="start from an expert library version: library:DOMAIN@vN")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="weights dtype")
     experts_implementation: Literal["eager", "grouped_mm", "batched_mm"] | None = Field(
         None, description="transformers experts kernel; None keeps the model default"
@@ -117,8 +119,9 @@ class ModelConfig(_Strict):
             raise ValueError("inline config needs a model_type")
         if self.inline is not None:
             _check_json_data(self.inline)  # YAML dates, bytes or sets would break config_digest
-        if self.base is not None and not self.base.startswith("library:"):
-            raise ValueError(f"base must look like library:VERSION, got {_SHOWN.repr(self.base)}")
+        if self.base is not None and not _LIBRARY_BASE.fullmatch(self.base):
+            # a pinned version only: 'latest' would let two nodes' libraries start different experts
+            raise ValueError(f"base must be library:DOMAIN@vN (a pinned library version), got {_SHOWN.repr(self.base)}")
         return self
 
     @property
