@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from connito.errors import ConnitoError
+from connito.owner_eval import add_owner_eval_parser
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_select(sub)
     _add_verify(sub)
     _add_localnet(sub)
+    add_owner_eval_parser(sub)
     return parser
 
 
@@ -80,6 +82,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from connito.localnet import run_localnet
 
         return run_localnet(args)
+    if args.command == "owner-eval":
+        from connito.owner_eval import run_owner_eval
+
+        return run_owner_eval(args)
     raise AssertionError(f"unhandled command {args.command}")
 
 
