@@ -54,6 +54,12 @@ def _add_localnet(sub: argparse._SubParsersAction) -> None:
         help="comma-separated extra miners: copy,nan,lazy,stale (default none)",
     )
     p.add_argument("--block-time", type=float, default=None, help="seconds per block (default: from the run plan)")
+    p.add_argument(
+        "--metrics-base-port",
+        type=int,
+        default=9100,
+        help="neuron i serves Prometheus metrics on 127.0.0.1:BASE+i (TCP port; default 9100; 0 = off)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

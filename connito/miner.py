@@ -78,7 +78,7 @@ class Miner:
             logger.info("miner resumed cycle=%d committed=%s", self.progress.cycle, self.progress.commit_block)
 
     def run(self, *, until_cycle: int | None = None) -> int:
-        loop = PhaseLoop(self.ctx.chain, self.ctx.config, poll_s=self.poll_s, role="miner")
+        loop = PhaseLoop(self.ctx.chain, self.ctx.config, poll_s=self.poll_s, role="miner", metrics=self.ctx.metrics)
         return loop.run(self.tick, until_cycle=until_cycle)
 
     def tick(self, block: int, info: PhaseInfo) -> None:
@@ -150,6 +150,7 @@ class Miner:
             chunk = min(SAVE_EVERY_STEPS, remaining)
             start_block = self._block()
             result = trainer.train(loader, chunk, progress=self.progress_bars)
+            self.ctx.metrics.observe_training(result)
             remaining -= chunk
             self._save_trainer(trainer, cycle)
             logger.debug("cycle=%d trained steps=%d loss=%.4f", cycle, trainer.step_count, result.mean_loss)
@@ -211,7 +212,9 @@ class Miner:
             block = self.ctx.chain.commit(encode_commitment(CommitPayload(cycle=cycle, digest=digest)))
         except ChainError as exc:
             logger.warning("commit failed cycle=%d: %s", cycle, exc)
+            self.ctx.metrics.miner_stage("commit", ok=False)
             return
+        self.ctx.metrics.miner_stage("commit", ok=True)
         self._save_progress(progress.model_copy(update={"commit_block": block}))
         logger.info("committed cycle=%d block=%d digest=%s", cycle, block, digest.hex()[:12])
 
@@ -234,7 +237,9 @@ class Miner:
             block = self.ctx.chain.commit(encode_commitment(payload))
         except (StoreError, ChainError) as exc:
             logger.warning("reveal failed cycle=%d: %s", cycle, exc)
+            self.ctx.metrics.miner_stage("reveal", ok=False)
             return
+        self.ctx.metrics.miner_stage("reveal", ok=True)
         self._save_progress(progress.model_copy(update={"reveal_block": block}))
         logger.info("revealed cycle=%d block=%d repo=%s rev=%s", cycle, block, ref.repo, ref.revision[:12])
 

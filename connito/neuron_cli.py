@@ -75,6 +75,10 @@ class NeuronArgs:
     until_cycle: int | None = None  # stop after this cycle completes (None: run forever)
     poll_s: float = 2.0
     progress: bool = True
+    metrics_port: int | None = None  # --metrics.port; None (or 0 on the command line) = no server
+    metrics_addr: str = "0.0.0.0"
+    wandb_project: str | None = None  # --wandb.project; None = no W&B logging
+    wandb_entity: str | None = None
 
     @property
     def subtensor_network(self) -> str:
@@ -107,6 +111,7 @@ def build_parser(role: Role) -> argparse.ArgumentParser:
     _add_store_args(parser, role)
     _add_logging_args(parser)
     _add_run_args(parser)
+    _add_metrics_args(parser)
     return parser
 
 
@@ -166,7 +171,10 @@ def _add_run_args(parser: argparse.ArgumentParser) -> None:
 
 def parse_args(role: Role, argv: list[str] | None = None) -> NeuronArgs:
     """Parse a neuron's flags; usage errors print to stderr and exit 2."""
-    ns = build_parser(role).parse_args(argv)
+    parser = build_parser(role)
+    ns = parser.parse_args(argv)
+    if ns.wandb_entity is not None and ns.wandb_project is None:
+        parser.error("--wandb.entity needs --wandb.project")
     hub, hub_path = ns.hub
     return NeuronArgs(
         role=role,
@@ -192,6 +200,10 @@ def parse_args(role: Role, argv: list[str] | None = None) -> NeuronArgs:
         until_cycle=ns.until_cycle,
         poll_s=ns.poll_s,
         progress=ns.progress,
+        metrics_port=ns.metrics_port or None,
+        metrics_addr=ns.metrics_addr,
+        wandb_project=ns.wandb_project,
+        wandb_entity=ns.wandb_entity,
     )
 
 
@@ -369,6 +381,39 @@ def _add_logging_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_metrics_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("metrics (see docs/metrics.md)")
+    group.add_argument(
+        "--metrics.port",
+        dest="metrics_port",
+        type=_port,
+        metavar="PORT",
+        default=None,
+        help="serve Prometheus metrics at http://ADDR:PORT/metrics (TCP port; default: off; 0 = off)",
+    )
+    group.add_argument(
+        "--metrics.addr",
+        dest="metrics_addr",
+        metavar="ADDR",
+        default="0.0.0.0",
+        help="address the metrics server binds (default: %(default)s, all interfaces; 127.0.0.1 = this machine only)",
+    )
+    group.add_argument(
+        "--wandb.project",
+        dest="wandb_project",
+        metavar="NAME",
+        default=None,
+        help="also log metrics to this Weights & Biases project (needs `pip install wandb`; default: off)",
+    )
+    group.add_argument(
+        "--wandb.entity",
+        dest="wandb_entity",
+        metavar="NAME",
+        default=None,
+        help="W&B team or user owning the project (default: your W&B default entity)",
+    )
+
+
 # Value parsers (ArgumentTypeError -> usage error, exit 2) --------------------------------------
 
 
@@ -379,6 +424,13 @@ def _non_negative_int(value: str) -> int:
         raise argparse.ArgumentTypeError(f"must be an integer, got {value!r}") from None
     if number < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {number}")
+    return number
+
+
+def _port(value: str) -> int:
+    number = _non_negative_int(value)
+    if number > 65535:
+        raise argparse.ArgumentTypeError(f"must be a TCP port 0-65535, got {number}")
     return number
 
 

@@ -14,12 +14,14 @@ import torch
 
 from connito.config import DomainConfig, config_digest, load_domain_config
 from connito.errors import ChainError, ConfigError, StoreError
+from connito.hub.metered import MeteredStore
+from connito.metrics import NodeMetrics, open_wandb
 from connito.neuron_cli import NeuronArgs, Role, configure_logging, open_chain, parse_args, resolve_args
 from connito.node import NodeContext, load_node_data, load_node_selection, open_store
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["main", "build_context"]
+__all__ = ["main", "build_context", "open_metrics"]
 
 
 def _device(name: str) -> torch.device:
@@ -48,31 +50,55 @@ def _hub_repo(args: NeuronArgs, config: DomainConfig, hotkey: str) -> str:
     return f"{args.role}s/{hotkey}"
 
 
+def open_metrics(args: NeuronArgs, config: DomainConfig, hotkey: str) -> NodeMetrics:
+    """The neuron's metrics: served with ``--metrics.port``, mirrored to W&B with ``--wandb.project``.
+
+    Raises:
+        ConfigError: the port cannot be bound, or wandb is not installed.
+    """
+    metrics = NodeMetrics(args.role, hotkey=hotkey, domain=config.name)
+    if args.metrics_port is not None:
+        metrics.serve(args.metrics_port, addr=args.metrics_addr)
+    if args.wandb_project is not None:
+        run_config = {"role": args.role, "hotkey": hotkey, "domain": config.name, "netuid": args.netuid,
+                      "config_digest": config_digest(config)}  # fmt: skip
+        name = f"{args.role}-{hotkey[:8]}"
+        metrics.sink = open_wandb(project=args.wandb_project, entity=args.wandb_entity, name=name, config=run_config)
+    metrics.count_log_records()  # one neuron per process, so the process's log lines are its own
+    return metrics
+
+
 def build_context(args: NeuronArgs, config: DomainConfig, chain) -> NodeContext:
     """Everything a neuron needs, from its flags and the domain config."""
     assert args.workdir is not None and chain.hotkey is not None
     if args.selection is None:
         raise ConfigError("--selection is required (the owner's SELECTION.json)", field="--selection")
     selection = load_node_selection(args.selection, config)
+    metrics = open_metrics(args, config, chain.hotkey)
     cache = args.data_cache or args.workdir / "cache"
     args.workdir.mkdir(parents=True, exist_ok=True)
     return NodeContext(
         config=config,
         selection=selection,
         chain=chain,
-        store=open_store(args.hub, args.hub_path, private=args.hub_private),
+        store=MeteredStore(open_store(args.hub, args.hub_path, private=args.hub_private), on_bytes=metrics.add_store_bytes),
         hotkey=chain.hotkey,
         base_dir=_base_dir(args, config),
         workdir=args.workdir,
         data=load_node_data(config, cache),
         device=_device(args.device),
         hub_repo=_hub_repo(args, config, chain.hotkey),
+        metrics=metrics,
     )
 
 
 def main(role: Role, argv: list[str] | None = None) -> int:
     args = parse_args(role, argv)
     configure_logging(args)
+    if not args.progress:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()  # the Hub's download bars too, not only connito's
     try:
         config = load_domain_config(args.config)
         args = resolve_args(args, config)
@@ -90,12 +116,14 @@ def main(role: Role, argv: list[str] | None = None) -> int:
     else:
         from connito.validator import Validator
 
-        node = Validator(ctx, poll_s=args.poll_s)
+        node = Validator(ctx, poll_s=args.poll_s, progress_bars=args.progress)
     try:
         return node.run(until_cycle=args.until_cycle)
     except KeyboardInterrupt:
         logger.info("%s stopped", role)
         return 0
+    finally:
+        ctx.metrics.close()
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -18,6 +18,7 @@ from connito.config import DomainConfig
 from connito.data import DomainData, build_domain_data
 from connito.errors import ChainError, ConfigError
 from connito.hub.base import CheckpointStore
+from connito.metrics import NodeMetrics
 from connito.protocol import PhaseInfo, phase
 from connito.selection_record import ExpertSelection, load_selection
 
@@ -40,6 +41,7 @@ class NodeContext:
     data: DomainData
     device: torch.device
     hub_repo: str  # where this node uploads
+    metrics: NodeMetrics = field(default_factory=NodeMetrics)  # always recorded; served with --metrics.port
 
 
 def open_store(kind: str, path: Path | None, *, private: bool = False) -> CheckpointStore:
@@ -75,13 +77,25 @@ def uid_of(neurons: list[Neuron], hotkey: str) -> int | None:
     return next((n.uid for n in neurons if n.hotkey == hotkey), None)
 
 
-def guarded_tick(role: str, tick: Callable[[int, PhaseInfo], None], block: int, info: PhaseInfo) -> bool:
+def guarded_tick(
+    role: str,
+    tick: Callable[[int, PhaseInfo], None],
+    block: int,
+    info: PhaseInfo,
+    *,
+    metrics: NodeMetrics | None = None,
+) -> bool:
     """Run one tick; any failure is logged with its traceback and the neuron lives on (False)."""
     try:
         tick(block, info)
-    except Exception:  # the top-level loop: log, keep the neuron alive, retry next block
+    except Exception as exc:  # the top-level loop: log, keep the neuron alive, retry next block
         logger.error("%s tick failed cycle=%d phase=%s", role, info.cycle, info.phase, exc_info=True)
+        if metrics is not None:
+            metrics.tick_failed(exc)
+            metrics.observe_tick(block, info)
         return False
+    if metrics is not None:
+        metrics.observe_tick(block, info)
     return True
 
 
@@ -89,7 +103,7 @@ class PhaseLoop:
     """Polls the chain and calls ``tick(info)`` once per block, logging each phase transition.
 
     Chain outages are survived: a failed read logs one WARNING line and backs off (bounded),
-    never crashing the neuron.
+    never crashing the neuron. ``metrics`` sees every head read, tick and failure.
     """
 
     def __init__(
@@ -100,8 +114,10 @@ class PhaseLoop:
         poll_s: float,
         role: str,
         sleep: Callable[[float], None] = time.sleep,
+        metrics: NodeMetrics | None = None,
     ) -> None:
         self.chain = chain
+        self.metrics = metrics
         self.config = config
         self.poll_s = poll_s
         self.role = role
@@ -117,10 +133,14 @@ class PhaseLoop:
                 block = self.chain.current_block()
             except ChainError as exc:
                 logger.warning("%s chain read failed: %s (retry in %.1fs)", self.role, exc, backoff_s)
+                if self.metrics is not None:
+                    self.metrics.chain_read_failed(exc)
                 self._sleep(backoff_s)
                 backoff_s = min(backoff_s * 2, 60.0)
                 continue
             backoff_s = self.poll_s
+            if self.metrics is not None:
+                self.metrics.observe_head(block)
             info = phase(block, self.config.cycle)
             if until_cycle is not None and info.cycle > until_cycle:
                 logger.info("%s done cycles=%d block=%d", self.role, until_cycle + 1, block)
@@ -137,7 +157,7 @@ class PhaseLoop:
                 self._last = (info.cycle, info.phase)
             if block != self._last_block:
                 self._last_block = block
-                if not guarded_tick(self.role, tick, block, info):
+                if not guarded_tick(self.role, tick, block, info, metrics=self.metrics):
                     self._sleep(self.poll_s)
                 continue
             self._sleep(self.poll_s)

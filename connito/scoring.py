@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from connito.config import ScoringConfig
 from connito.modeling import token_loss
@@ -171,16 +172,18 @@ def score_submissions(
     domain_batches: Sequence[torch.Tensor],
     general_batches: Sequence[torch.Tensor],
     config: ScoringConfig,
+    progress: bool = False,
 ) -> tuple[tuple[float, float], list[SubmissionScore]]:
     """Score every candidate against the global experts that ``model`` holds on entry.
 
     Returns ``((global_domain_loss, global_general_loss), scores)`` with one score per candidate.
-    ``model`` holds exactly the global experts again on return, whatever happened.
+    ``model`` holds exactly the global experts again on return, whatever happened. ``progress``
+    shows a bar over the candidates (evaluation is the validator's longest step).
     """
     global_domain = _mean(batch_losses(model, domain_batches))
     global_general = _mean(batch_losses(model, general_batches)) if general_batches else float("nan")
     kept, scores = _screen_copies(candidates, global_state, config.duplicate_cosine)
-    for candidate, _delta in kept:
+    for candidate, _delta in tqdm(kept, desc="evaluate", unit="submission", disable=not progress):
         try:
             write_experts(model, candidate.state)
             scores.append(

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+from tqdm.auto import tqdm
 
 from connito.chain.base import Neuron, lead_validator
 from connito.checkpoint import ExpertSpec
@@ -125,6 +126,7 @@ class ValidatorState(BaseModel):
 class Validator:
     ctx: NodeContext
     poll_s: float = 1.0
+    progress_bars: bool = True
     state: ValidatorState = field(default_factory=ValidatorState)
     global_state: GlobalState | None = None
     _model: torch.nn.Module | None = None
@@ -141,7 +143,7 @@ class Validator:
         self._load()
 
     def run(self, *, until_cycle: int | None = None) -> int:
-        loop = PhaseLoop(self.ctx.chain, self.ctx.config, poll_s=self.poll_s, role="validator")
+        loop = PhaseLoop(self.ctx.chain, self.ctx.config, poll_s=self.poll_s, role="validator", metrics=self.ctx.metrics)
         return loop.run(self.tick, until_cycle=until_cycle)
 
     def tick(self, block: int, info: PhaseInfo) -> None:
@@ -208,6 +210,7 @@ class Validator:
             domain_batches=domain_batches,
             general_batches=general_batches,
             config=config.scoring,
+            progress=self.progress_bars,
         )
         rows.update({s.hotkey: _row(s, rows.get(s.hotkey)) for s in scores})
         cycle_weights = rank_weights(scores, config.scoring)
@@ -386,7 +389,7 @@ class Validator:
                 return ScoreRow(hotkey=hotkey, uid=uid_of[hotkey], accepted=False, reason=reason, detail=str(exc)[:300])
 
         with ThreadPoolExecutor(max_workers=DOWNLOAD_WORKERS) as pool:
-            outcomes = dict(zip(sorted(todo), pool.map(verify, sorted(todo)), strict=True))
+            outcomes = dict(zip(sorted(todo), tqdm(pool.map(verify, sorted(todo)), total=len(todo), desc="download", unit="submission", disable=not self.progress_bars), strict=True))
         for hotkey in sorted(todo):
             outcome = outcomes[hotkey]
             entry = todo[hotkey]
@@ -575,6 +578,7 @@ class Validator:
 
     def _record(self, result: CycleResult) -> None:
         self.state.results[result.cycle] = result
+        self.ctx.metrics.observe_cycle(result)
         self._save()
         atomic_write(self.ctx.workdir / "cycles" / f"{result.cycle}.json", result.model_dump_json(indent=2).encode())
 

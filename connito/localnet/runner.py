@@ -45,6 +45,7 @@ class LocalnetPlan:
     cycles: int
     adversaries: tuple[str, ...]
     block_time_s: float
+    metrics_base_port: int | None = None  # neuron i serves metrics on 127.0.0.1:base+i; None = off
 
 
 def _plan(args: argparse.Namespace) -> LocalnetPlan:
@@ -54,6 +55,12 @@ def _plan(args: argparse.Namespace) -> LocalnetPlan:
         raise ConfigError(f"unknown adversary {unknown[0]!r} (known: {', '.join(ADVERSARY_KINDS)})", field="--adversaries")
     if args.miners < 1 or args.validators < 1 or args.cycles < 1:
         raise ConfigError("need at least one miner, one validator and one cycle", field="--miners/--validators/--cycles")
+    neurons = args.miners + args.validators + len(adversaries)
+    if args.metrics_base_port < 0 or args.metrics_base_port + neurons - 1 > 65535:
+        raise ConfigError(
+            f"must be 0 (off) or a TCP port with room for {neurons} neurons below 65536, got {args.metrics_base_port}",
+            field="--metrics-base-port",
+        )
     if "copy" in adversaries and args.miners < 1:
         raise ConfigError("the copy adversary needs an honest miner to copy", field="--adversaries")
     return LocalnetPlan(
@@ -64,6 +71,7 @@ def _plan(args: argparse.Namespace) -> LocalnetPlan:
         cycles=args.cycles,
         adversaries=adversaries,
         block_time_s=args.block_time if args.block_time is not None else 1.0,
+        metrics_base_port=args.metrics_base_port or None,
     )
 
 
@@ -175,7 +183,10 @@ def _genesis(workdir: Path, config: DomainConfig, roles, hotkeys, plan: Localnet
     )
 
 
-def _neuron_flags(workdir: Path, config_path: Path, base_dir: Path, selection_path: Path, name: str, plan) -> list[str]:
+def _neuron_flags(
+    workdir: Path, config_path: Path, base_dir: Path, selection_path: Path, name: str, plan, *, metrics_port: int | None = None
+) -> list[str]:
+    metrics = ["--metrics.port", str(metrics_port), "--metrics.addr", "127.0.0.1"] if metrics_port else []
     return [
         "--config", str(config_path),
         "--chain", f"local:{workdir / 'chain.sqlite'}",
@@ -190,6 +201,7 @@ def _neuron_flags(workdir: Path, config_path: Path, base_dir: Path, selection_pa
         "--until-cycle", str(plan.cycles - 1),
         "--poll", str(max(0.2, plan.block_time_s / 2)),
         "--no-progress",
+        *metrics,
     ]  # fmt: skip
 
 
@@ -198,8 +210,9 @@ def _spawn(workdir, config_path, base_dir, selection_path, roles, hotkeys, plan)
            "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}  # fmt: skip
     (workdir / "logs").mkdir(exist_ok=True)
     processes = {}
-    for name, kind in sorted(roles.items(), key=lambda item: item[1] != "validator"):
-        flags = _neuron_flags(workdir, config_path, base_dir, selection_path, name, plan)
+    for index, (name, kind) in enumerate(sorted(roles.items(), key=lambda item: item[1] != "validator")):
+        port = plan.metrics_base_port + index if plan.metrics_base_port else None
+        flags = _neuron_flags(workdir, config_path, base_dir, selection_path, name, plan, metrics_port=port)
         if kind in ("validator", "miner"):
             command = [sys.executable, "-m", "connito.neuron_main", kind, *flags]
         else:
@@ -208,7 +221,8 @@ def _spawn(workdir, config_path, base_dir, selection_path, roles, hotkeys, plan)
                        "--victim-workdir", str(workdir / "nodes" / victim), "--victim-hotkey", hotkeys[victim], *flags]  # fmt: skip
         log = open(workdir / "logs" / f"{name}.log", "w")  # noqa: SIM115 - closed when the process ends
         processes[name] = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        print(f"[localnet] started {name} ({kind}) pid={processes[name].pid}", flush=True)
+        metrics = f" metrics=http://127.0.0.1:{port}/metrics" if port else ""
+        print(f"[localnet] started {name} ({kind}) pid={processes[name].pid}{metrics}", flush=True)
     return processes
 
 
