@@ -27,12 +27,24 @@ __all__ = ["load_base_model", "build_selection", "run_select", "pretrain_base", 
 PRETRAIN_MARKER = "connito_pretrain.json"
 
 
-def load_base_model(config: DomainConfig, model_dir: Path | None = None) -> PreTrainedModel:
-    """The base model: a local folder if given, else the config's Hub id or inline config."""
+def load_base_model(
+    config: DomainConfig, model_dir: Path | None = None, *, library: Path | None = None
+) -> PreTrainedModel:
+    """The base model: a local folder if given, else the config's Hub id, inline config, or
+    ``library:DOMAIN@vN`` (that version's base with its experts, from the expert library ``library``).
+
+    Raises:
+        ConfigError: a library base without ``library``.
+        LibraryError: the library version or its base model cannot be found.
+    """
     if model_dir is not None:
         return load_model(model_dir, config.model)
     if config.model.inline is not None:
         return build_model(config.model)
+    if config.model.base is not None:
+        from connito.library.composition import load_library_base
+
+        return load_library_base(config.model.base, library)
     assert config.model.id is not None, "config validation guarantees one model source"
     return load_model(config.model.id, config.model)
 
@@ -72,13 +84,19 @@ def build_selection(
 
 
 def run_select(
-    config_path: Path, out: Path, *, model_dir: Path | None, cache_dir: Path, progress: bool = True
+    config_path: Path,
+    out: Path,
+    *,
+    model_dir: Path | None,
+    cache_dir: Path,
+    progress: bool = True,
+    library: Path | None = None,
 ) -> int:
     """``connito select``: write the selection JSON and print one summary line per layer."""
     config = load_domain_config(config_path)
-    model = load_base_model(config, model_dir)
+    model = load_base_model(config, model_dir, library=library)
     data = build_domain_data(config.data, cache_dir=cache_dir, model=config.model)
-    revision = _model_revision(config, model_dir)
+    revision = _model_revision(config, model_dir, library)
     selection = build_selection(config, model, data, model_revision=revision, progress=progress)
     save_selection(selection, out)
     sealed = selection.sealed()
@@ -88,7 +106,7 @@ def run_select(
     return 0
 
 
-def _model_revision(config: DomainConfig, model_dir: Path | None) -> str:
+def _model_revision(config: DomainConfig, model_dir: Path | None, library: Path | None = None) -> str:
     if model_dir is not None:
         marker = model_dir / PRETRAIN_MARKER
         if marker.exists():
@@ -96,6 +114,10 @@ def _model_revision(config: DomainConfig, model_dir: Path | None) -> str:
 
             return str(json.loads(marker.read_text())["revision"])
         return f"local:{model_dir.name}"
+    if config.model.base is not None:  # DOMAIN@vN:<tensors digest>, pinned to the experts' content
+        from connito.library.composition import library_base_revision
+
+        return library_base_revision(config.model.base, library)
     if config.model.inline is not None:
         return f"init-seed-{config.model.init_seed}"
     return config.model.revision
