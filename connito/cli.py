@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from connito.errors import ConnitoError
+from connito.library.commands import DEFAULT_LIBRARY, add_library_parsers, run_library_command
 from connito.owner_eval import add_owner_eval_parser
 
 logger = logging.getLogger(__name__)
@@ -29,6 +30,12 @@ def _add_select(sub: argparse._SubParsersAction) -> None:
         "--cache-dir", type=Path, default=Path(".cache/connito"), help="data and tokenizer cache (default .cache/connito)"
     )
     p.add_argument("--no-progress", action="store_true", help="hide the probing progress bar")
+    p.add_argument(
+        "--library",
+        type=Path,
+        default=DEFAULT_LIBRARY,
+        help=f"expert library for a model.base: library:DOMAIN@vN config (path; default {DEFAULT_LIBRARY})",
+    )
 
 
 def _add_verify(sub: argparse._SubParsersAction) -> None:
@@ -69,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_select(sub)
     _add_verify(sub)
     _add_localnet(sub)
+    add_library_parsers(sub)
     add_owner_eval_parser(sub)
     return parser
 
@@ -78,7 +86,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         from connito.owner import run_select
 
         return run_select(
-            args.config, args.out, model_dir=args.model, cache_dir=args.cache_dir, progress=not args.no_progress
+            args.config,
+            args.out,
+            model_dir=args.model,
+            cache_dir=args.cache_dir,
+            progress=not args.no_progress,
+            library=args.library,
         )
     if args.command == "verify-checkpoint":
         from connito.checkpoint import verify_checkpoint_cli
@@ -88,6 +101,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         from connito.localnet import run_localnet
 
         return run_localnet(args)
+    if args.command in ("library", "export"):
+        return run_library_command(args)
     if args.command == "owner-eval":
         from connito.owner_eval import run_owner_eval
 
