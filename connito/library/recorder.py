@@ -1,0 +1,254 @@
+"""Fill the library: validators record each global version they publish or adopt; anyone can rebuild.
+
+The record's losses are measured on a fixed held-out sample (seed ``LIBRARY_EVAL_SEED``, the
+domain's ``scoring.eval_batches`` x ``eval_batch_size``), not the cycle's seeded one, so the
+versions of a domain are comparable with each other and a rebuild reproduces them exactly.
+Recording is a side record of the protocol: a library failure is logged and never stops a
+validator from publishing or adopting.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from connito.chain.base import Chain, Commitment, lead_validator
+from connito.chain.local import LocalChain
+from connito.checkpoint import ExpertSpec
+from connito.config import DomainConfig, config_digest
+from connito.data import DomainData
+from connito.errors import CommitmentDecodeError, ConnitoError, InvalidSubmission, LibraryError, StoreError
+from connito.global_state import GlobalState, fetch_global, find_global_payload
+from connito.hub.base import CheckpointStore, StoreRef
+from connito.library.index import Library, VersionDraft
+from connito.library.records import Contributor, StoreLocation, VersionRecord
+from connito.merge import record_digest
+from connito.modeling import load_model
+from connito.moe import read_experts, write_experts
+from connito.node import NodeContext
+from connito.protocol import GlobalPayload, decode_commitment, phase_bounds
+from connito.scoring import batch_losses
+from connito.selection_record import ExpertSelection
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "LIBRARY_EVAL_SEED",
+    "LossFn",
+    "version_draft",
+    "measure_losses",
+    "record_global",
+    "rebuild_library",
+]
+
+LIBRARY_EVAL_SEED = 0
+LossFn = Callable[[dict[str, torch.Tensor], int], tuple[float, float]]  # (experts, seed) -> (domain, general)
+
+
+def version_draft(
+    state: GlobalState,
+    *,
+    config: DomainConfig,
+    selection: ExpertSelection,
+    ref: StoreRef | None,
+    block: int | None,
+    losses: tuple[float, float] | None,
+) -> VersionDraft:
+    """The library's view of a published global state (it must carry its merge record)."""
+    record = state.record
+    assert record is not None, "only merged or adopted globals (with a record) become versions"
+    return VersionDraft(
+        domain=config.name,
+        model_id=selection.model_id,
+        model_revision=selection.model_revision,
+        selection_digest=selection.digest,
+        config_digest=config_digest(config),
+        cycle=record.cycle,
+        tensors_sha256=state.revision,
+        store=StoreLocation(kind=ref.kind, repo=ref.repo, revision=ref.revision) if ref is not None else None,
+        domain_loss=losses[0] if losses else None,
+        general_loss=losses[1] if losses else None,
+        eval_seed=LIBRARY_EVAL_SEED if losses else None,
+        parent_revision=record.parent_revision,
+        decision=record.decision,
+        contributors=tuple(
+            Contributor(hotkey=i.hotkey, uid=i.uid, weight=i.weight, tensors_sha256=i.tensors_sha256)
+            for i in record.inputs
+        ),
+        merge_record_sha256=record_digest(record),
+        lead_hotkey=record.lead_hotkey,
+        block=block,
+    )
+
+
+def measure_losses(
+    model: nn.Module,
+    experts: dict[str, torch.Tensor],
+    *,
+    restore: dict[str, torch.Tensor],
+    data: DomainData,
+    config: DomainConfig,
+    seed: int = LIBRARY_EVAL_SEED,
+) -> tuple[float, float]:
+    """Mean (domain, general) held-out loss of ``experts`` in ``model``; ``restore`` is written back.
+
+    The same arithmetic as the validator's own re-check (per-batch means, then their mean), so a
+    rebuild gives the numbers the lead recorded.
+    """
+    scoring = config.scoring
+    domain = data.heldout_sample(seed, scoring.eval_batches, scoring.eval_batch_size)
+    general = (
+        data.general_sample(seed, scoring.general_batches, scoring.eval_batch_size)
+        if scoring.general_batches
+        else []
+    )
+    try:
+        write_experts(model, experts)
+        domain_losses, general_losses = batch_losses(model, domain), batch_losses(model, general)
+    finally:
+        write_experts(model, restore)
+    mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
+    return mean(domain_losses), mean(general_losses)
+
+
+def record_global(
+    library: Library,
+    state: GlobalState,
+    ctx: NodeContext,
+    *,
+    ref: StoreRef | None,
+    block: int | None,
+    losses: LossFn,
+) -> VersionRecord | None:
+    """Record a published or adopted global state; the validators' one call into the library.
+
+    Skips the evaluation when the version is already recorded with its losses (the lead recorded
+    it when publishing, or another validator shares this library). Never raises for a library
+    failure: it is logged as an ERROR and the protocol goes on.
+    """
+    if state.record is None:
+        return None
+    try:
+        existing = library.find_revision(ctx.config.name, state.record.cycle, state.revision)
+        if (
+            existing is not None
+            and existing.domain_loss is not None
+            and (ref is None or existing.store is not None)
+        ):
+            return existing
+        if block is None:
+            block = _commit_block(ctx.chain, state)
+        measured = losses(state.experts, LIBRARY_EVAL_SEED)
+        library.put_domain(ctx.config, ctx.selection)
+        library.put_base(
+            ctx.selection.model_id, ctx.selection.model_revision, str(Path(ctx.base_dir).resolve())
+        )
+        draft = version_draft(
+            state, config=ctx.config, selection=ctx.selection, ref=ref, block=block, losses=measured
+        )
+        record, _ = library.record(draft, state.experts)
+        return record
+    except (ConnitoError, OSError, sqlite3.Error, RuntimeError) as exc:  # never block the protocol
+        logger.error(
+            "library record failed cycle=%d rev=%s: %s", state.cycle, state.revision[:12], exc, exc_info=True
+        )
+        return None
+
+
+def _commit_block(chain: Chain, state: GlobalState) -> int | None:
+    """The block of the lead's global commitment for ``state``, while it is still the current one."""
+    try:
+        found = find_global_payload(chain)
+    except ConnitoError:
+        return None
+    if found is None or state.record is None or found[2].cycle != state.record.cycle:
+        return None
+    return found[1]
+
+
+def _global_history(chain: Chain, lead: str) -> list[Commitment]:
+    """The lead's commitments, oldest first: the whole history on a LocalChain, else the current one.
+
+    A subtensor node keeps one commitment per hotkey, so there a rebuild can only add the version
+    committed now; running it once per cycle (or recording in the validators) keeps a library whole.
+    """
+    if isinstance(chain, LocalChain):
+        return chain.commitment_history(lead)
+    return [c for c in chain.commitments() if c.hotkey == lead]
+
+
+def rebuild_library(
+    library: Library,
+    *,
+    chain: Chain,
+    store: CheckpointStore,
+    config: DomainConfig,
+    selection: ExpertSelection,
+    base_dir: Path,
+    data: DomainData,
+) -> list[VersionRecord]:
+    """Record every global the current lead validator published, from the chain and the store.
+
+    Each publication is fetched and verified as a validator would (strict loader, tensors digest,
+    merge record digest bound on chain); a publication that fails is skipped with a WARNING, as
+    is one committed after its cycle's merge phase (validators never adopt those).
+
+    Raises:
+        LibraryError: the chain has no lead validator.
+    """
+    lead = lead_validator(chain.metagraph())
+    if lead is None:
+        raise LibraryError("rebuild: the chain has no validator with a permit (no lead)")
+    model = load_model(base_dir, config.model)
+    base_experts = read_experts(model, selection.experts_by_layer)
+    expected = {k: ExpertSpec(tuple(v.shape), v.dtype) for k, v in base_experts.items()}
+    library.put_domain(config, selection)
+    library.put_base(selection.model_id, selection.model_revision, str(Path(base_dir).resolve()))
+    recorded = []
+    with tempfile.TemporaryDirectory(prefix="connito-rebuild-") as tmp:
+        for commitment in _global_history(chain, lead.hotkey):
+            payload = _global_payload(commitment)
+            if payload is None:
+                continue
+            _, merge_last = phase_bounds(payload.cycle, "merge", config.cycle)
+            if commitment.block > merge_last:
+                logger.warning(
+                    "rebuild skipped cycle=%d: committed at block %d after the merge phase",
+                    payload.cycle,
+                    commitment.block,
+                )
+                continue
+            try:
+                state = fetch_global(
+                    store, lead.hotkey, payload, Path(tmp) / f"{commitment.block}",
+                    selection=selection, expected=expected, max_bytes=config.scoring.max_payload_bytes * 4,
+                )  # fmt: skip
+            except (StoreError, InvalidSubmission) as exc:
+                logger.warning("rebuild skipped cycle=%d block=%d: %s", payload.cycle, commitment.block, exc)
+                continue
+            losses = measure_losses(model, state.experts, restore=base_experts, data=data, config=config)
+            draft = version_draft(
+                state,
+                config=config,
+                selection=selection,
+                ref=state.ref,
+                block=commitment.block,
+                losses=losses,
+            )
+            record, _ = library.record(draft, state.experts)
+            recorded.append(record)
+    return recorded
+
+
+def _global_payload(commitment: Commitment) -> GlobalPayload | None:
+    try:
+        payload = decode_commitment(commitment.data)
+    except CommitmentDecodeError:
+        return None
+    return payload if isinstance(payload, GlobalPayload) else None
