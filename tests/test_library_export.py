@@ -16,7 +16,9 @@ from connito.library.export import EXPORT_FILE, expert_param_count, keep_count, 
 from connito.moe import RoutingStats, moe_layers, read_expert, read_experts
 
 
-@pytest.mark.parametrize(("fraction", "kept"), [(0.125, 1), (0.25, 2), (0.5, 4), (1.0, 8), (0.3, 3), (0.01, 1)])
+@pytest.mark.parametrize(
+    ("fraction", "kept"), [(0.125, 1), (0.25, 2), (0.5, 4), (1.0, 8), (0.3, 3), (0.01, 1)]
+)
 def test_keep_count_keeps_at_least_the_fraction(fraction, kept):
     assert keep_count(8, fraction) == kept
 
@@ -53,7 +55,9 @@ def test_pruned_model_round_trips_through_plain_transformers(model_type, tmp_pat
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
     for layer, full in zip(moe_layers(loaded), moe_layers(model), strict=True):
         for slot, expert in enumerate(keep[layer.index]):  # slot s holds the s-th kept expert's weights
-            assert all(torch.equal(read_expert(layer, slot)[p], v) for p, v in read_expert(full, expert).items())
+            assert all(
+                torch.equal(read_expert(layer, slot)[p], v) for p, v in read_expert(full, expert).items()
+            )
     assert expert_param_count(loaded) * 8 == expert_param_count(model) * 3
 
 
@@ -63,7 +67,9 @@ def test_keeping_every_expert_changes_nothing(tmp_path):
     pruned = prune_model(model, {layer.index: list(range(8)) for layer in moe_layers(model)})
     batch = random_batch()
     with torch.no_grad():
-        torch.testing.assert_close(pruned(input_ids=batch).logits, model(input_ids=batch).logits, rtol=0, atol=1e-6)
+        torch.testing.assert_close(
+            pruned(input_ids=batch).logits, model(input_ids=batch).logits, rtol=0, atol=1e-6
+        )
 
 
 def test_one_expert_left_is_refused_for_grouped_deepseek_v3():
@@ -105,7 +111,9 @@ def test_connito_export_writes_a_checkpoint_plain_transformers_loads(world, tmp_
     model = AutoModelForCausalLM.from_pretrained(out).eval()
     tokenizer = AutoTokenizer.from_pretrained(out)
     assert model.config.num_experts == 4 and len(tokenizer) > 256
-    assert json.loads((out / EXPORT_FILE).read_text())["domain_loss_exported"] == report["domain_loss_exported"]
+    assert (
+        json.loads((out / EXPORT_FILE).read_text())["domain_loss_exported"] == report["domain_loss_exported"]
+    )
     # the kept experts are the domain's most used ones, so they include the trained math experts
     for layer, experts in world.math.selection.experts_by_layer.items():
         assert set(experts) <= set(report["kept"][str(layer)])
