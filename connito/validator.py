@@ -31,6 +31,8 @@ from connito.global_state import (
     genesis_global,
     save_global,
 )
+from connito.library.index import Library
+from connito.library.recorder import record_global
 from connito.merge import (
     MergeInput,
     MergeRecord,
@@ -127,6 +129,7 @@ class Validator:
     ctx: NodeContext
     poll_s: float = 1.0
     progress_bars: bool = True
+    library: Library | None = None  # expert library to record each global version in (None: off)
     state: ValidatorState = field(default_factory=ValidatorState)
     global_state: GlobalState | None = None
     _model: torch.nn.Module | None = None
@@ -494,8 +497,10 @@ class Validator:
             cycle=new_global.cycle, store_kind=ref.kind, repo=ref.repo, revision=ref.revision,
             record_digest=short_digest(record_digest(new_global.record)),
         )
-        self.ctx.chain.commit(encode_commitment(payload))
+        block = self.ctx.chain.commit(encode_commitment(payload))
         logger.info("cycle=%d global published rev=%s repo=%s", new_global.cycle, new_global.revision[:12], ref.repo)
+        if self.library is not None:
+            record_global(self.library, new_global, self.ctx, ref=ref, block=block, losses=self._heldout_losses)
 
     def _published(self, cycle: int) -> bool:
         """True when our own publication for ``cycle`` is already on chain (a restart after commit)."""
@@ -522,6 +527,8 @@ class Validator:
             write_experts(self._model, new_global.experts)
         self._save()
         logger.info("global adopted cycle=%d rev=%s", new_global.cycle, new_global.revision[:12])
+        if self.library is not None:  # non-leads record too: every validator's library is complete
+            record_global(self.library, new_global, self.ctx, ref=new_global.ref, block=None, losses=self._heldout_losses)
 
     # -- helpers: model and state ------------------------------------------------------------
 
