@@ -85,6 +85,8 @@ def test_a_library_failure_never_stops_the_validator(run, tmp_path, caplog):
     lead = subnet.nodes["v0"]
     broken = Library(tmp_path / "broken")
     (broken.root / "index.sqlite").write_bytes(b"not a database")
-    result = record_global(broken, lead.global_state, lead.ctx, ref=None, block=None, losses=lambda e, s: (1.0, 2.0))
+    result = record_global(
+        broken, lead.global_state, lead.ctx, ref=None, block=None, losses=lambda e, s: (1.0, 2.0)
+    )
     assert result is None
     assert "library record failed" in caplog.text
