@@ -233,27 +233,22 @@ def _from_global_state(
 
 
 def _from_library(library: Path, version: str, *, base_dir: Path | None) -> GlobalModel:
+    """The library version on its base model, composed by the library itself (one lane)."""
     try:
-        from connito.library.compose import compose, load_version_base
-        from connito.library.index import Library
+        from connito.library import Library, compose
     except ImportError as exc:
         raise ConfigError(
             f"this connito cannot read libraries ({exc}); pass --model DIR", field="--library"
         ) from None
     lib = Library(library)
     record = lib.get(version)
-    if base_dir is not None:
-        base, location = load_version_base(lib, record, base_dir=base_dir)
-        from connito.moe import write_experts
-
-        write_experts(base, lib.load_experts(record))
-        model = base
-    else:
-        model = compose(lib, [version]).model
-        location = lib.base_location(record.model_id, record.model_revision)
-    tokenizer_dir = Path(location) if location and Path(location).is_dir() else None
+    composition = compose(lib, [version], base_dir=base_dir)
+    location = Path(composition.base_location)
     return GlobalModel(
-        model=model, source=f"library:{library}", revision=record.tensors_sha256, tokenizer_dir=tokenizer_dir
+        model=composition.model,
+        source=f"library:{library}",
+        revision=record.tensors_sha256,
+        tokenizer_dir=location if location.is_dir() else None,
     )
 
 

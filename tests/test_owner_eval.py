@@ -190,3 +190,51 @@ def test_global_state_needs_the_selection(world, monkeypatch, capsys) -> None:
     del argv[index : index + 2]
     assert main(argv) == 1
     assert "--selection" in capsys.readouterr().err
+
+
+def test_a_library_version_is_evaluated_on_its_base(world, monkeypatch, tmp_path) -> None:
+    """--library LIB --version V: the real library composes V onto its base; that model is evaluated."""
+    from connito.config import config_digest
+    from connito.library import Contributor, Library, VersionDraft
+    from connito.merge import state_revision
+    from connito.selection_record import load_selection
+
+    fake = FakeHarness()
+    fake.install(monkeypatch)
+    config = load_domain_config(world["config"])
+    selection = load_selection(world["selection"])
+    base = read_experts(load_model(world["base"], config.model), SELECTED)
+    version_experts = {key: tensor - 0.25 for key, tensor in base.items()}
+    library = Library(tmp_path / "lib")
+    library.put_domain(config, selection)
+    library.put_base(selection.model_id, selection.model_revision, str(world["base"]))
+    revision = state_revision(version_experts)
+    draft = VersionDraft(
+        domain=config.name,
+        model_id=selection.model_id,
+        model_revision=selection.model_revision,
+        selection_digest=selection.digest,
+        config_digest=config_digest(config),
+        cycle=0,
+        tensors_sha256=revision,
+        store=None,
+        domain_loss=None,
+        general_loss=None,
+        eval_seed=None,
+        parent_revision=state_revision(base),
+        decision="best_single",
+        contributors=(Contributor(hotkey="5Miner", uid=1, weight=1.0, tensors_sha256=revision),),
+        merge_record_sha256="0" * 64,
+        lead_hotkey="5Lead",
+        block=None,
+    )
+    library.record(draft, version_experts)
+    argv = ["owner-eval", "--config", str(world["config"]), "--library", str(tmp_path / "lib"),
+            "--version", "tiny-test@latest", "--tasks", "gsm8k", "--device", "cpu"]  # fmt: skip
+
+    assert main(argv) == 0
+
+    evaluated = read_experts(fake.hflm_kwargs["pretrained"], SELECTED)
+    assert all(torch.equal(evaluated[key], version_experts[key]) for key in evaluated)
+    saved = json.loads((tmp_path / "lib" / "owner-eval-tiny-test@latest.json").read_text())
+    assert saved["global_revision"] == revision and saved["model_source"].startswith("library:")
