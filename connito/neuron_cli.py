@@ -79,6 +79,7 @@ class NeuronArgs:
     metrics_addr: str = "0.0.0.0"
     wandb_project: str | None = None  # --wandb.project; None = no W&B logging
     wandb_entity: str | None = None
+    library: Path | None = None  # validators: expert library folder to record versions in (None: off)
 
     @property
     def subtensor_network(self) -> str:
@@ -204,6 +205,7 @@ def parse_args(role: Role, argv: list[str] | None = None) -> NeuronArgs:
         metrics_addr=ns.metrics_addr,
         wandb_project=ns.wandb_project,
         wandb_entity=ns.wandb_entity,
+        library=ns.library if role == "validator" else None,
     )
 
 
@@ -363,6 +365,16 @@ def _add_store_args(parser: argparse.ArgumentParser, role: Role) -> None:
         default=None,
         help=f"state folder (path) for crash-safe {role} state (default: {DEFAULT_WORKDIR_ROOT}/<wallet>/<hotkey>/netuid<N>/{role})",
     )
+
+    if role == "validator":
+        group.add_argument(
+            "--library",
+            type=Path,
+            metavar="PATH",
+            default=None,
+            help="expert library folder: record every global version this validator publishes or adopts "
+            "(path; default: none)",
+        )
 
 
 def _add_logging_args(parser: argparse.ArgumentParser) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from connito.config import DomainConfig, config_digest, load_domain_config
-from connito.errors import ChainError, ConfigError, StoreError
+from connito.errors import ChainError, ConfigError, ConnitoError, StoreError
 from connito.hub.metered import MeteredStore
 from connito.metrics import NodeMetrics, open_wandb
 from connito.neuron_cli import NeuronArgs, Role, configure_logging, open_chain, parse_args, resolve_args
@@ -116,7 +116,14 @@ def main(role: Role, argv: list[str] | None = None) -> int:
     else:
         from connito.validator import Validator
 
-        node = Validator(ctx, poll_s=args.poll_s, progress_bars=args.progress)
+        from connito.library import Library
+
+        try:
+            library = Library(args.library) if args.library is not None else None
+        except (ConnitoError, OSError) as exc:  # sqlite3.Error is not raised for a bad path: OSError
+            sys.stderr.write(f"{role}: --library {args.library}: {' '.join(str(exc).split())}\n")
+            return 1
+        node = Validator(ctx, poll_s=args.poll_s, progress_bars=args.progress, library=library)
     try:
         return node.run(until_cycle=args.until_cycle)
     except KeyboardInterrupt:

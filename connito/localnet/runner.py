@@ -105,7 +105,7 @@ def run_localnet(args: argparse.Namespace) -> int:
     _print_report(report, {h: r for r, h in hotkeys.items()})
     write_report(report, workdir / "report.json")
     render_plot(report, workdir / "report.png")
-    print(f"report: {workdir / 'report.json'}\nplot:   {workdir / 'report.png'}")
+    print(f"report: {workdir / 'report.json'}\nplot:   {workdir / 'report.png'}\nlibrary: {workdir / 'library'}")
     return 0
 
 
@@ -161,7 +161,7 @@ def _write_run_config(config: DomainConfig, workdir: Path, plan: LocalnetPlan) -
 def _genesis(workdir: Path, config: DomainConfig, roles, hotkeys, plan: LocalnetPlan) -> None:
     from connito.chain.local import GenesisNeuron, LocalChain
 
-    for stale in ("nodes", "hub", "logs"):  # a fresh subnet each run; base, selection and cache are kept
+    for stale in ("nodes", "hub", "logs", "library"):  # a fresh subnet each run; base, selection, cache kept
         shutil.rmtree(workdir / stale, ignore_errors=True)
     ledger = workdir / "chain.sqlite"
     for suffix in ("", "-wal", "-shm"):
@@ -202,6 +202,7 @@ def _neuron_flags(
         "--poll", str(max(0.2, plan.block_time_s / 2)),
         "--no-progress",
         *metrics,
+        *(["--library", str(workdir / "library")] if name.startswith("v") else []),
     ]  # fmt: skip
 
 
