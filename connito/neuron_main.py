@@ -114,9 +114,8 @@ def main(role: Role, argv: list[str] | None = None) -> int:
 
         node = Miner(ctx, poll_s=args.poll_s, progress_bars=args.progress)
     else:
-        from connito.validator import Validator
-
         from connito.library import Library
+        from connito.validator import Validator
 
         try:
             library = Library(args.library) if args.library is not None else None
