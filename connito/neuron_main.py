@@ -119,7 +119,7 @@ def main(role: Role, argv: list[str] | None = None) -> int:
 
         try:
             library = Library(args.library) if args.library is not None else None
-        except (ConnitoError, OSError) as exc:  # sqlite3.Error is not raised for a bad path: OSError
+        except (ConnitoError, OSError) as exc:  # a folder that cannot be made, or not a library index
             sys.stderr.write(f"{role}: --library {args.library}: {' '.join(str(exc).split())}\n")
             return 1
         node = Validator(ctx, poll_s=args.poll_s, progress_bars=args.progress, library=library)
