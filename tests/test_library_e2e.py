@@ -3,6 +3,8 @@ the chain and the store gives the same index."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from e2e_harness import build_subnet, domain_config
 
@@ -90,3 +92,27 @@ def test_a_library_failure_never_stops_the_validator(run, tmp_path, caplog):
     )
     assert result is None
     assert "library record failed" in caplog.text
+
+
+def test_connito_library_rebuild_on_the_run_folder(run, tmp_path, capsys):
+    """The CLI form: --config/--chain/--hub/--selection/--base of the run give the same versions."""
+    import yaml
+
+    from connito.cli import main
+
+    subnet, library, tmp = run
+    config_path = tmp_path / "domain.yaml"
+    config_path.write_text(yaml.safe_dump(subnet.config.model_dump(mode="json", exclude_none=True)))
+    code = main(
+        [
+            "library", "rebuild", "--config", str(config_path), "--chain", f"local:{tmp / 'chain.sqlite'}",
+            "--hub", f"local:{tmp / 'hub'}", "--selection", str(tmp / "selection.json"), "--base", str(tmp / "base"),
+            "--cache-dir", str(tmp / "cache"), "--library", str(tmp_path / "lib"), "--json",
+        ]
+    )  # fmt: skip
+    assert code == 0
+    assert json.loads(capsys.readouterr().out)["recorded"] == ["tiny-test@v1", "tiny-test@v2"]
+    rebuilt = Library(tmp_path / "lib").versions()
+    assert [r.model_dump(exclude=_WHEN) for r in rebuilt] == [
+        r.model_dump(exclude=_WHEN) for r in library.versions()
+    ]

@@ -120,3 +120,24 @@ def test_connito_export_writes_a_checkpoint_plain_transformers_loads(world, tmp_
     ids = tokenizer("Tom has 3 apples and buys 4 more.", return_tensors="pt").input_ids
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=ids).logits).all()
+
+
+def test_connito_library_compose_writes_a_loadable_model(world, tmp_path, capsys):
+    out = tmp_path / "composed"
+    args = [
+        "library",
+        "compose",
+        "--lanes",
+        "tiny-math@v1",
+        "--out",
+        str(out),
+        "--library",
+        str(world.library.root),
+    ]
+    assert main([*args, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["lanes"] == {"tiny-math@v1": "tiny-math@v1"}
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert len(AutoTokenizer.from_pretrained(out)) > 256
+    expected = world.library.load_experts(world.math_v1)
+    held = read_experts(model, world.math.selection.experts_by_layer)
+    assert all(torch.equal(held[k], v) for k, v in expected.items())

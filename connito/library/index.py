@@ -180,6 +180,12 @@ class Library:
             conn.close()
 
     def _init_schema(self) -> None:
+        try:
+            self._create_tables()
+        except sqlite3.DatabaseError as exc:  # not SQLite, or unreadable: one line, not a traceback
+            raise LibraryError(f"{self.index_path}: not a usable library index: {exc}") from None
+
+    def _create_tables(self) -> None:
         conn = self._connect()
         try:
             conn.execute("PRAGMA journal_mode = WAL")
