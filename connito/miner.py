@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict
 from safetensors.torch import load_file, save_file
 
 from connito.checkpoint import MANIFEST_FILE, write_checkpoint
+from connito.distributed import Distributed, main_decides
 from connito.errors import ChainError, ConfigError, InvalidSubmission, StoreError
 from connito.fsutil import atomic_write
 from connito.global_state import GlobalState, fetch_global, find_global_payload, genesis_global
@@ -65,6 +66,7 @@ class Miner:
     progress_bars: bool = True
     global_state: GlobalState | None = None
     progress: MinerProgress = field(default_factory=MinerProgress)
+    dist: Distributed = field(default_factory=Distributed.single)  # rank 0 alone writes, commits, reveals
     _model: torch.nn.Module | SubsetModel | None = None
 
     @property
@@ -110,6 +112,8 @@ class Miner:
         """Adopt the lead's publication from the previous cycle's merge phase, if it is newer."""
         if self.global_state is None:
             self.global_state = genesis_global(self._base_experts())
+        if not self.dist.is_main:
+            return  # rank 0's global reaches the other ranks through the trainer's broadcast
         found = find_global_payload(self.ctx.chain)
         if found is None:
             return
@@ -135,14 +139,15 @@ class Miner:
         assert self.global_state is not None
         cfg = self.ctx.config
         model = self._load_global_into_model()
-        trainer = SparseTrainer(model, None if isinstance(model, SubsetModel) else self._selection(), cfg.training, device=self.ctx.device)
-        start_step = self._resume(trainer, cycle)
+        trainer = SparseTrainer(model, None if isinstance(model, SubsetModel) else self._selection(), cfg.training, device=self.ctx.device, dist=self.dist)
+        self._resume(trainer, cycle)
+        start_step = trainer.sync_replicas()  # every rank continues from rank 0's state
         neurons = self.ctx.chain.metagraph()
         uid = uid_of(neurons, self.ctx.hotkey)
         if uid is None:
             raise ChainError(f"hotkey {self.ctx.hotkey} is not registered")
         loader = self.ctx.data.train_loader(uid, len(neurons), cfg.training.batch_size, seed=self._seed(cycle))
-        for _ in range(start_step * cfg.training.grad_accum_steps):
+        for _ in range(start_step * trainer.micro_batches_per_step):
             next(loader)
         remaining = cfg.training.inner_steps - start_step
         deadline = self._training_deadline(cycle)
@@ -155,13 +160,15 @@ class Miner:
             self._save_trainer(trainer, cycle)
             logger.debug("cycle=%d trained steps=%d loss=%.4f", cycle, trainer.step_count, result.mean_loss)
             now = self._block()
-            if remaining > 0 and now + max(1, now - start_block) > deadline:
+            if remaining > 0 and main_decides(now + max(1, now - start_block) > deadline, self.dist):
                 logger.warning(
                     "cycle=%d stopping early at step=%d of %d to make the commit window (block=%d deadline=%d)",
                     cycle, trainer.step_count, cfg.training.inner_steps, now, deadline,
                 )  # fmt: skip
                 break
         experts = trainer.finish()
+        if self.dist.shards_model:
+            self._model = None  # fsdp sharded it in place: the next cycle loads a fresh one
         logger.info("trained cycle=%d steps=%d", cycle, trainer.step_count)
         return experts
 
@@ -180,6 +187,9 @@ class Miner:
     def write_submission(self, cycle: int, experts: dict[str, torch.Tensor]) -> None:
         assert self.global_state is not None
         folder = self.ctx.workdir / "checkpoints" / str(cycle)
+        if not self.dist.is_main:
+            self.progress = self.progress.model_copy(update={"checkpoint": str(folder)})
+            return
         manifest = write_checkpoint(
             folder,
             experts,
@@ -198,6 +208,8 @@ class Miner:
 
     def commit(self, cycle: int) -> None:
         """Commit the digest binding (domain, cycle, global revision, hotkey, tensors) once."""
+        if not self.dist.is_main:
+            return
         progress = self.progress
         if progress.cycle != cycle or progress.checkpoint is None or progress.commit_block is not None:
             return
@@ -220,6 +232,8 @@ class Miner:
 
     def reveal(self, cycle: int) -> None:
         """After the commit deadline: upload the checkpoint and commit where it is."""
+        if not self.dist.is_main:
+            return
         progress = self.progress
         if progress.cycle != cycle or progress.commit_block is None or progress.reveal_block is not None:
             return
@@ -265,10 +279,11 @@ class Miner:
     def _model_or_load(self) -> torch.nn.Module | SubsetModel:
         if self._model is None:
             cfg = self.ctx.config
+            device = torch.device("cpu") if self.dist.shards_model else self.ctx.device  # fsdp moves shards
             if cfg.training.residency == "subset":
-                self._model = load_subset_model(self.ctx.base_dir, cfg.model, self._selection(), device=self.ctx.device)
+                self._model = load_subset_model(self.ctx.base_dir, cfg.model, self._selection(), device=device)
             else:
-                self._model = load_model(self.ctx.base_dir, cfg.model).to(self.ctx.device)
+                self._model = load_model(self.ctx.base_dir, cfg.model).to(device)
         return self._model
 
     def _load_global_into_model(self) -> torch.nn.Module | SubsetModel:
@@ -288,6 +303,8 @@ class Miner:
         return self.ctx.workdir / "trainer_state.safetensors"
 
     def _save_trainer(self, trainer: SparseTrainer, cycle: int) -> None:
+        if not self.dist.is_main:
+            return
         tensors = {k: v.contiguous() for k, v in trainer.state_dict().items()}
         metadata = {"cycle": str(cycle), "global_revision": self.progress.global_revision}
         tmp = self._trainer_path().with_suffix(".tmp")
@@ -315,7 +332,8 @@ class Miner:
 
     def _save_progress(self, progress: MinerProgress) -> None:
         self.progress = progress
-        atomic_write(self._progress_path, progress.model_dump_json(indent=2).encode())
+        if self.dist.is_main:  # the other ranks follow rank 0 in memory
+            atomic_write(self._progress_path, progress.model_dump_json(indent=2).encode())
 
 
 def write_subset_experts(subset: SubsetModel, experts: dict[str, torch.Tensor]) -> None:

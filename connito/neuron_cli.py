@@ -80,6 +80,8 @@ class NeuronArgs:
     wandb_project: str | None = None  # --wandb.project; None = no W&B logging
     wandb_entity: str | None = None
     library: Path | None = None  # validators: expert library folder to record versions in (None: off)
+    training_strategy: str = "auto"  # miners: single | ddp | fsdp across launched processes
+    eval_devices: tuple[str, ...] = ()  # validators: one model replica per device (empty: --device only)
 
     @property
     def subtensor_network(self) -> str:
@@ -113,7 +115,31 @@ def build_parser(role: Role) -> argparse.ArgumentParser:
     _add_logging_args(parser)
     _add_run_args(parser)
     _add_metrics_args(parser)
+    _add_parallel_args(parser, role)
     return parser
+
+
+def _add_parallel_args(parser: argparse.ArgumentParser, role: Role) -> None:
+    group = parser.add_argument_group("several GPUs")
+    if role == "miner":
+        group.add_argument(
+            "--training.strategy",
+            dest="training_strategy",
+            choices=("auto", "single", "ddp", "fsdp"),
+            default="auto",
+            help="under accelerate launch / torchrun: ddp replicates the model, fsdp also shards the frozen "
+            "model (full residency); auto is ddp with several processes, else single (default auto)",
+        )
+    else:
+        group.add_argument(
+            "--eval.devices",
+            dest="eval_devices",
+            type=_device_list,
+            metavar="DEV,DEV",
+            default=(),
+            help="score submissions on one model replica per device, e.g. cuda:0,cuda:1 "
+            "(comma-separated; default: --device only)",
+        )
 
 
 def _add_run_args(parser: argparse.ArgumentParser) -> None:
@@ -206,6 +232,8 @@ def parse_args(role: Role, argv: list[str] | None = None) -> NeuronArgs:
         wandb_project=ns.wandb_project,
         wandb_entity=ns.wandb_entity,
         library=ns.library if role == "validator" else None,
+        training_strategy=ns.training_strategy if role == "miner" else "auto",
+        eval_devices=ns.eval_devices if role == "validator" else (),
     )
 
 
@@ -470,6 +498,13 @@ def _local_spec(flag: str):  # noqa: ANN202 - returns an argparse type callable
         return Path(path).expanduser()
 
     return parse
+
+
+def _device_list(value: str) -> tuple[str, ...]:
+    devices = tuple(part.strip() for part in value.split(","))
+    if not all(devices):
+        raise argparse.ArgumentTypeError(f"must be comma-separated devices like cuda:0,cuda:1, got {value!r}")
+    return devices
 
 
 def _hub_spec(value: str) -> tuple[Literal["hf", "local"], Path | None]:

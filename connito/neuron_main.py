@@ -6,6 +6,7 @@ context, run the role's loop. Failures a person must fix print one line on stder
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ from pathlib import Path
 import torch
 
 from connito.config import DomainConfig, config_digest, load_domain_config
+from connito.distributed import Distributed, init_distributed
 from connito.errors import ChainError, ConfigError, ConnitoError, StoreError
 from connito.hub.metered import MeteredStore
 from connito.metrics import NodeMetrics, open_wandb
@@ -102,17 +104,22 @@ def main(role: Role, argv: list[str] | None = None) -> int:
     try:
         config = load_domain_config(args.config)
         args = resolve_args(args, config)
+        dist = init_distributed(args.training_strategy, device=args.device) if role == "miner" else Distributed.single()
+        if not dist.is_main:  # one metrics endpoint and one W&B run per miner: rank 0's
+            args = dataclasses.replace(args, metrics_port=None, wandb_project=None, wandb_entity=None)
         chain = open_chain(args)
         logger.info("%s start domain=%s netuid=%s config_digest=%s", role, config.name, args.netuid, config_digest(config)[:12])
         torch.set_num_threads(max(1, torch.get_num_threads()))
         ctx = build_context(args, config, chain)
+        if dist.is_distributed:
+            ctx = dataclasses.replace(ctx, device=dist.device)
     except (ConfigError, ChainError, StoreError) as exc:
         sys.stderr.write(f"{role}: {' '.join(str(exc).split())}\n")
         return 1
     if role == "miner":
         from connito.miner import Miner
 
-        node = Miner(ctx, poll_s=args.poll_s, progress_bars=args.progress)
+        node = Miner(ctx, poll_s=args.poll_s, progress_bars=args.progress and dist.is_main, dist=dist)
     else:
         from connito.library import Library
         from connito.validator import Validator

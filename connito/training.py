@@ -15,6 +15,12 @@ an fp32 master ``nn.Parameter`` that is the only thing the optimizer sees:
 
 The same code serves both residencies: on a ``SubsetModel`` every resident expert is selected.
 After ``finish`` the parametrizations are gone and the model is a plain transformers model again.
+
+With a ``Distributed`` group (``connito.distributed``) every rank keeps identical masters and
+trains on its share of each step's micro-batches; the masters' gradients are summed across ranks
+before the optimizer step, so the ranks stay bit-identical and a step equals the single-process
+step over the whole global batch. Under ``fsdp`` the frozen model is sharded and consumed: build
+a fresh one for the next trainer.
 """
 
 from __future__ import annotations
@@ -33,8 +39,16 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from connito.config import TrainingConfig
+from connito.distributed import (
+    Distributed,
+    all_reduce_sum_,
+    broadcast_,
+    broadcast_object,
+    shard_model,
+    write_rows_,
+)
 from connito.errors import ConfigError
-from connito.moe import MoELayer, expert_key, moe_layers, read_expert
+from connito.moe import MoELayer, expert_key, moe_layers
 from connito.subset import SubsetModel, check_selection
 
 logger = logging.getLogger(__name__)
@@ -137,6 +151,8 @@ class SparseTrainer:
     ``SubsetModel`` (``subset`` residency; ``selection`` defaults to all resident experts and uses
     ORIGINAL expert ids either way). The trainer owns the model until ``finish``: it freezes every
     parameter, parametrizes the fused expert tensors, and seeds torch's global RNG with ``cfg.seed``.
+    ``dist`` makes it one rank of a data-parallel group (``ddp``) or also shards the frozen model
+    (``fsdp``: pass the model on the CPU; its shards move to ``dist.device``).
     """
 
     def __init__(
@@ -146,14 +162,20 @@ class SparseTrainer:
         cfg: TrainingConfig,
         *,
         device: str | torch.device | None = None,
+        dist: Distributed | None = None,
     ) -> None:
         self.cfg = cfg
         self.subset = model if isinstance(model, SubsetModel) else None
         self.model = model.model if isinstance(model, SubsetModel) else model
+        if dist is not None and device is None:
+            device = dist.device
         self.device = torch.device(device) if device is not None else next(self.model.parameters()).device
-        self.model.to(self.device)
+        self.dist = dist if dist is not None else Distributed.single(self.device)
+        if not self.dist.shards_model:  # fsdp moves only each rank's shard to the device
+            self.model.to(self.device)
         self.step_count = 0
         self._finished = False
+        self._replicas_synced = not self.dist.is_distributed
         self._requires_grad = {name: p.requires_grad for name, p in self.model.named_parameters()}
         self.model.requires_grad_(False)
         self.slices = self._make_slices(selection)
@@ -161,6 +183,8 @@ class SparseTrainer:
             parametrize.register_parametrization(
                 item.experts, item.tensor, _Splice(self._index(item), item.master)
             )
+        if self.dist.shards_model:
+            shard_model(self.model, self.dist, replicated={item.master for item in self.slices})
         self.optimizer = torch.optim.AdamW(
             [item.master for item in self.slices], lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay
         )
@@ -171,11 +195,13 @@ class SparseTrainer:
             )
         torch.manual_seed(cfg.seed)
         logger.info(
-            "sparse trainer ready residency=%s experts=%d trainable_params=%d device=%s",
+            "sparse trainer ready residency=%s experts=%d trainable_params=%d device=%s strategy=%s ranks=%d",
             "subset" if self.subset is not None else "full",
             sum(len(s.slots) for s in self.slices) // len(FUSED_TENSORS),
             self.trainable_params,
             self.device,
+            self.dist.strategy,
+            self.dist.world_size,
         )
 
     # -- setup -------------------------------------------------------------------------------
@@ -200,7 +226,8 @@ class SparseTrainer:
             for tensor in FUSED_TENSORS:
                 fused = getattr(layer.experts, tensor)
                 index = torch.tensor(slots[layer_index], device=fused.device)
-                master = nn.Parameter(fused.detach().index_select(0, index).to(torch.float32))
+                rows = fused.detach().index_select(0, index)
+                master = nn.Parameter(rows.to(device=self.device, dtype=torch.float32))
                 slices.append(
                     _Slice(
                         layer=layer_index,
@@ -216,6 +243,11 @@ class SparseTrainer:
     @staticmethod
     def _index(item: _Slice) -> torch.Tensor:
         return torch.tensor(item.slots, device=item.master.device)
+
+    @property
+    def micro_batches_per_step(self) -> int:
+        """Micro-batches one optimizer step takes from the shared stream, over all ranks."""
+        return self.cfg.grad_accum_steps * self.dist.world_size
 
     @property
     def trainable_params(self) -> int:
@@ -235,11 +267,42 @@ class SparseTrainer:
     # -- training ----------------------------------------------------------------------------
 
     def _sync_model(self) -> None:
-        """Write each master, in the model dtype, into its rows of the fused tensor."""
-        with torch.no_grad():
-            for item in self.slices:
-                fused = item.fused
-                fused.index_copy_(0, self._index(item).to(fused.device), item.master.to(fused.dtype))
+        """Write each master, in the model dtype, into its rows of the fused tensor (or its shard)."""
+        for item in self.slices:
+            write_rows_(item.fused, self._index(item), item.master.detach())
+
+    def sync_replicas(self) -> int:
+        """Give every rank rank 0's masters, optimizer state and step count; return that step.
+
+        Call after a resume: rank 0 alone decides what was resumed, so ranks that read another
+        global state or no trainer state at all still train as one. A no-op in one process.
+        """
+        if self.dist.is_distributed:
+            layout = [sorted(self.optimizer.state.get(item.master, {})) for item in self.slices]
+            step_count, layout = broadcast_object((self.step_count, layout), self.dist)
+            steps = [
+                float(self.optimizer.state[item.master]["step"])
+                if self.dist.is_main and "step" in names
+                else None
+                for item, names in zip(self.slices, layout, strict=True)
+            ]
+            steps = broadcast_object(steps, self.dist)  # AdamW's step is a CPU scalar: NCCL cannot send it
+            tensors: list[torch.Tensor] = []
+            for item, names, step in zip(self.slices, layout, steps, strict=True):
+                state = self.optimizer.state[item.master]
+                if not self.dist.is_main:
+                    state.clear()  # only what rank 0 holds
+                for name in names:
+                    if name == "step":
+                        state["step"] = torch.tensor(step, dtype=torch.float32)
+                    else:  # AdamW: exp_avg, exp_avg_sq, shaped like the master
+                        tensors.append(state.setdefault(name, torch.zeros_like(item.master)))
+                tensors.append(item.master)
+            broadcast_(tensors, self.dist)
+            self.step_count = int(step_count)
+            self._sync_model()
+        self._replicas_synced = True
+        return self.step_count
 
     def _micro_batches(self, batch: Batch | Sequence[Batch]) -> list[Batch]:
         micro = list(batch) if isinstance(batch, (list, tuple)) else [batch]
@@ -278,8 +341,12 @@ class SparseTrainer:
         """
         if self._finished:
             raise ConfigError("the trainer is finished; build a new one", field="trainer")
+        if not self._replicas_synced:
+            self.sync_replicas()
         micro = [send_to_device(_batch_parts(b), self.device) for b in self._micro_batches(batch)]
-        tokens = sum(int((_targets(ids, mask) != IGNORE_INDEX).sum()) for ids, mask in micro)
+        tokens = self._global_tokens(
+            sum(int((_targets(ids, mask) != IGNORE_INDEX).sum()) for ids, mask in micro)
+        )
         self.model.train()
         loss_total = 0.0
         for input_ids, attention_mask in micro:
@@ -287,6 +354,8 @@ class SparseTrainer:
             (loss_sum / max(tokens, 1)).backward()
             loss_total += float(loss_sum.detach())
         masters = [item.master for item in self.slices]
+        if self.dist.is_distributed:
+            loss_total = self._sum_over_ranks(masters, loss_total)
         if self.cfg.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(masters, self.cfg.grad_clip)
         self.optimizer.step()
@@ -297,23 +366,46 @@ class SparseTrainer:
         logger.debug("inner step=%d loss=%.4f tokens=%d", self.step_count, loss, tokens)
         return loss
 
-    def train(self, batches: Iterable[Batch], steps: int, *, progress: bool = True) -> TrainResult:
-        """Up to ``steps`` optimizer steps, taking ``grad_accum_steps`` micro-batches each.
+    def _sum_over_ranks(self, masters: list[nn.Parameter], loss_total: float) -> float:
+        """Sum the masters' gradients and the step's loss over every rank's share, in one all-reduce."""
+        for master in masters:
+            if master.grad is None:  # every rank must send the same layout
+                master.grad = torch.zeros_like(master)
+        loss = torch.tensor([loss_total], dtype=torch.float32, device=self.device)
+        all_reduce_sum_([*(m.grad for m in masters), loss], self.dist)
+        return float(loss.item())
 
-        Stops early, without a partial step, when ``batches`` runs out.
+    def _global_tokens(self, local_tokens: int) -> int:
+        """Predicted tokens of the whole step over all ranks: the one divisor of every rank's loss."""
+        if not self.dist.is_distributed:
+            return local_tokens
+        count = torch.tensor([float(local_tokens)], device=self.device)
+        all_reduce_sum_([count], self.dist)
+        return int(count.item())
+
+    def train(self, batches: Iterable[Batch], steps: int, *, progress: bool = True) -> TrainResult:
+        """Up to ``steps`` optimizer steps, taking ``micro_batches_per_step`` micro-batches each.
+
+        Every rank reads the same ``batches`` stream; rank r trains on micro-batches r, r+K, ... of
+        each step, so K ranks see K times the tokens of one per step. Stops early, without a
+        partial step, when ``batches`` runs out. ``tokens`` counts all ranks' tokens.
         """
         iterator = iter(batches)
         losses: list[float] = []
         tokens = 0
         start = time.perf_counter()
-        bar = tqdm(total=steps, disable=not progress, desc="inner steps", unit="step")
+        bar = tqdm(
+            total=steps, disable=not progress or not self.dist.is_main, desc="inner steps", unit="step"
+        )
+        per_step = self.micro_batches_per_step
         for _ in range(steps):
-            micro = [b for _, b in zip(range(self.cfg.grad_accum_steps), iterator, strict=False)]
-            if len(micro) < self.cfg.grad_accum_steps:
+            micro = [b for _, b in zip(range(per_step), iterator, strict=False)]
+            if len(micro) < per_step:
                 logger.warning("training data ran out step=%d of=%d", len(losses), steps)
                 break
             tokens += sum(int((_targets(*_batch_parts(b)) != IGNORE_INDEX).sum()) for b in micro)
-            losses.append(self.step(micro))
+            mine = micro[self.dist.rank :: self.dist.world_size]
+            losses.append(self.step(mine if len(mine) > 1 else mine[0]))
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
         bar.close()
@@ -378,6 +470,7 @@ class SparseTrainer:
         )
         self._sync_model()
         self.step_count = int(state["step"])
+        self._replicas_synced = not self.dist.is_distributed
         torch.set_rng_state(state["rng.cpu"])
         if "rng.cuda" in state and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["rng.cuda"], self.device)
@@ -389,8 +482,12 @@ class SparseTrainer:
 
         Keys use ORIGINAL expert ids (also for a subset model); tensors are copies in the model
         dtype. Afterwards the model has no parametrizations, its state-dict keys are the original
-        ones and its ``requires_grad`` flags are restored.
+        ones and its ``requires_grad`` flags are restored. Under ``fsdp`` the sharded model is
+        left as it is, to be dropped: only the returned experts are meant to outlive the trainer.
         """
+        if not self._finished and self.dist.shards_model:
+            self.optimizer.state.clear()
+            self._finished = True
         if not self._finished:
             self._sync_model()
             for item in self.slices:
@@ -406,12 +503,15 @@ class SparseTrainer:
         return self._trained_experts()
 
     def _trained_experts(self) -> dict[str, torch.Tensor]:
-        layers = {layer.index: layer for layer in moe_layers(self.model)}
+        """Each expert from its masters cast to the model dtype: the bits its fused rows hold."""
         state: dict[str, torch.Tensor] = {}
         for item in self.slices:
-            if item.tensor != FUSED_TENSORS[0]:
-                continue  # one pass per layer: read_expert returns all three projections
-            for slot, expert in zip(item.slots, item.expert_ids, strict=True):
-                for projection, tensor in read_expert(layers[item.layer], slot).items():
-                    state[expert_key(item.layer, expert, projection)] = tensor
-        return state
+            rows = item.master.detach().to(item.fused.dtype)  # (n, 2*I, H) or (n, H, I)
+            for row, expert in zip(rows, item.expert_ids, strict=True):
+                if item.tensor == "down_proj":
+                    state[expert_key(item.layer, expert, "down_proj")] = row.clone()
+                else:  # gate rows first (transformers 5 fused layout)
+                    gate, up = row.chunk(2, dim=0)
+                    state[expert_key(item.layer, expert, "gate_proj")] = gate.clone()
+                    state[expert_key(item.layer, expert, "up_proj")] = up.clone()
+        return dict(sorted(state.items()))
