@@ -136,9 +136,9 @@ def _add_parallel_args(parser: argparse.ArgumentParser, role: Role) -> None:
             dest="eval_devices",
             type=_device_list,
             metavar="DEV,DEV",
-            default=(),
+            default=None,
             help="score submissions on one model replica per device, e.g. cuda:0,cuda:1 "
-            "(comma-separated; default: --device only)",
+            "(comma-separated; default: none, one model on --device)",
         )
 
 
@@ -233,7 +233,7 @@ def parse_args(role: Role, argv: list[str] | None = None) -> NeuronArgs:
         wandb_entity=ns.wandb_entity,
         library=ns.library if role == "validator" else None,
         training_strategy=ns.training_strategy if role == "miner" else "auto",
-        eval_devices=ns.eval_devices if role == "validator" else (),
+        eval_devices=(ns.eval_devices or ()) if role == "validator" else (),
     )
 
 
