@@ -100,7 +100,7 @@ def test_connito_export_writes_a_checkpoint_plain_transformers_loads(world, tmp_
     code = main(
         [
             "export", "--library", str(world.library.root), "--domain", "tiny-math", "--keep-fraction", "0.25",
-            "--out", str(out), "--cache-dir", str(world.root / "cache"), "--eval-batches", "4", "--json",
+            "--out", str(out), "--cache-dir", str(world.root / "cache"), "--eval-batches", "4", "--version", "v1", "--json",
         ]
     )  # fmt: skip
     assert code == 0

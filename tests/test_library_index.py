@@ -192,3 +192,18 @@ def test_a_library_from_a_newer_connito_is_refused(tmp_path):
         conn.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
     with pytest.raises(LibraryError, match="schema_version 99"):
         Library(tmp_path)
+
+
+def test_downstream_evaluations_attach_to_a_version(tmp_path):
+    """``record_eval`` (connito owner-eval's hook) keeps every result, in order, with an event."""
+    from connito.library import record_eval
+
+    library = Library(tmp_path)
+    state = experts(1)
+    library.record(draft(state), state)
+    record_eval(tmp_path, "math@latest", {"tasks": ["gsm8k"], "results": {"gsm8k": {"acc": 0.25}}})
+    record_eval(tmp_path, "math@v1", {"tasks": ["gsm8k"], "results": {"gsm8k": {"acc": 0.5}}})
+    assert [e["result"]["results"]["gsm8k"]["acc"] for e in library.evals("math@v1")] == [0.25, 0.5]
+    assert [e.kind for e in library.events("math@v1")] == ["record", "eval", "eval"]
+    with pytest.raises(LibraryError, match="math@v2"):
+        record_eval(tmp_path, "math@v2", {})

@@ -2,19 +2,22 @@
 
 ``Library`` is the index (``index.sqlite`` plus content-addressed expert tensors); ``compose``
 builds a full model from lanes of versions; ``export_domain`` writes a right-sized model for one
-domain; ``record_global`` is the validators' hook and ``rebuild_library`` rebuilds from the chain
-and the store. Heavy modules are imported on first use so ``connito library list`` stays quick.
+domain; ``record_global`` is the validators' hook, ``rebuild_library`` rebuilds from the chain
+and the store, and ``record_eval`` attaches ``connito owner-eval``
+results to a version. Heavy modules are imported on first use so ``connito library list`` stays
+quick.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from connito.library.index import INDEX_FILE, Library, LibraryEvent, VersionDraft
+from connito.library.index import INDEX_FILE, Library, LibraryEvent, record_eval
 from connito.library.records import (
     LATEST,
     Contributor,
     StoreLocation,
+    VersionDraft,
     VersionRecord,
     parse_version,
     version_name,
@@ -36,6 +39,7 @@ __all__ = [
     "StoreLocation",
     "parse_version",
     "version_name",
+    "record_eval",
     "Composition",
     "compose",
     "save_composition",

@@ -164,9 +164,11 @@ def _list(library, args: argparse.Namespace) -> int:  # noqa: ANN001
 def _show(library, args: argparse.Namespace) -> int:  # noqa: ANN001
     record = library.get(args.version)
     events = library.events(record.name)
+    evals = library.evals(record.name)
     body = {
         **record.model_dump(mode="json"),
         "events": [{"at": e.at, "kind": e.kind, "detail": e.detail} for e in events],
+        "evals": evals,
     }
     text = [
         f"{key}: {value}" for key, value in record.model_dump(mode="json", exclude={"contributors"}).items()
@@ -176,6 +178,7 @@ def _show(library, args: argparse.Namespace) -> int:  # noqa: ANN001
         for c in record.contributors
     ]
     text += [f"event: {e.kind} {e.detail}" for e in events]
+    text += [f"eval: {json.dumps(e['result'].get('results', e['result']), sort_keys=True)}" for e in evals]
     return _emit(args, body, text)
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -28,113 +27,35 @@ from pathlib import Path
 
 import safetensors.torch
 import torch
-from pydantic import ValidationError
 
 from connito.checkpoint import tensors_digest
 from connito.config import DomainConfig, config_digest
 from connito.errors import LibraryError
 from connito.fsutil import atomic_write
-from connito.library.records import (
-    Contributor,
-    Removal,
-    StoreLocation,
-    VersionRecord,
-    parse_version,
-    version_name,
+from connito.library.records import VersionDraft, VersionRecord, parse_version, version_name
+from connito.library.rows import (
+    FILLABLE,
+    SCHEMA,
+    SELECT,
+    draft_columns,
+    expert_id,
+    expert_sort_key,
+    to_record,
 )
-from connito.moe import parse_expert_key
 from connito.selection_record import ExpertSelection
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["INDEX_FILE", "INDEX_SCHEMA_VERSION", "VersionDraft", "LibraryEvent", "Library"]
+__all__ = ["INDEX_FILE", "INDEX_SCHEMA_VERSION", "LibraryEvent", "Library", "record_eval"]
 
 INDEX_FILE = "index.sqlite"
 INDEX_SCHEMA_VERSION = 1
 BUSY_TIMEOUT_S = 60.0  # a validator recording while another process rebuilds waits, never fails
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS versions (
-    domain TEXT NOT NULL,
-    number INTEGER NOT NULL,
-    cycle INTEGER NOT NULL,
-    tensors_sha256 TEXT NOT NULL,
-    model_id TEXT NOT NULL,
-    model_revision TEXT NOT NULL,
-    selection_digest TEXT NOT NULL,
-    config_digest TEXT NOT NULL,
-    experts TEXT NOT NULL,              -- JSON list of "L.E"
-    store_kind TEXT, store_repo TEXT, store_revision TEXT,
-    domain_loss REAL, general_loss REAL, eval_seed INTEGER,
-    parent TEXT,
-    parent_revision TEXT NOT NULL,
-    decision TEXT NOT NULL,
-    contributors TEXT NOT NULL,         -- JSON list of Contributor
-    merge_record_sha256 TEXT NOT NULL,
-    lead_hotkey TEXT NOT NULL,
-    block INTEGER,
-    recorded_at REAL NOT NULL,
-    PRIMARY KEY (domain, number),
-    UNIQUE (domain, cycle, tensors_sha256)
-);
-CREATE INDEX IF NOT EXISTS versions_by_revision ON versions (tensors_sha256);
-CREATE TABLE IF NOT EXISTS removals (
-    domain TEXT NOT NULL, number INTEGER NOT NULL, at REAL NOT NULL, reason TEXT NOT NULL,
-    PRIMARY KEY (domain, number)
-);
-CREATE TABLE IF NOT EXISTS events (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    at REAL NOT NULL,
-    kind TEXT NOT NULL CHECK (kind IN ('record', 'update', 'remove')),
-    version TEXT NOT NULL,
-    detail TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS bases (
-    model_id TEXT NOT NULL, model_revision TEXT NOT NULL, location TEXT NOT NULL,
-    PRIMARY KEY (model_id, model_revision)
-);
-CREATE TABLE IF NOT EXISTS configs (digest TEXT PRIMARY KEY, domain TEXT NOT NULL, body TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS selections (digest TEXT PRIMARY KEY, domain TEXT NOT NULL, body TEXT NOT NULL);
-"""
-# Fields a later writer may fill in when the first one did not know them (e.g. a non-lead that
-# recorded before the lead's losses arrived, or a rebuild that learns the commitment block).
-_FILLABLE = (
-    "store_kind",
-    "store_repo",
-    "store_revision",
-    "domain_loss",
-    "general_loss",
-    "eval_seed",
-    "block",
-)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class VersionDraft:
-    """A version as the recorder knows it; the library adds the number, the parent and the time."""
-
-    domain: str
-    model_id: str
-    model_revision: str
-    selection_digest: str
-    config_digest: str
-    cycle: int
-    tensors_sha256: str
-    store: StoreLocation | None
-    domain_loss: float | None
-    general_loss: float | None
-    eval_seed: int | None
-    parent_revision: str
-    decision: str
-    contributors: tuple[Contributor, ...]
-    merge_record_sha256: str
-    lead_hotkey: str
-    block: int | None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class LibraryEvent:
-    """One line of the library's history (recorded, updated, removed)."""
+    """One line of the library's history (recorded, updated, removed, evaluated)."""
 
     seq: int
     at: float
@@ -193,7 +114,7 @@ class Library:
             conn.close()
         with self._transaction(write=True) as conn:
             # statement by statement: executescript would COMMIT the open transaction
-            for statement in _SCHEMA.split(";"):
+            for statement in SCHEMA.split(";"):
                 if statement.strip():
                     conn.execute(statement)
             row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
@@ -249,7 +170,7 @@ class Library:
             raise LibraryError(
                 f"domain={draft.domain} cycle={draft.cycle}: tensors digest {digest[:12]}, draft says {draft.tensors_sha256[:12]}"
             )
-        experts_list = sorted({_expert_id(key) for key in experts}, key=_expert_sort_key)
+        experts_list = sorted({expert_id(key) for key in experts}, key=expert_sort_key)
         now = time.time()
         with self._transaction(write=True) as conn:
             existing = conn.execute(
@@ -259,11 +180,11 @@ class Library:
             if existing is not None:
                 self._fill(conn, existing, draft, now)
                 row = self._row(conn, draft.domain, existing["number"])
-                return _to_record(row), False
+                return to_record(row), False
             number = conn.execute(
                 "SELECT COALESCE(MAX(number), 0) + 1 FROM versions WHERE domain = ?", (draft.domain,)
             ).fetchone()[0]
-            values = _draft_columns(draft)
+            values = draft_columns(draft)
             values.update(
                 number=number,
                 experts=json.dumps(experts_list),
@@ -287,12 +208,12 @@ class Library:
         logger.info(
             "library recorded version=%s cycle=%d rev=%s", name, draft.cycle, draft.tensors_sha256[:12]
         )
-        return _to_record(row), True
+        return to_record(row), True
 
     def _fill(self, conn: sqlite3.Connection, existing: sqlite3.Row, draft: VersionDraft, now: float) -> None:
-        values = _draft_columns(draft)
+        values = draft_columns(draft)
         filled = {
-            name: values[name] for name in _FILLABLE if existing[name] is None and values[name] is not None
+            name: values[name] for name in FILLABLE if existing[name] is None and values[name] is not None
         }
         if not filled:
             return
@@ -331,16 +252,42 @@ class Library:
                 _event(conn, now, "remove", record.name, reason)
             row = self._row(conn, record.domain, record.number)
         logger.info("library removed version=%s reason=%r", record.name, reason)
-        return _to_record(row), bool(done)
+        return to_record(row), bool(done)
+
+    def record_eval(self, text: str, result: dict) -> VersionRecord:
+        """Attach a downstream evaluation (``connito owner-eval``'s JSON) to a version.
+
+        Raises:
+            LibraryError: no such version.
+        """
+        record = self.get(text)
+        now = time.time()
+        with self._transaction(write=True) as conn:
+            conn.execute(
+                "INSERT INTO evals (domain, number, at, body) VALUES (?, ?, ?, ?)",
+                (record.domain, record.number, now, json.dumps(result, sort_keys=True)),
+            )
+            _event(conn, now, "eval", record.name, ",".join(sorted(result.get("tasks", {}) or {})))
+        return record
+
+    def evals(self, text: str) -> list[dict]:
+        """Every evaluation attached to a version, oldest first."""
+        record = self.get(text)
+        with self._transaction(write=False) as conn:
+            rows = conn.execute(
+                "SELECT at, body FROM evals WHERE domain = ? AND number = ? ORDER BY seq",
+                (record.domain, record.number),
+            ).fetchall()
+        return [{"at": row["at"], "result": json.loads(row["body"])} for row in rows]
 
     # -- reading -----------------------------------------------------------------------------
 
     def versions(self, domain: str | None = None) -> list[VersionRecord]:
         """Every version (removed ones too), by domain then number."""
-        query = _SELECT + (" WHERE v.domain = ?" if domain else "") + " ORDER BY v.domain, v.number"
+        query = SELECT + (" WHERE v.domain = ?" if domain else "") + " ORDER BY v.domain, v.number"
         with self._transaction(write=False) as conn:
             rows = conn.execute(query, (domain,) if domain else ()).fetchall()
-        return [_to_record(row) for row in rows]
+        return [to_record(row) for row in rows]
 
     def get(self, text: str) -> VersionRecord:
         """The version a name means: ``math@v3`` exactly, ``math@latest`` the newest not removed.
@@ -352,7 +299,7 @@ class Library:
         with self._transaction(write=False) as conn:
             if ref.number is None:
                 row = conn.execute(
-                    _SELECT + " WHERE v.domain = ? AND r.at IS NULL ORDER BY v.number DESC LIMIT 1",
+                    SELECT + " WHERE v.domain = ? AND r.at IS NULL ORDER BY v.number DESC LIMIT 1",
                     (ref.domain,),
                 ).fetchone()
             else:
@@ -362,16 +309,16 @@ class Library:
             raise LibraryError(
                 f"version {text!r}: not in library {self.root} (domains: {', '.join(known) or 'none'})"
             )
-        return _to_record(row)
+        return to_record(row)
 
     def find_revision(self, domain: str, cycle: int, tensors_sha256: str) -> VersionRecord | None:
         """The version recorded for exactly this (domain, cycle, tensors digest), if any."""
         with self._transaction(write=False) as conn:
             row = conn.execute(
-                _SELECT + " WHERE v.domain = ? AND v.cycle = ? AND v.tensors_sha256 = ?",
+                SELECT + " WHERE v.domain = ? AND v.cycle = ? AND v.tensors_sha256 = ?",
                 (domain, cycle, tensors_sha256),
             ).fetchone()
-        return _to_record(row) if row is not None else None
+        return to_record(row) if row is not None else None
 
     def events(self, version: str | None = None) -> list[LibraryEvent]:
         """The library's history, oldest first (optionally of one version name)."""
@@ -385,7 +332,7 @@ class Library:
 
     @staticmethod
     def _row(conn: sqlite3.Connection, domain: str, number: int) -> sqlite3.Row | None:
-        return conn.execute(_SELECT + " WHERE v.domain = ? AND v.number = ?", (domain, number)).fetchone()
+        return conn.execute(SELECT + " WHERE v.domain = ? AND v.number = ?", (domain, number)).fetchone()
 
     # -- what versions need to be rebuilt into models ----------------------------------------
 
@@ -443,45 +390,10 @@ class Library:
         return row["body"]
 
 
-_SELECT = (
-    "SELECT v.*, r.at AS removed_at, r.reason AS removed_reason FROM versions v"
-    " LEFT JOIN removals r ON r.domain = v.domain AND r.number = v.number"
-)
-
-
 def _event(conn: sqlite3.Connection, at: float, kind: str, version: str, detail: str) -> None:
     conn.execute(
         "INSERT INTO events (at, kind, version, detail) VALUES (?, ?, ?, ?)", (at, kind, version, detail)
     )
-
-
-def _finite(value: float | None) -> float | None:
-    return value if value is not None and math.isfinite(value) else None
-
-
-def _draft_columns(draft: VersionDraft) -> dict[str, object]:
-    store = draft.store
-    return {
-        "domain": draft.domain,
-        "cycle": draft.cycle,
-        "tensors_sha256": draft.tensors_sha256,
-        "model_id": draft.model_id,
-        "model_revision": draft.model_revision,
-        "selection_digest": draft.selection_digest,
-        "config_digest": draft.config_digest,
-        "store_kind": store.kind if store else None,
-        "store_repo": store.repo if store else None,
-        "store_revision": store.revision if store else None,
-        "domain_loss": _finite(draft.domain_loss),
-        "general_loss": _finite(draft.general_loss),
-        "eval_seed": draft.eval_seed,
-        "parent_revision": draft.parent_revision,
-        "decision": draft.decision,
-        "contributors": json.dumps([c.model_dump(mode="json") for c in draft.contributors]),
-        "merge_record_sha256": draft.merge_record_sha256,
-        "lead_hotkey": draft.lead_hotkey,
-        "block": draft.block,
-    }
 
 
 def _parent(conn: sqlite3.Connection, draft: VersionDraft) -> str | None:
@@ -494,53 +406,6 @@ def _parent(conn: sqlite3.Connection, draft: VersionDraft) -> str | None:
     return version_name(row["domain"], row["number"]) if row is not None else None
 
 
-def _to_record(row: sqlite3.Row | None) -> VersionRecord:
-    assert row is not None, "callers check for a missing row"
-    has_store = row["store_kind"] is not None
-    try:
-        return VersionRecord(
-            name=version_name(row["domain"], row["number"]),
-            domain=row["domain"],
-            number=row["number"],
-            model_id=row["model_id"],
-            model_revision=row["model_revision"],
-            selection_digest=row["selection_digest"],
-            config_digest=row["config_digest"],
-            cycle=row["cycle"],
-            tensors_sha256=row["tensors_sha256"],
-            experts=tuple(json.loads(row["experts"])),
-            store=StoreLocation(
-                kind=row["store_kind"], repo=row["store_repo"], revision=row["store_revision"]
-            )
-            if has_store
-            else None,
-            domain_loss=row["domain_loss"],
-            general_loss=row["general_loss"],
-            eval_seed=row["eval_seed"],
-            parent=row["parent"],
-            parent_revision=row["parent_revision"],
-            decision=row["decision"],
-            contributors=tuple(Contributor.model_validate(c) for c in json.loads(row["contributors"])),
-            merge_record_sha256=row["merge_record_sha256"],
-            lead_hotkey=row["lead_hotkey"],
-            block=row["block"],
-            recorded_at=row["recorded_at"],
-            removed=Removal(at=row["removed_at"], reason=row["removed_reason"])
-            if row["removed_at"] is not None
-            else None,
-        )
-    except (ValidationError, ValueError) as exc:
-        detail = str(exc).splitlines()[0]
-        raise LibraryError(
-            f"version {row['domain']}@v{row['number']}: index row is invalid: {detail}"
-        ) from None
-
-
-def _expert_id(key: str) -> str:
-    layer, expert, _ = parse_expert_key(key)
-    return f"{layer}.{expert}"
-
-
-def _expert_sort_key(item: str) -> tuple[int, int]:
-    layer, expert = item.split(".")
-    return int(layer), int(expert)
+def record_eval(library: str | Path, version: str, result: dict) -> VersionRecord:
+    """``connito owner-eval``'s hook: attach ``result`` to ``version`` of the library at ``library``."""
+    return Library(library).record_eval(version, result)

@@ -26,8 +26,8 @@ from connito.data import DomainData
 from connito.errors import CommitmentDecodeError, ConnitoError, InvalidSubmission, LibraryError, StoreError
 from connito.global_state import GlobalState, fetch_global, find_global_payload
 from connito.hub.base import CheckpointStore, StoreRef
-from connito.library.index import Library, VersionDraft
-from connito.library.records import Contributor, StoreLocation, VersionRecord
+from connito.library.index import Library
+from connito.library.records import Contributor, StoreLocation, VersionDraft, VersionRecord
 from connito.merge import record_digest
 from connito.modeling import load_model
 from connito.moe import read_experts, write_experts

@@ -26,6 +26,7 @@ __all__ = [
     "StoreLocation",
     "Removal",
     "VersionRecord",
+    "VersionDraft",
     "parse_version",
     "version_name",
 ]
@@ -140,3 +141,26 @@ class VersionRecord(_Strict):
             layer, expert = (int(x) for x in item.split("."))
             by_layer.setdefault(layer, []).append(expert)
         return {layer: sorted(experts) for layer, experts in sorted(by_layer.items())}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class VersionDraft:
+    """A version as the recorder knows it; the library adds the number, the parent and the time."""
+
+    domain: str
+    model_id: str
+    model_revision: str
+    selection_digest: str
+    config_digest: str
+    cycle: int
+    tensors_sha256: str
+    store: StoreLocation | None
+    domain_loss: float | None
+    general_loss: float | None
+    eval_seed: int | None
+    parent_revision: str
+    decision: str
+    contributors: tuple[Contributor, ...]
+    merge_record_sha256: str
+    lead_hotkey: str
+    block: int | None
