@@ -241,6 +241,11 @@ class TrainingConfig(_Strict):
     seed: int = Field(
         0, description="torch seed of the trainer; also mixed into each miner's per-cycle data order"
     )
+    payload: Literal["fp", "int8"] = Field(
+        "fp",
+        description="what a miner uploads: fp, the trained experts; int8, their delta from the global as "
+        "per-row int8 with fp32 scales (about 2x smaller than bf16, 4x than fp32); validators accept both",
+    )
 
 
 class CycleConfig(_Strict):
@@ -289,6 +294,12 @@ class ScoringConfig(_Strict):
     max_manifest_bytes: int = Field(
         64 * 1024, ge=256, description="cap on manifest.json, checked before reading it"
     )
+    update_bound_factor: float | None = Field(
+        2.0,
+        gt=0,
+        description="reject a submission that moved any expert weight more than this multiple of what "
+        "training.inner_steps AdamW steps at training.lr can move it (connito.update_bound); None disables",
+    )
 
     @model_validator(mode="after")
     def _burn(self) -> ScoringConfig:
@@ -305,7 +316,7 @@ class MergeConfig(_Strict):
     momentum: float = Field(0.9, ge=0, lt=1, description="outer momentum (lr 1, momentum 0: plain averaging)")
     nesterov: bool = Field(True, description="Nesterov momentum in the outer step")
     clip_norm: float | None = Field(
-        None, gt=0, description="clip each pseudo-gradient to this multiple of the median norm; None disables"
+        4.0, gt=0, description="clip each pseudo-gradient to this multiple of the median norm; None disables"
     )
 
 

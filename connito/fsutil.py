@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write", "atomic_write_json", "fsync_dir"]
+__all__ = ["atomic_write", "atomic_write_json", "fsync_dir", "sweep_temp_files"]
 
 
 def fsync_dir(directory: Path) -> None:
@@ -44,6 +45,27 @@ def atomic_write(path: str | Path, data: bytes) -> None:
         Path(tmp_name).unlink(missing_ok=True)
         raise
     fsync_dir(target.parent)
+
+
+def sweep_temp_files(root: Path) -> list[Path]:
+    """Remove what a killed writer left under ``root``; returns what was removed.
+
+    ``atomic_write`` temp files (``.NAME.*.tmp``) and store staging folders (``.tmp-*``) are only
+    ever complete once renamed, so after a ``kill -9`` they are garbage. Call it on a folder that
+    only this process writes (a node's workdir), at start, before anything else writes there.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    removed = []
+    for path in sorted(root.rglob(".*"), key=lambda p: len(p.parts), reverse=True):
+        if path.is_file() and path.name.endswith(".tmp"):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+        elif path.is_dir() and path.name.startswith(".tmp-"):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from connito.checkpoint import MANIFEST_FILE, write_checkpoint
 from connito.distributed import Distributed, main_decides
 from connito.errors import ChainError, ConfigError, InvalidSubmission, StoreError
-from connito.fsutil import atomic_write
+from connito.fsutil import atomic_write, sweep_temp_files
 from connito.global_state import GlobalState, fetch_global, find_global_payload, genesis_global
 from connito.modeling import load_model
 from connito.moe import moe_layers, parse_expert_key, read_experts, write_expert, write_experts
@@ -75,6 +75,7 @@ class Miner:
 
     def __post_init__(self) -> None:
         """Resume from the workdir: a restart within a cycle never trains or commits twice."""
+        sweep_temp_files(self.ctx.workdir)  # what a kill -9 left half-written
         if self._progress_path.exists():
             self.progress = MinerProgress.model_validate_json(self._progress_path.read_bytes())
             logger.info("miner resumed cycle=%d committed=%s", self.progress.cycle, self.progress.commit_block)
@@ -201,6 +202,9 @@ class Miner:
             cycle=cycle,
             global_revision=self.progress.global_revision,
             hotkey=self.ctx.hotkey,
+            # an int8 delta is only meaningful against the global the manifest names
+            encoding=self.ctx.config.training.payload if self.global_state.revision == self.progress.global_revision else "fp",
+            base=self.global_state.experts,
         )
         self._save_progress(
             self.progress.model_copy(update={"checkpoint": str(folder), "tensors_sha256": manifest.tensors_sha256})

@@ -120,9 +120,15 @@ def _reject(candidate: Candidate, reason: str, detail: str, **losses: float | No
 
 
 def _screen_copies(
-    candidates: Sequence[Candidate], global_state: dict[str, torch.Tensor], cosine_threshold: float
+    candidates: Sequence[Candidate],
+    global_state: dict[str, torch.Tensor],
+    cosine_threshold: float,
+    max_change: float | None,
 ) -> tuple[list[tuple[Candidate, torch.Tensor]], list[SubmissionScore]]:
-    """Drop lazy and copied submissions before any evaluation; earliest commitment wins ties.
+    """Drop lazy, oversized and copied submissions before any evaluation; earliest commitment wins ties.
+
+    ``max_change`` bounds how far any weight may have moved (``connito.update_bound``): a larger
+    move is a rescaled or foreign update, never merged or published, however good its loss.
 
     Candidates are visited in ``(commit_block, hotkey)`` order, so copies committed in the same
     block go to the lexically smaller hotkey on every validator, whatever the arrival order.
@@ -140,8 +146,15 @@ def _screen_copies(
         if not torch.isfinite(delta).all():
             rejected.append(_reject(candidate, "non_finite", "non-finite expert weights"))
             continue
-        if float(delta.abs().max()) == 0.0:
+        moved = float(delta.abs().max())
+        if moved == 0.0:
             rejected.append(_reject(candidate, "lazy", "zero delta: the global experts unchanged"))
+            continue
+        if max_change is not None and moved > max_change:
+            detail = (
+                f"an expert weight moved {moved:.3g} > {max_change:.3g}, the most H inner steps can move it"
+            )
+            rejected.append(_reject(candidate, "update_too_large", detail))
             continue
         twin = next(
             (
@@ -172,17 +185,19 @@ def score_submissions(
     domain_batches: Sequence[torch.Tensor],
     general_batches: Sequence[torch.Tensor],
     config: ScoringConfig,
+    max_change: float | None = None,
     progress: bool = False,
 ) -> tuple[tuple[float, float], list[SubmissionScore]]:
     """Score every candidate against the global experts that ``model`` holds on entry.
 
     Returns ``((global_domain_loss, global_general_loss), scores)`` with one score per candidate.
     ``model`` holds exactly the global experts again on return, whatever happened. ``progress``
-    shows a bar over the candidates (evaluation is the validator's longest step).
+    shows a bar over the candidates (evaluation is the validator's longest step). ``max_change``
+    is the largest allowed ``|local - global|`` of any weight (None: unbounded).
     """
     global_domain = _mean(batch_losses(model, domain_batches))
     global_general = _mean(batch_losses(model, general_batches)) if general_batches else float("nan")
-    kept, scores = _screen_copies(candidates, global_state, config.duplicate_cosine)
+    kept, scores = _screen_copies(candidates, global_state, config.duplicate_cosine, max_change)
     for candidate, _delta in tqdm(kept, desc="evaluate", unit="submission", disable=not progress):
         try:
             write_experts(model, candidate.state)

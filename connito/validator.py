@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from connito.chain.base import Neuron, lead_validator
 from connito.checkpoint import ExpertSpec
 from connito.errors import ChainError, InvalidSubmission, StoreError
-from connito.fsutil import atomic_write
+from connito.fsutil import atomic_write, sweep_temp_files
 from connito.global_state import (
     GLOBAL_FILES,
     GlobalState,
@@ -65,6 +65,7 @@ from connito.scoring import (
     update_ema,
 )
 from connito.submissions import Observation, fetch_and_verify, observe_commitments, precheck
+from connito.update_bound import max_weight_change
 
 logger = logging.getLogger(__name__)
 
@@ -143,6 +144,7 @@ class Validator:
 
     def __post_init__(self) -> None:
         """Resume scores, EMA, observations and the adopted global state from the workdir."""
+        sweep_temp_files(self.ctx.workdir)  # what a kill -9 left half-written
         self._load()
 
     def run(self, *, until_cycle: int | None = None) -> int:
@@ -213,6 +215,7 @@ class Validator:
             domain_batches=domain_batches,
             general_batches=general_batches,
             config=config.scoring,
+            max_change=self._max_change(),
             progress=self.progress_bars,
         )
         rows.update({s.hotkey: _row(s, rows.get(s.hotkey)) for s in scores})
@@ -234,6 +237,14 @@ class Validator:
         self._record(result)
         accepted = sum(r.accepted for r in rows.values())
         logger.info("cycle=%d phase=evaluate submissions=%d accepted=%d global_loss=%.4f", cycle, len(rows), accepted, global_domain)
+
+    def _max_change(self) -> float | None:
+        """The per-weight move bound for this cycle's global (``scoring.update_bound_factor``)."""
+        assert self.global_state is not None
+        factor = self.ctx.config.scoring.update_bound_factor
+        if factor is None:
+            return None
+        return max_weight_change(self.ctx.config.training, self.global_state.experts, factor=factor)
 
     def _forget_reregistered(self, neurons: list[Neuron]) -> None:
         """A hotkey registered anew since its EMA was earned starts from zero EMA.
@@ -385,6 +396,7 @@ class Validator:
                     selection=self.ctx.selection,
                     expected=expected,
                     global_revision=self.global_state.revision,
+                    global_experts=self.global_state.experts,
                 )
             except (InvalidSubmission, StoreError) as exc:
                 reason = exc.reason if isinstance(exc, InvalidSubmission) else f"store_{exc.reason}"
@@ -452,6 +464,8 @@ class Validator:
                     selection=self.ctx.selection,
                     expected=self._expected(),
                     max_bytes=self.ctx.config.scoring.max_payload_bytes,
+                    base=self.global_state.experts if self.global_state is not None else None,
+                    base_revision=self.global_state.revision if self.global_state is not None else None,
                 )
             except InvalidSubmission:
                 continue

@@ -400,7 +400,7 @@ HOSTILE = {
     "manifest-cycle": "wrong_cycle",
     "manifest-model-revision": "wrong_selection",
     "traversal-repo": "no_reveal",
-    "overflow-activations": "non_finite",
+    "overflow-activations": "update_too_large",  # x1e25 weights: caught before any forward pass
 }
 HONEST = ("honest", "honest-many-files")
 
@@ -786,10 +786,13 @@ def test_norm_poisoned_pseudo_gradient_is_clipped_in_the_merge(world):
 
 @pytest.mark.parametrize("clip_norm", [None, 4.0], ids=["no-clip", "clip-4"])
 def test_lead_never_publishes_a_global_worse_than_the_current_one(world, tmp_path, clip_norm):
-    """Two honest miners and a norm poisoner (same loss, 10**3 x norm) are all accepted; whatever
-    the outer step does with them, the lead publishes only a global that beats the current one
-    on the cycle's held-out sample, and never the wrecked unclipped merge."""
-    config = world.config.model_copy(update={"merge": MergeConfig(top_n=3, clip_norm=clip_norm)})
+    """With the update bound switched off (the second line of defence alone), two honest miners
+    and a norm poisoner (same loss, 10**3 x norm) are all accepted; whatever the outer step does
+    with them, the lead publishes only a global that beats the current one on the cycle's
+    held-out sample, and never the wrecked unclipped merge."""
+    scoring = world.config.scoring.model_copy(update={"update_bound_factor": None})
+    merge = MergeConfig(top_n=3, clip_norm=clip_norm)
+    config = world.config.model_copy(update={"merge": merge, "scoring": scoring})
     subnet = _subnet(world, tmp_path, ["a", "b", "poisoner"], config=config)
     states = {"a": world.honest_a, "b": world.honest_b, "poisoner": _rescaled(world.honest_a, POISON_SCALE)}
     plays = {
@@ -819,20 +822,12 @@ def test_lead_never_publishes_a_global_worse_than_the_current_one(world, tmp_pat
         assert result.decision != "merged"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="connito/validator.py Validator.merge falls back to the best single submission with no norm "
-    "screen, so when the merge loses to the global a same-loss 10**3 x rescale becomes the global "
-    "parametrisation. Fix: before choosing merged/best_single, drop accepted candidates whose "
-    "pseudo-gradient norm exceeds R x the lower median norm of the accepted ones (reason "
-    "norm_outlier; R = merge.clip_norm, which should default to a finite value such as 4, not None)",
-)
 def test_norm_poisoned_submission_is_never_published_as_the_global(world, tmp_path):
     """Only the poisoner trained layer 0 (honest b trained layer 1), so its rescaled experts rank
     first; the unclipped merge is wrecked, and the lead must still not publish the 10**3 x
     parametrisation as the global: every later miner's AdamW steps on its down_proj would be
     ~10**3 x too large relative to the weights."""
-    config = world.config.model_copy(update={"merge": MergeConfig(top_n=3, clip_norm=None)})  # the default
+    config = world.config.model_copy(update={"merge": MergeConfig(top_n=3, clip_norm=None)})  # no clip
     subnet = _subnet(world, tmp_path, ["b", "poisoner"], config=config)
     states = {"b": world.honest_b, "poisoner": _rescaled(world.honest_a, POISON_SCALE)}
     plays = {
@@ -841,7 +836,8 @@ def test_norm_poisoned_submission_is_never_published_as_the_global(world, tmp_pa
     _play_cycle_zero(subnet, plays)
     lead = subnet.validators["v0"]
     lead.evaluate(0)
-    assert all(row.accepted for row in lead.state.results[0].scores)
+    reasons = {row.hotkey: row.reason for row in lead.state.results[0].scores}
+    assert reasons == {subnet.hotkey("b"): None, subnet.hotkey("poisoner"): "update_too_large"}
     subnet.advance_to(phase_bounds(0, "merge", world.config.cycle)[0])
     lead.merge(0)
     median = min(float(pseudo_gradient(world.genesis, s).double().norm()) for s in states.values())
