@@ -4,7 +4,7 @@ Miners here play the protocol by hand (commit on a ``LocalChain``, upload to a `
 loopback Hub, reveal) so that they can submit anything at all; the validator is the real
 ``Validator``. Every hostile submission must be rejected with its reason, and the validator's
 model and global state must be bit-identical afterwards. The rows of ``docs/security.md`` point at
-these tests (see ``docs/security-payload-rows.md``).
+these tests (see ``docs/security.md``).
 
 The base model is the tiny e2e Qwen3-MoE, briefly pretrained so that losses mean something (on a
 random-init model a function-preserving rescale of the experts happens to *lower* the loss, so

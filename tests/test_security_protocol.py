@@ -1,6 +1,6 @@
 """Protocol attacks and their defences: commit binding, deadlines, copies, replay, lazy work, weights.
 
-Each test names the attack it mounts; ``docs/security-protocol-rows.md`` maps attack -> defence ->
+Each test names the attack it mounts; ``docs/security.md`` maps attack -> defence ->
 test. Most tests run the validator's own gate functions (``observe_commitments``, ``precheck``,
 ``fetch_and_verify``, ``score_submissions``, ``rank_weights``) on crafted chain records and real
 checkpoints in a ``LocalStore``; a few drive real ``Validator``/``Miner`` objects on a manual-clock
