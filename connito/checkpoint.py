@@ -10,7 +10,12 @@ bytes, and rejects the first violation with ``InvalidSubmission`` and a stable `
 
 ``missing_file`` ``extra_file`` ``too_large`` ``bad_manifest`` ``wrong_selection``
 ``not_safetensors`` ``extra_key`` ``missing_key`` ``shape`` ``dtype`` ``digest_mismatch``
-``non_finite``
+``non_finite`` ``out_of_range`` ``no_base`` ``stale``
+
+A submission's manifest may say ``encoding: int8`` (``connito.payload``): the file then holds an
+int8 delta against the global the miner started from (schema version 2). Its q and scale tensors
+are held to the same rules (keys, shapes, dtypes, digest, finiteness) and to the encoder's bounds
+before the loader decodes them against that global; the digest covers the bytes uploaded.
 """
 
 from __future__ import annotations
@@ -32,13 +37,21 @@ from typing import Annotated, Literal, NamedTuple
 
 import safetensors.torch
 import torch
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from connito.errors import ConfigError, InvalidSubmission, UnsupportedModelError
 from connito.fsutil import atomic_write, fsync_dir
 from connito.moe import PROJECTIONS, expert_key, expert_shapes, moe_layers, parse_expert_key
+from connito.payload import (
+    Encoding,
+    check_int8_payload,
+    decode_int8_delta,
+    encode_int8_delta,
+    int8_specs,
+    scale_key,
+)
 from connito.selection_record import ExpertSelection, load_selection
 
 logger = logging.getLogger(__name__)
@@ -61,7 +74,7 @@ __all__ = [
 
 EXPERTS_FILE = "experts.safetensors"
 MANIFEST_FILE = "manifest.json"
-MANIFEST_SCHEMA_VERSION = 1
+MANIFEST_SCHEMA_VERSION = 1  # 2: the manifest names a payload encoding other than fp
 DEFAULT_MAX_MANIFEST_BYTES = 64 * 1024
 # The safetensors header is a u64 length then that many bytes of JSON. A hostile length (2**63)
 # must not become an allocation: cap it here and by the file size, whichever is smaller.
@@ -103,7 +116,7 @@ class Manifest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
-    schema_version: Literal[1] = MANIFEST_SCHEMA_VERSION
+    schema_version: Literal[1, 2] = MANIFEST_SCHEMA_VERSION
     kind: Literal["submission", "global"]
     domain: _ShortText
     model_id: _Text
@@ -114,10 +127,21 @@ class Manifest(BaseModel):
     hotkey: _ShortText = Field(description="ss58 of the miner (submission) or the lead validator (global)")
     tensors_sha256: _Hex64 = Field(description="tensors_digest of experts.safetensors")
     created_block: int | None = Field(None, ge=0, le=2**63 - 1)
+    encoding: Encoding = Field("fp", description="fp: the experts; int8: a delta against global_revision")
+
+    @model_validator(mode="after")
+    def _versioned_encoding(self) -> Manifest:
+        # v1 readers know no encoding: an fp manifest stays v1 bytes, anything else is v2
+        if (self.schema_version == 2) != (self.encoding != "fp"):
+            raise ValueError(f"schema_version {self.schema_version} with encoding {self.encoding!r}")
+        if self.encoding != "fp" and self.kind != "submission":
+            raise ValueError(f"a {self.kind} checkpoint is never {self.encoding}")
+        return self
 
     def to_json(self) -> bytes:
-        """Canonical bytes written to ``manifest.json``."""
-        return (self.model_dump_json(indent=2) + "\n").encode("utf-8")
+        """Canonical bytes written to ``manifest.json`` (an fp manifest has no ``encoding`` key)."""
+        exclude = {"encoding"} if self.encoding == "fp" else None
+        return (self.model_dump_json(indent=2, exclude=exclude) + "\n").encode("utf-8")
 
     @classmethod
     def from_json(cls, raw: bytes) -> Manifest:
@@ -236,19 +260,29 @@ def write_checkpoint(
     global_revision: str,
     hotkey: str,
     created_block: int | None = None,
+    encoding: Encoding = "fp",
+    base: Mapping[str, torch.Tensor] | None = None,
 ) -> Manifest:
     """Write ``state`` and its manifest as a checkpoint folder, replacing ``folder`` if it exists.
 
     Both files are written into a fresh staging folder next to ``folder`` (each fsynced), which is
     then renamed into place: a reader never sees tensors without their manifest, and the folder
-    holds nothing but the two files (the loader rejects anything else).
+    holds nothing but the two files (the loader rejects anything else). ``encoding="int8"``
+    stores ``state - base`` as an int8 delta (``base``: the global of ``global_revision``).
 
     Raises:
-        ValueError: a key is not a canonical expert key, or a manifest field is out of bounds.
+        ValueError: a key is not a canonical expert key, a manifest field is out of bounds, or
+            ``int8`` without a ``base`` of the same keys and shapes.
     """
     for key in state:
         parse_expert_key(key)
+    if encoding == "int8":
+        if base is None:
+            raise ValueError("encoding int8 needs the base experts the delta is taken against")
+        state = encode_int8_delta(state, base)
     manifest = Manifest(
+        schema_version=1 if encoding == "fp" else 2,
+        encoding=encoding,
         kind=kind,
         domain=domain,
         model_id=model_id,
@@ -272,11 +306,12 @@ def write_checkpoint(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     logger.info(
-        "checkpoint written path=%s kind=%s cycle=%s keys=%d sha256=%s",
+        "checkpoint written path=%s kind=%s cycle=%s keys=%d encoding=%s sha256=%s",
         target,
         kind,
         cycle,
         len(cpu_state),
+        encoding,
         manifest.tensors_sha256[:12],
     )
     return manifest
@@ -408,8 +443,10 @@ def load_checkpoint(
     cycle: int | None = None,
     revision: str | None = None,
     other_files: tuple[str, ...] = (),
+    base: Mapping[str, torch.Tensor] | None = None,
+    base_revision: str | None = None,
 ) -> tuple[Manifest, dict[str, torch.Tensor]]:
-    """Load an untrusted checkpoint, or reject it on its first violation.
+    """Load an untrusted checkpoint, or reject it on its first violation; return its experts.
 
     ``other_files`` names files the folder may also hold (a published global state carries its
     merge record and outer state); they are not read here.
@@ -420,15 +457,47 @@ def load_checkpoint(
     pass ``expected``. ``hotkey``/``cycle``/``revision`` only label error messages; binding the
     manifest to a commitment is the caller's job.
 
+    An ``int8`` payload is decoded against ``base``, the global experts of revision
+    ``base_revision`` (its tensors digest, computed when not given), which must be the
+    manifest's ``global_revision``; the experts returned are then in ``base``'s dtypes.
+
     Raises:
         InvalidSubmission: with ``reason`` one of the codes in the module docstring.
         ValueError: ``expected`` does not cover exactly the selected keys (a caller bug).
     """
     labels = {"hotkey": hotkey, "cycle": cycle, "revision": revision}
     try:
-        return _load_checkpoint(Path(folder), selection, expected, max_bytes, max_manifest_bytes, other_files)
+        manifest, payload = _load_checkpoint(
+            Path(folder), selection, expected, max_bytes, max_manifest_bytes, other_files
+        )
+        return manifest, _decoded(manifest, payload, base, base_revision)
     except InvalidSubmission as exc:
         raise InvalidSubmission(exc.reason, exc.detail, key=exc.key, **labels) from None
+
+
+def _decoded(
+    manifest: Manifest,
+    payload: dict[str, torch.Tensor],
+    base: Mapping[str, torch.Tensor] | None,
+    base_revision: str | None,
+) -> dict[str, torch.Tensor]:
+    """The experts a validated payload stands for (an fp payload is the experts themselves)."""
+    if manifest.encoding == "fp":
+        return payload
+    if base is None:
+        raise InvalidSubmission(
+            "no_base", f"{manifest.encoding} payload: decoding needs global {manifest.global_revision[:16]}"
+        )
+    revision = base_revision if base_revision is not None else tensors_digest(base)
+    if revision != manifest.global_revision:  # a delta against another global decodes to garbage
+        raise InvalidSubmission(
+            "stale", f"delta against global {manifest.global_revision[:16]}, this global is {revision[:16]}"
+        )
+    experts = decode_int8_delta(payload, base)
+    for key, tensor in experts.items():
+        if not bool(torch.isfinite(tensor).all()):
+            raise InvalidSubmission("non_finite", "decodes to NaN or Inf", key=key)
+    return experts
 
 
 def _load_checkpoint(
@@ -450,8 +519,14 @@ def _load_checkpoint(
     manifest = _read_manifest(folder / MANIFEST_FILE, max_manifest_bytes)
     _check_selection(manifest, selection)
     header = read_safetensors_header(experts_path, max_bytes=max_bytes)
+    int8 = manifest.encoding == "int8"
+    expert_keys = keys
+    if int8:  # q under each expert key, and its per-row scales beside it
+        keys = sorted([*keys, *(scale_key(key) for key in keys)])
     _check_key_set(header, keys)
-    specs = _infer_specs(selection, header) if expected is None else expected
+    specs = _infer_specs(selection, header, int8=int8) if expected is None else expected
+    if int8 and expected is not None:
+        specs = int8_specs(specs)
     for key in keys:
         _check_spec(key, header[key], specs[key])
     state = _read_tensors(experts_path, header)
@@ -464,6 +539,8 @@ def _load_checkpoint(
     for key in keys:
         if state[key].is_floating_point() and not bool(torch.isfinite(state[key]).all()):
             raise InvalidSubmission("non_finite", "contains NaN or Inf", key=key)
+    if int8:
+        check_int8_payload(state, expert_keys)
     logger.debug("checkpoint loaded path=%s keys=%d sha256=%s", folder, len(state), digest[:12])
     return manifest, state
 
@@ -534,10 +611,12 @@ def _check_spec(key: str, info: TensorInfo, spec: tuple[tuple[int, ...], torch.d
         )
 
 
-def _infer_specs(selection: ExpertSelection, header: Mapping[str, TensorInfo]) -> dict[str, ExpertSpec]:
+def _infer_specs(
+    selection: ExpertSelection, header: Mapping[str, TensorInfo], *, int8: bool = False
+) -> dict[str, ExpertSpec]:
     """Self-consistent expectations when no base model is at hand (see ``load_checkpoint``)."""
     keys = selected_keys(selection)
-    dtype = _ST_DTYPES[header[keys[0]].dtype]
+    dtype = torch.float32 if int8 else _ST_DTYPES[header[keys[0]].dtype]  # int8: the q layout below
     if dtype not in _EXPERT_DTYPES:
         raise InvalidSubmission(
             "dtype", f"dtype {header[keys[0]].dtype}, expected F32, BF16 or F16", key=keys[0]
@@ -553,7 +632,7 @@ def _infer_specs(selection: ExpertSelection, header: Mapping[str, TensorInfo]) -
         for expert in entry.experts:
             for projection, shape in shapes.items():
                 specs[expert_key(entry.layer, expert, projection)] = ExpertSpec(shape, dtype)
-    return specs
+    return {key: ExpertSpec(*spec) for key, spec in int8_specs(specs).items()} if int8 else specs
 
 
 def _read_tensors(path: Path, header: Mapping[str, TensorInfo]) -> dict[str, torch.Tensor]:
@@ -588,6 +667,7 @@ def verify_checkpoint_cli(
     Expected shapes and dtype come from ``model`` or, failing that, from the config in
     ``model_dir`` (instantiated on the meta device: no weights are read; dtype is the config's).
     With neither, shapes are checked for self-consistency only (see ``load_checkpoint``).
+    An int8 payload is checked in full but not decoded: that needs the global it was trained from.
     Returns 2 when the selection file or the model folder is unusable.
     """
     try:
@@ -599,19 +679,13 @@ def verify_checkpoint_cli(
         print(f"verify-checkpoint: {exc}", file=sys.stderr)
         return 2
     try:
-        manifest, state = load_checkpoint(
-            path,
-            selection=selection,
-            expected=expected,
-            max_bytes=max_bytes,
-            max_manifest_bytes=max_manifest_bytes,
-        )
+        manifest, _payload = _load_checkpoint(Path(path), selection, expected, max_bytes, max_manifest_bytes)
     except InvalidSubmission as exc:
         print(f"{path}: rejected: {exc}", file=sys.stderr)
         return 1
     print(
         f"{path}: ok kind={manifest.kind} hotkey={manifest.hotkey} cycle={manifest.cycle} "
-        f"keys={len(state)} sha256={manifest.tensors_sha256}"
+        f"keys={len(selected_keys(selection))} encoding={manifest.encoding} sha256={manifest.tensors_sha256}"
     )
     return 0
 

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 
+import torch
 from pydantic import BaseModel, ConfigDict
 
 from connito.chain.base import Commitment
@@ -141,8 +143,11 @@ def fetch_and_verify(
     selection: ExpertSelection,
     expected: dict[str, ExpertSpec],
     global_revision: str,
+    global_experts: Mapping[str, torch.Tensor] | None = None,
 ) -> Candidate:
     """Download one revealed checkpoint and turn it into a verified candidate.
+
+    ``global_experts`` (of ``global_revision``) decode an int8 payload; without them one is refused.
 
     Raises:
         InvalidSubmission: any violation (``reason`` says which).
@@ -173,6 +178,8 @@ def fetch_and_verify(
         expected=expected,
         max_bytes=config.scoring.max_payload_bytes,
         max_manifest_bytes=config.scoring.max_manifest_bytes,
+        base=global_experts,
+        base_revision=global_revision,
         **labels,
     )
     checks = (

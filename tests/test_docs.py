@@ -74,7 +74,7 @@ _REASON_PATTERNS = (
 
 # Files that judge miners' submissions (the global state's own checks and the stores' failure
 # classes are reported differently: as "global fetch failed" and as store_<reason>).
-_JUDGING = ("checkpoint.py", "submissions.py", "scoring.py", "validator.py")
+_JUDGING = ("checkpoint.py", "payload.py", "submissions.py", "scoring.py", "validator.py")
 
 
 def _code_reasons() -> set[str]:
