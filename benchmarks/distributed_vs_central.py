@@ -362,7 +362,7 @@ def _run(
     seed = config.training.seed
     residency = args.residency or config.training.residency
     base_view = trainee().view_loss(sample)
-    print(f"base        trainer view ({args.residency}) domain={base_view:.4f}", flush=True)
+    print(f"base        trainer view ({residency}) domain={base_view:.4f}", flush=True)
     start = time.perf_counter()
     distributed = _run_distributed(
         config,
