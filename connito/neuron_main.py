@@ -113,6 +113,8 @@ def main(role: Role, argv: list[str] | None = None) -> int:
         ctx = build_context(args, config, chain)
         if dist.is_distributed:
             ctx = dataclasses.replace(ctx, device=dist.device)
+        elif args.eval_devices:  # the resident model lives on the first evaluation device
+            ctx = dataclasses.replace(ctx, device=torch.device(args.eval_devices[0]))
     except (ConfigError, ChainError, StoreError) as exc:
         sys.stderr.write(f"{role}: {' '.join(str(exc).split())}\n")
         return 1
@@ -129,7 +131,9 @@ def main(role: Role, argv: list[str] | None = None) -> int:
         except (ConnitoError, OSError) as exc:  # a folder that cannot be made, or not a library index
             sys.stderr.write(f"{role}: --library {args.library}: {' '.join(str(exc).split())}\n")
             return 1
-        node = Validator(ctx, poll_s=args.poll_s, progress_bars=args.progress, library=library)
+        node = Validator(
+            ctx, poll_s=args.poll_s, progress_bars=args.progress, library=library, eval_devices=args.eval_devices
+        )
     try:
         return node.run(until_cycle=args.until_cycle)
     except KeyboardInterrupt:

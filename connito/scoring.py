@@ -21,6 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from connito.config import ScoringConfig
+from connito.eval_pool import EvalPool
 from connito.modeling import token_loss
 from connito.moe import write_experts
 
@@ -187,27 +188,37 @@ def score_submissions(
     config: ScoringConfig,
     max_change: float | None = None,
     progress: bool = False,
+    pool: EvalPool | None = None,
 ) -> tuple[tuple[float, float], list[SubmissionScore]]:
     """Score every candidate against the global experts that ``model`` holds on entry.
 
     Returns ``((global_domain_loss, global_general_loss), scores)`` with one score per candidate.
     ``model`` holds exactly the global experts again on return, whatever happened. ``progress``
     shows a bar over the candidates (evaluation is the validator's longest step). ``max_change``
-    is the largest allowed ``|local - global|`` of any weight (None: unbounded).
+    is the largest allowed ``|local - global|`` of any weight (None: unbounded). ``pool`` spreads
+    the candidates over its replicas (one device each; ``model`` may be one of them), with the
+    same scores as on ``model`` alone; each replica holds the global experts again on return.
     """
     global_domain = _mean(batch_losses(model, domain_batches))
     global_general = _mean(batch_losses(model, general_batches)) if general_batches else float("nan")
     kept, scores = _screen_copies(candidates, global_state, config.duplicate_cosine, max_change)
-    for candidate, _delta in tqdm(kept, desc="evaluate", unit="submission", disable=not progress):
+
+    def evaluate(replica: nn.Module, candidate: Candidate) -> SubmissionScore:
         try:
-            write_experts(model, candidate.state)
-            scores.append(
-                _evaluate_one(
-                    model, candidate, domain_batches, general_batches, global_domain, global_general, config
-                )
+            write_experts(replica, candidate.state)
+            return _evaluate_one(
+                replica, candidate, domain_batches, general_batches, global_domain, global_general, config
             )
         finally:
-            write_experts(model, global_state)
+            write_experts(replica, global_state)
+
+    queue = [candidate for candidate, _delta in kept]
+    if pool is None:
+        scores += [
+            evaluate(model, c) for c in tqdm(queue, desc="evaluate", unit="submission", disable=not progress)
+        ]
+    else:
+        scores += pool.map(evaluate, queue, progress=progress)
     order = {c.hotkey: i for i, c in enumerate(candidates)}
     return (global_domain, global_general), sorted(scores, key=lambda s: order[s.hotkey])
 

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from connito.chain.base import Neuron, lead_validator
 from connito.checkpoint import ExpertSpec
 from connito.errors import ChainError, InvalidSubmission, StoreError
+from connito.eval_pool import EvalPool
 from connito.fsutil import atomic_write, sweep_temp_files
 from connito.global_state import (
     GLOBAL_FILES,
@@ -131,9 +132,11 @@ class Validator:
     poll_s: float = 1.0
     progress_bars: bool = True
     library: Library | None = None  # expert library to record each global version in (None: off)
+    eval_devices: tuple[str, ...] = ()  # score on one model replica per device (fewer than 2: the model alone)
     state: ValidatorState = field(default_factory=ValidatorState)
     global_state: GlobalState | None = None
     _model: torch.nn.Module | None = None
+    _pool: EvalPool | None = None
     _candidates: dict[int, dict[str, Candidate]] = field(default_factory=dict)
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -217,6 +220,7 @@ class Validator:
             config=config.scoring,
             max_change=self._max_change(),
             progress=self.progress_bars,
+            pool=self._eval_pool(model),
         )
         rows.update({s.hotkey: _row(s, rows.get(s.hotkey)) for s in scores})
         cycle_weights = rank_weights(scores, config.scoring)
@@ -567,6 +571,13 @@ class Validator:
         folder = self.ctx.workdir / "global" / str(self.state.global_cycle)
         expected = {k: ExpertSpec(tuple(v.shape), v.dtype) for k, v in base.experts.items()}
         return load_global(folder, selection=self.ctx.selection, expected=expected, max_bytes=2**40, cycle=self.state.global_cycle)
+
+    def _eval_pool(self, model: torch.nn.Module) -> EvalPool | None:
+        """The resident model and a replica, loaded from the base folder, on each other eval device."""
+        if len(self.eval_devices) > 1 and self._pool is None:
+            load = lambda device: load_model(self.ctx.base_dir, self.ctx.config.model).to(device)  # noqa: E731
+            self._pool = EvalPool.replicate(model, self.eval_devices, load=load)
+        return self._pool
 
     def _resident_model_raw(self) -> torch.nn.Module:
         if self._model is None:
