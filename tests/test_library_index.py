@@ -121,14 +121,14 @@ def test_concurrent_writers_get_distinct_numbers_and_no_duplicates(tmp_path):
             state = states[index % 4]
             library.record(draft(state, cycle=index % 4), state)
         except Exception as exc:  # surfaced below: a thread cannot raise into the test
-            errors.append(exc)
+            errors.append(f"{type(exc).__name__}: {exc}")
 
     threads = [threading.Thread(target=writer, args=(i,)) for i in range(8)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    assert not errors
+    assert not errors, errors
     records = Library(tmp_path).versions("math")
     assert sorted(r.number for r in records) == [1, 2, 3, 4]
     assert sorted(r.cycle for r in records) == [0, 1, 2, 3]

@@ -51,6 +51,7 @@ __all__ = ["INDEX_FILE", "INDEX_SCHEMA_VERSION", "LibraryEvent", "Library", "rec
 INDEX_FILE = "index.sqlite"
 INDEX_SCHEMA_VERSION = 1
 BUSY_TIMEOUT_S = 60.0  # a validator recording while another process rebuilds waits, never fails
+WAL_RETRIES = 20  # switching a brand-new index to WAL needs a moment alone with the file
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -106,12 +107,24 @@ class Library:
         except sqlite3.DatabaseError as exc:  # not SQLite, or unreadable: one line, not a traceback
             raise LibraryError(f"{self.index_path}: not a usable library index: {exc}") from None
 
+    def _enable_wal(self) -> None:
+        """Switch a new index to WAL once; a racing creator may hold the lock briefly, so retry."""
+        for attempt in range(WAL_RETRIES):
+            conn = self._connect()
+            try:
+                if conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal":
+                    return
+                conn.execute("PRAGMA journal_mode = WAL")
+                return
+            except sqlite3.OperationalError:
+                if attempt == WAL_RETRIES - 1:
+                    raise
+                time.sleep(0.05 * (attempt + 1))
+            finally:
+                conn.close()
+
     def _create_tables(self) -> None:
-        conn = self._connect()
-        try:
-            conn.execute("PRAGMA journal_mode = WAL")
-        finally:
-            conn.close()
+        self._enable_wal()
         with self._transaction(write=True) as conn:
             # statement by statement: executescript would COMMIT the open transaction
             for statement in SCHEMA.split(";"):
