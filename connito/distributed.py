@@ -46,6 +46,7 @@ __all__ = [
     "all_reduce_sum_",
     "broadcast_",
     "broadcast_object",
+    "barrier",
     "main_decides",
     "shard_model",
     "is_sharded",
@@ -146,6 +147,12 @@ def broadcast_object(value: object, dist: Distributed) -> object:
     box = [value]
     torch_dist.broadcast_object_list(box, src=0, device=dist.device if dist.device.type == "cuda" else None)
     return box[0]
+
+
+def barrier(dist: Distributed) -> None:
+    """Wait until every rank gets here (e.g. all have finished writing a shared folder)."""
+    if dist.is_distributed:
+        torch_dist.barrier()
 
 
 def main_decides(flag: bool, dist: Distributed) -> bool:

@@ -75,7 +75,8 @@ class Miner:
 
     def __post_init__(self) -> None:
         """Resume from the workdir: a restart within a cycle never trains or commits twice."""
-        sweep_temp_files(self.ctx.workdir)  # what a kill -9 left half-written
+        if self.dist.is_main:  # the other ranks write nothing there
+            sweep_temp_files(self.ctx.workdir)  # what a kill -9 left half-written
         if self._progress_path.exists():
             self.progress = MinerProgress.model_validate_json(self._progress_path.read_bytes())
             logger.info("miner resumed cycle=%d committed=%s", self.progress.cycle, self.progress.commit_block)

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from connito.config import DomainConfig, config_digest, load_domain_config
-from connito.distributed import Distributed, init_distributed
+from connito.distributed import Distributed, barrier, init_distributed
 from connito.errors import ChainError, ConfigError, ConnitoError, StoreError
 from connito.hub.metered import MeteredStore
 from connito.metrics import NodeMetrics, open_wandb
@@ -113,6 +113,7 @@ def main(role: Role, argv: list[str] | None = None) -> int:
         ctx = build_context(args, config, chain)
         if dist.is_distributed:
             ctx = dataclasses.replace(ctx, device=dist.device)
+            barrier(dist)  # every rank has built its data in the shared workdir before rank 0 sweeps it
         elif args.eval_devices:  # the resident model lives on the first evaluation device
             ctx = dataclasses.replace(ctx, device=torch.device(args.eval_devices[0]))
     except (ConfigError, ChainError, StoreError) as exc:

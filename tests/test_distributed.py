@@ -138,7 +138,8 @@ def test_one_process_is_single_and_bad_strategy_is_refused():
 
 
 def test_only_rank0_writes_commits_and_reveals(tmp_path):
-    """Rank 1 of a group keeps its progress in memory only; rank 0 writes the checkpoint and commits."""
+    """Rank 1 of a group keeps its progress in memory only and sweeps nothing; rank 0 sweeps the
+    shared workdir, writes the checkpoint and commits."""
     from e2e_harness import build_subnet, domain_config
 
     from connito.miner import Miner, MinerProgress
@@ -148,9 +149,11 @@ def test_only_rank0_writes_commits_and_reveals(tmp_path):
     hotkey = ctx.hotkey
     for rank in (1, 0):
         dist = Distributed(strategy="ddp", rank=rank, world_size=WORLD, device=torch.device("cpu"))
-        miner = Miner(
-            dataclasses.replace(ctx, workdir=tmp_path / f"rank{rank}"), progress_bars=False, dist=dist
-        )
+        workdir = tmp_path / f"rank{rank}"
+        workdir.mkdir()
+        (workdir / ".data.abc123.tmp").write_bytes(b"half-written by another rank")
+        miner = Miner(dataclasses.replace(ctx, workdir=workdir), progress_bars=False, dist=dist)
+        assert (workdir / ".data.abc123.tmp").exists() == (rank == 1)  # only rank 0 sweeps the workdir
         miner.pull_global(0)  # rank 1 never reads the chain or the store for it
         miner._save_progress(MinerProgress(cycle=0, global_revision=miner.global_state.revision))
         miner.write_submission(0, miner.global_state.experts)
