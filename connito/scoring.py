@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from connito.config import ScoringConfig
+from connito.delta_sketch import DeltaSketch, cosine_upper_bound, sketch_delta
 from connito.eval_pool import EvalPool
 from connito.modeling import token_loss
 from connito.moe import write_experts
@@ -49,16 +50,35 @@ __all__ = [
 # rank weight. ``ScoringConfig.min_improvement`` can only raise the bar.
 LOSS_RESOLUTION = 1e-5
 
+# How far below the duplicate threshold a sketch's cosine bound must be for the screen to skip the
+# exact fp32 cosine. The bound is on the real cosine; the margin covers the rounding of the fp32
+# one (about 1e-6 on a sum of 10^6 products), so skipping never changes a decision unless that
+# rounding is 10^4 times larger, and then the decision follows the real cosine.
+SKETCH_MARGIN = 0.01
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Candidate:
-    """A verified submission: its experts passed the strict loader and match the commitment."""
+    """A verified submission: its experts passed the strict loader and match the commitment.
+
+    The experts are held in ``state``, or read again on demand by ``load`` (a validator keeps
+    them in its verified download folder, so its memory does not grow with the submission count).
+    """
 
     hotkey: str
     uid: int
     commit_block: int
     tensors_sha256: str
-    state: dict[str, torch.Tensor]  # canonical expert key -> tensor
+    state: dict[str, torch.Tensor] | None = None  # canonical expert key -> tensor
+    load: Callable[[], dict[str, torch.Tensor]] | None = None
+
+    def __post_init__(self) -> None:
+        if (self.state is None) == (self.load is None):
+            raise ValueError(f"candidate hotkey={self.hotkey}: give exactly one of state and load")
+
+    def experts(self) -> dict[str, torch.Tensor]:
+        """The submission's expert tensors (read again from disk each call when held by ``load``)."""
+        return self.state if self.state is not None else self.load()  # type: ignore[misc]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -125,7 +145,7 @@ def _screen_copies(
     global_state: dict[str, torch.Tensor],
     cosine_threshold: float,
     max_change: float | None,
-) -> tuple[list[tuple[Candidate, torch.Tensor]], list[SubmissionScore]]:
+) -> tuple[list[tuple[Candidate, DeltaSketch]], list[SubmissionScore]]:
     """Drop lazy, oversized and copied submissions before any evaluation; earliest commitment wins ties.
 
     ``max_change`` bounds how far any weight may have moved (``connito.update_bound``): a larger
@@ -133,8 +153,10 @@ def _screen_copies(
 
     Candidates are visited in ``(commit_block, hotkey)`` order, so copies committed in the same
     block go to the lexically smaller hotkey on every validator, whatever the arrival order.
+    A kept pseudo-gradient is held only as its int8 sketch (a quarter of an fp32 delta); see
+    ``_find_twin``.
     """
-    kept: list[tuple[Candidate, torch.Tensor]] = []
+    kept: list[tuple[Candidate, DeltaSketch]] = []
     rejected: list[SubmissionScore] = []
     seen_digests: dict[str, str] = {}
     for candidate in sorted(candidates, key=lambda c: (c.commit_block, c.hotkey)):
@@ -143,7 +165,7 @@ def _screen_copies(
             rejected.append(_reject(candidate, "duplicate", f"identical tensors to hotkey={original}"))
             continue
         seen_digests[candidate.tensors_sha256] = candidate.hotkey
-        delta = pseudo_gradient(global_state, candidate.state)
+        delta = pseudo_gradient(global_state, candidate.experts())
         if not torch.isfinite(delta).all():
             rejected.append(_reject(candidate, "non_finite", "non-finite expert weights"))
             continue
@@ -157,14 +179,8 @@ def _screen_copies(
             )
             rejected.append(_reject(candidate, "update_too_large", detail))
             continue
-        twin = next(
-            (
-                other
-                for other, other_delta in kept
-                if cosine_similarity(delta, other_delta) >= cosine_threshold
-            ),
-            None,
-        )
+        sketch = sketch_delta(delta)
+        twin = _find_twin(delta, sketch, kept, global_state, cosine_threshold)
         if twin is not None:
             rejected.append(
                 _reject(
@@ -174,8 +190,30 @@ def _screen_copies(
                 )
             )
             continue
-        kept.append((candidate, delta))
+        kept.append((candidate, sketch))
     return kept, rejected
+
+
+def _find_twin(
+    delta: torch.Tensor,
+    sketch: DeltaSketch,
+    kept: Sequence[tuple[Candidate, DeltaSketch]],
+    global_state: dict[str, torch.Tensor],
+    cosine_threshold: float,
+) -> Candidate | None:
+    """The first kept candidate whose pseudo-gradient cosine with ``delta`` reaches the threshold.
+
+    Sketches bound each cosine from above; a pair the bound cannot clear gets the exact fp32
+    cosine of the full vectors (the kept one's delta recomputed from its experts), so the answer
+    is that of comparing every pair exactly, and near-copies are the only pairs re-read.
+    """
+    for other, other_sketch in kept:
+        if cosine_upper_bound(sketch, other_sketch) < cosine_threshold - SKETCH_MARGIN:
+            continue
+        other_delta = pseudo_gradient(global_state, other.experts())
+        if cosine_similarity(delta, other_delta) >= cosine_threshold:
+            return other
+    return None
 
 
 def score_submissions(
@@ -204,15 +242,16 @@ def score_submissions(
     kept, scores = _screen_copies(candidates, global_state, config.duplicate_cosine, max_change)
 
     def evaluate(replica: nn.Module, candidate: Candidate) -> SubmissionScore:
+        experts = candidate.experts()  # read here, one candidate per replica in memory at a time
         try:
-            write_experts(replica, candidate.state)
+            write_experts(replica, experts)
             return _evaluate_one(
                 replica, candidate, domain_batches, general_batches, global_domain, global_general, config
             )
         finally:
             write_experts(replica, global_state)
 
-    queue = [candidate for candidate, _delta in kept]
+    queue = [candidate for candidate, _sketch in kept]
     if pool is None:
         scores += [
             evaluate(model, c) for c in tqdm(queue, desc="evaluate", unit="submission", disable=not progress)

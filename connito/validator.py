@@ -228,6 +228,8 @@ class Validator:
         weights = chain_weights(
             self.state.ema, uid_of, burn_share=config.scoring.burn_share, owner_uid=config.scoring.owner_uid
         )
+        # accepted candidates hold no tensors (read from their download when merged); keep two cycles
+        self._candidates = {c: v for c, v in self._candidates.items() if c >= cycle - 1}
         self._candidates[cycle] = {s.hotkey: candidates[s.hotkey] for s in scores if s.accepted}
         result = result.model_copy(
             update={
@@ -298,7 +300,7 @@ class Validator:
             logger.info("cycle=%d phase=merge decision=none (no accepted submission)", cycle)
             return
         candidates = self._candidates_for(cycle, result)
-        states = [candidates[s.hotkey].state for s in top]
+        states = [candidates[s.hotkey].experts() for s in top]
         weights = [1.0 / len(top)] * len(top)
         merged_experts, merged_outer = apply_merge(self.global_state.outer, states, weights, self.ctx.config.merge)
         merged_loss, merged_general = self._heldout_losses(merged_experts, result.eval_seed)
@@ -310,7 +312,7 @@ class Validator:
         if merged_loss < global_loss and not merged_general > general_limit:
             decision, experts, outer, inputs, loss = "merged", merged_experts, merged_outer, top, merged_loss
         elif best.domain_loss is not None and best.domain_loss < global_loss:
-            experts = candidates[best.hotkey].state
+            experts = candidates[best.hotkey].experts()
             decision, outer, inputs, loss = "best_single", adopt_single(self.global_state.outer, experts), [best], best.domain_loss
         else:
             self._record(result.model_copy(update={"decision": "none"}))
@@ -389,7 +391,7 @@ class Validator:
             dest = root / hotkey
             shutil.rmtree(dest, ignore_errors=True)
             try:
-                return fetch_and_verify(
+                verified = fetch_and_verify(
                     self.ctx.store,
                     entry,
                     dest,
@@ -406,6 +408,8 @@ class Validator:
                 reason = exc.reason if isinstance(exc, InvalidSubmission) else f"store_{exc.reason}"
                 logger.warning("cycle=%d rejected hotkey=%s reason=%s: %s", cycle, hotkey, reason, exc)
                 return ScoreRow(hotkey=hotkey, uid=uid_of[hotkey], accepted=False, reason=reason, detail=str(exc)[:300])
+            # the verified tensors stay in dest and are read again when used: memory does not grow with N
+            return self._on_disk(cycle, hotkey=hotkey, uid=verified.uid, commit_block=verified.commit_block, tensors_sha256=verified.tensors_sha256)
 
         with ThreadPoolExecutor(max_workers=DOWNLOAD_WORKERS) as pool:
             outcomes = dict(zip(sorted(todo), tqdm(pool.map(verify, sorted(todo)), total=len(todo), desc="download", unit="submission", disable=not self.progress_bars), strict=True))
@@ -440,7 +444,7 @@ class Validator:
         if missing:
             logger.warning("cycle=%d cannot recompute merge: inputs %s not verified here; adopting on the lead's word", record.cycle, missing)
             return True
-        states = [candidates[i.hotkey].state for i in record.inputs]
+        states = [candidates[i.hotkey].experts() for i in record.inputs]
         if record.decision == "merged":
             experts, _ = apply_merge(self.global_state.outer, states, [i.weight for i in record.inputs], self.ctx.config.merge)
         else:
@@ -456,26 +460,37 @@ class Validator:
         """Accepted candidates of ``cycle``: from memory, or reloaded from the download cache after a restart."""
         if cycle in self._candidates or result is None:
             return self._candidates.get(cycle, {})
-        from connito.checkpoint import load_checkpoint
-
         loaded = {}
         for row in result.scores:
             if not row.accepted:
                 continue
+            candidate = self._on_disk(cycle, hotkey=row.hotkey, uid=row.uid, commit_block=row.commit_block, tensors_sha256=row.tensors_sha256 or "")
             try:
-                _, state = load_checkpoint(
-                    self.ctx.workdir / "downloads" / str(cycle) / row.hotkey,
-                    selection=self.ctx.selection,
-                    expected=self._expected(),
-                    max_bytes=self.ctx.config.scoring.max_payload_bytes,
-                    base=self.global_state.experts if self.global_state is not None else None,
-                    base_revision=self.global_state.revision if self.global_state is not None else None,
-                )
+                candidate.experts()  # an unreadable download is left out now, not at merge time
             except InvalidSubmission:
                 continue
-            loaded[row.hotkey] = Candidate(hotkey=row.hotkey, uid=row.uid, commit_block=row.commit_block, tensors_sha256=row.tensors_sha256 or "", state=state)
+            loaded[row.hotkey] = candidate
         self._candidates[cycle] = loaded
         return loaded
+
+    def _on_disk(self, cycle: int, *, hotkey: str, uid: int, commit_block: int, tensors_sha256: str) -> Candidate:
+        """A candidate whose experts are read from its verified download folder each time they are used."""
+        from connito.checkpoint import load_checkpoint
+
+        assert self.global_state is not None
+        folder = self.ctx.workdir / "downloads" / str(cycle) / hotkey
+        expected, max_bytes = self._expected(), self.ctx.config.scoring.max_payload_bytes
+        base, base_revision = self.global_state.experts, self.global_state.revision  # an int8 delta's base
+
+        def load() -> dict[str, torch.Tensor]:
+            manifest, state = load_checkpoint(
+                folder, selection=self.ctx.selection, expected=expected, max_bytes=max_bytes, base=base, base_revision=base_revision
+            )
+            if tensors_sha256 and manifest.tensors_sha256 != tensors_sha256:
+                raise InvalidSubmission("digest_mismatch", f"{folder}: changed since it was verified", hotkey=hotkey, cycle=cycle)
+            return state
+
+        return Candidate(hotkey=hotkey, uid=uid, commit_block=commit_block, tensors_sha256=tensors_sha256, load=load)
 
     # -- helpers: merge and publication ------------------------------------------------------
 
