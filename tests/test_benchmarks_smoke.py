@@ -106,3 +106,33 @@ def test_distributed_vs_central_smoke_trains_both_arms_on_equal_tokens(bench, tm
     )
     assert math.isfinite(result["general_drift_central"])
     assert (tmp_path / "cache" / "base" / "connito_pretrain.json").exists(), "the pretrained base is cached"
+
+
+def test_validator_load_smoke_evaluates_every_submission_per_fresh_process(
+    bench, tmp_path: Path, capsys
+) -> None:
+    """Both N run a real validator through one cycle; every submission is scored; growth matches its parts."""
+    result = _run(bench("validator_load"), tmp_path, capsys)
+    assert result["benchmark"] == "validator_load"
+    small, large = result["points"]
+    assert (small["submissions"], large["submissions"]) == (2, 4) and result["submissions"] == 4
+    for point in result["points"]:
+        assert point["scored"] == point["evaluated"] == point["submissions"], (
+            "no submission may be screened out"
+        )
+        assert sum(point["outcomes"].values()) == point["submissions"]
+        assert _positive(point["wall_s"])
+        assert 0 < point["rss_before_bytes"] <= point["peak_rss_bytes"]
+        assert point["maxrss_before_bytes"] <= point["maxrss_after_bytes"]
+    assert result["wall_s"] == large["wall_s"] and result["peak_rss_bytes"] == large["peak_rss_bytes"]
+    assert result["rss_growth_bytes_per_submission"] == pytest.approx(
+        (large["peak_rss_bytes"] - small["peak_rss_bytes"]) / 2
+    )
+    assert result["payload_bytes"] == large["payload_bytes"] > 0
+    assert result["growth_vs_payload"] == pytest.approx(
+        result["rss_growth_bytes_per_submission"] / result["payload_bytes"]
+    )
+    # smoke domain: evaluate_blocks 2 at the localnet's 1 s blocks
+    assert result["evaluate_window_s"] == 2.0
+    assert result["fits_window"] == (result["wall_s"] <= 2.0)
+    assert set(result["targets"]) == {"growth_vs_payload_le_1.0", "fits_evaluate_window"}
