@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict
 from safetensors.torch import load_file, save_file
 
 from connito.checkpoint import MANIFEST_FILE, write_checkpoint
-from connito.distributed import Distributed, main_decides
+from connito.distributed import Distributed, broadcast_object, main_decides
 from connito.errors import ChainError, ConfigError, InvalidSubmission, StoreError
 from connito.fsutil import atomic_write, sweep_temp_files
 from connito.global_state import GlobalState, fetch_global, find_global_payload, genesis_global
@@ -140,15 +140,16 @@ class Miner:
         """Train the selected experts from the global state; None when out of time."""
         assert self.global_state is not None
         cfg = self.ctx.config
+        neurons = self.ctx.chain.metagraph()  # chain reads before the first collective: a retry re-enters there
+        uid = uid_of(neurons, self.ctx.hotkey)
+        if uid is None:
+            raise ChainError(f"hotkey {self.ctx.hotkey} is not registered")
+        uid, shards = broadcast_object((uid, len(neurons)), self.dist)  # every rank reads rank 0's shard
         model = self._load_global_into_model()
         trainer = SparseTrainer(model, None if isinstance(model, SubsetModel) else self._selection(), cfg.training, device=self.ctx.device, dist=self.dist)
         self._resume(trainer, cycle)
         start_step = trainer.sync_replicas()  # every rank continues from rank 0's state
-        neurons = self.ctx.chain.metagraph()
-        uid = uid_of(neurons, self.ctx.hotkey)
-        if uid is None:
-            raise ChainError(f"hotkey {self.ctx.hotkey} is not registered")
-        loader = self.ctx.data.train_loader(uid, len(neurons), cfg.training.batch_size, seed=self._seed(cycle))
+        loader = self.ctx.data.train_loader(uid, shards, cfg.training.batch_size, seed=self._seed(cycle))
         for _ in range(start_step * trainer.micro_batches_per_step):
             next(loader)
         remaining = cfg.training.inner_steps - start_step
