@@ -136,3 +136,25 @@ def test_validator_load_smoke_evaluates_every_submission_per_fresh_process(
     assert result["evaluate_window_s"] == 2.0
     assert result["fits_window"] == (result["wall_s"] <= 2.0)
     assert set(result["targets"]) == {"growth_vs_payload_le_1.0", "fits_evaluate_window"}
+
+
+def test_payload_compression_smoke_compares_int8_with_fp_side_by_side(bench, tmp_path: Path, capsys) -> None:
+    """The int8 payload is smaller, both encodings are scored on one sample, and the ratios match their parts."""
+    result = _run(bench("payload_compression"), tmp_path, capsys)
+    assert result["benchmark"] == "payload_compression"
+    sizes = result["payload_bytes"]
+    assert 0 < sizes["int8"] < sizes["fp"]
+    assert result["payload_ratio"] == pytest.approx(sizes["int8"] / sizes["fp"])
+    assert result["payload_ratio_vs_bf16"] == pytest.approx(sizes["int8"] / sizes["fp_bf16"])
+    assert sizes["fp_bf16"] < sizes["fp"]  # the smoke model is fp32
+    miners = result["miners_detail"]
+    assert len(miners) == result["setup"]["miners"] == 2
+    utilities = {enc: sum(m[enc]["utility"] for m in miners) for enc in ("fp", "int8")}
+    assert result["utility_ratio"] == pytest.approx(utilities["int8"] / utilities["fp"])
+    for miner in miners:
+        assert miner["fp"]["utility"] == pytest.approx(
+            result["global_domain_loss"] - miner["fp"]["domain_loss"]
+        )
+        assert 0 <= miner["delta_rel_error"] < 0.05 and miner["delta_cosine"] > 0.99
+    for key in ("write_fp_s", "write_int8_s", "load_fp_s", "load_int8_s"):
+        assert _positive(result["timings_s"][key]), key
