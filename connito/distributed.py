@@ -120,10 +120,15 @@ def init_distributed(strategy: str = "auto", *, device: str = "auto") -> Distrib
 
 
 def all_reduce_sum_(tensors: Sequence[torch.Tensor], dist: Distributed) -> None:
-    """Sum each fp32 tensor over all ranks, in place, in one collective (flatten, reduce, copy back)."""
+    """Sum each tensor over all ranks, in place, in one collective (flatten, reduce, copy back).
+
+    The tensors share one dtype (fp32 gradients and losses; int64 token counts).
+    """
     if not dist.is_distributed or not tensors:
         return
-    flat = torch.cat([t.detach().reshape(-1).to(torch.float32) for t in tensors])
+    if len({t.dtype for t in tensors}) != 1:
+        raise ValueError(f"one all-reduce sums one dtype, got {sorted({str(t.dtype) for t in tensors})}")
+    flat = torch.cat([t.detach().reshape(-1) for t in tensors])
     torch_dist.all_reduce(flat, op=torch_dist.ReduceOp.SUM)
     offset = 0
     for tensor in tensors:

@@ -379,7 +379,7 @@ class SparseTrainer:
         """Predicted tokens of the whole step over all ranks: the one divisor of every rank's loss."""
         if not self.dist.is_distributed:
             return local_tokens
-        count = torch.tensor([float(local_tokens)], device=self.device)
+        count = torch.tensor([local_tokens], dtype=torch.int64, device=self.device)
         all_reduce_sum_([count], self.dist)
         return int(count.item())
 
