@@ -46,6 +46,12 @@ _RATIO_KEY = re.compile(r"(^|_)ratio(s|_|$)|_vs_|_over_|_fraction$")
 _NOT_RATIOS = {"selected_expert_fraction", "selected_fraction", "heldout_fraction"}
 _SKIP_SUBTREES = {"config", "setup", "model", "regime", "targets", "samples_s", "versions", "selection"}
 MEANINGS: dict[str, str] = {
+    "payload_ratio": "bytes uploaded: int8 delta payload / fp payload, experts in the model's dtype",
+    "payload_ratio_vs_bf16": "bytes uploaded: int8 delta payload / the same experts as a bf16 fp payload",
+    "utility_ratio": "Proof-of-Loss utility (global - submission loss): int8 payload / fp payload, all miners",
+    "utility_ratio_min": "Proof-of-Loss utility: int8 payload / fp payload, the worst miner",
+    "write_int8_over_fp": "time to write a payload: int8 (encoding the delta) / fp",
+    "load_int8_over_fp": "time to verify and load a payload: int8 (decoding against the global) / fp",
     "sparse_subset_peak_mem_vs_full_finetune": "peak memory: sparse training in subset residency / full fine-tune",
     "sparse_full_peak_mem_vs_full_finetune": "peak memory: sparse training in full residency / full fine-tune",
     "sparse_subset_tokens_per_s_vs_full_finetune": "tokens/s: sparse training in subset residency / full fine-tune",
@@ -55,6 +61,7 @@ MEANINGS: dict[str, str] = {
     "reload_over_eval": "time to reload the model / time to evaluate one submission",
     "domain_loss_reduction_ratio": "domain-loss drop: N miners + outer step / synchronous data parallel, same tokens",
     "domain_loss_reduction_ratio_vs_sequential": "domain-loss drop: N miners + outer step / one sequential trainer, same tokens",
+    "growth_vs_payload": "validator RSS growth per added submission / one submission's payload bytes",
 }
 _PREFIX_MEANINGS = {"activation_heavy": "activation-heavy regime (bigger micro-batch, no checkpointing)"}
 
