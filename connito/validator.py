@@ -231,6 +231,7 @@ class Validator:
         # accepted candidates hold no tensors (read from their download when merged); keep two cycles
         self._candidates = {c: v for c, v in self._candidates.items() if c >= cycle - 1}
         self._candidates[cycle] = {s.hotkey: candidates[s.hotkey] for s in scores if s.accepted}
+        self._prune_downloads(keep_from=cycle - 1)
         result = result.model_copy(
             update={
                 "global_domain_loss": global_domain,
@@ -243,6 +244,21 @@ class Validator:
         self._record(result)
         accepted = sum(r.accepted for r in rows.values())
         logger.info("cycle=%d phase=evaluate submissions=%d accepted=%d global_loss=%.4f", cycle, len(rows), accepted, global_domain)
+
+    def _prune_downloads(self, *, keep_from: int) -> None:
+        """Delete submission downloads of cycles before ``keep_from``: disk stays bounded by two cycles.
+
+        Only the last two cycles' candidates can still be merged or re-verified (``_candidates``);
+        older folders would otherwise grow by one payload per submission forever.
+        """
+        root = self.ctx.workdir / "downloads"
+        if not root.is_dir():
+            return
+        for folder in root.iterdir():
+            name = folder.name.removeprefix("global-")
+            if name.lstrip("-").isdigit() and int(name) < keep_from:
+                shutil.rmtree(folder, ignore_errors=True)
+                logger.info("pruned downloads %s", folder.name)
 
     def _max_change(self) -> float | None:
         """The per-weight move bound for this cycle's global (``scoring.update_bound_factor``)."""

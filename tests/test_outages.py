@@ -124,3 +124,22 @@ def test_chain_down_for_a_whole_cycle_penalises_nobody_and_neurons_recover(tmp_p
     assert result.decision in ("merged", "best_single") and validator.global_state.cycle == 1
     uids = {row.uid for row in result.scores}
     assert set(subnet.chain.weights()[0]) == uids  # both miners weighted, nobody docked for cycle 0
+
+
+def test_validator_keeps_downloads_of_two_cycles_only(tmp_path):
+    """Disk stays bounded: older submission and global downloads are deleted at evaluation."""
+    config = domain_config()
+    subnet = build_subnet(tmp_path, config, miners=2, validators=1)
+    validator = subnet.nodes["v0"]
+    root = validator.ctx.workdir / "downloads"
+    for name in ("0", "1", "global-0", "global-1", "2", "global-2", "notes"):
+        (root / name / "x").mkdir(parents=True)
+    validator._prune_downloads(keep_from=1)
+    assert sorted(p.name for p in root.iterdir()) == ["1", "2", "global-1", "global-2", "notes"]
+    subnet.run_until(_cycle_end(config, 2))  # evaluations of cycles 0..2 prune as they go
+    assert sorted(p.name for p in root.iterdir() if p.name[-1].isdigit()) == [
+        "1",
+        "2",
+        "global-1",
+        "global-2",
+    ]
