@@ -71,7 +71,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         help="held-out batches scored (default: scoring.eval_batches)",
     )
     parser.add_argument(
-        "--repeats", type=int, default=5, help="timed writes and loads per encoding (default 5)"
+        "--repeats", type=int, default=21, help="timed writes and loads per encoding (default 21)"
     )
     parser.add_argument("--seed", type=int, default=0, help="evaluation seed (default 0)")
     args = parser.parse_args(argv)
