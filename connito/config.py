@@ -278,6 +278,12 @@ class ScoringConfig(_Strict):
     general_tolerance: float = Field(
         0.02, ge=0, description="max relative general-loss increase over the global model"
     )
+    general_drift_limit: float | None = Field(
+        None,
+        ge=0,
+        description="max relative general-loss increase over the base model's experts, across all cycles "
+        "(general_tolerance alone bounds each cycle, so forgetting could add up); None: no cumulative cap",
+    )
     min_improvement: float = Field(0.0, ge=0, description="loss drop below which a submission is lazy")
     duplicate_cosine: float = Field(0.99, gt=0, le=1, description="pseudo-gradient cosine marking a copy")
     top_k: int = Field(8, ge=1, description="miners rewarded per cycle")

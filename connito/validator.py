@@ -112,6 +112,7 @@ class CycleResult(BaseModel):
     merged: list[str] = Field(default_factory=list)
     result_revision: str | None = None
     result_domain_loss: float | None = None
+    general_ceiling: float | None = None  # the base's general loss x (1 + general_drift_limit)
 
 
 class ValidatorState(BaseModel):
@@ -138,6 +139,7 @@ class Validator:
     _model: torch.nn.Module | None = None
     _pool: EvalPool | None = None
     _candidates: dict[int, dict[str, Candidate]] = field(default_factory=dict)
+    _base_state: dict[str, torch.Tensor] | None = None  # the base model's experts (the drift cap)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -219,6 +221,7 @@ class Validator:
             general_batches=general_batches,
             config=config.scoring,
             max_change=self._max_change(),
+            general_ceiling=(ceiling := self._general_ceiling(model, general_batches)),
             progress=self.progress_bars,
             pool=self._eval_pool(model),
         )
@@ -236,6 +239,7 @@ class Validator:
             update={
                 "global_domain_loss": global_domain,
                 "global_general_loss": global_general,
+                "general_ceiling": ceiling,
                 "scores": sorted(rows.values(), key=lambda r: r.uid),
                 "cycle_weights": cycle_weights,
                 "weights": weights,
@@ -259,6 +263,23 @@ class Validator:
             if name.lstrip("-").isdigit() and int(name) < keep_from:
                 shutil.rmtree(folder, ignore_errors=True)
                 logger.info("pruned downloads %s", folder.name)
+
+    def _general_ceiling(self, model: torch.nn.Module, general_batches: list[torch.Tensor]) -> float | None:
+        """The base experts' general loss on this cycle's sample x (1 + ``general_drift_limit``).
+
+        Measured on the same batches as the submissions, so the cap moves with the sample but
+        never with the global: forgetting cannot add up over cycles.
+        """
+        limit = self.ctx.config.scoring.general_drift_limit
+        if limit is None or not general_batches:
+            return None
+        assert self.global_state is not None and self._base_state is not None
+        try:
+            write_experts(model, self._base_state)
+            base_general = sum(batch_losses(model, general_batches)) / len(general_batches)
+        finally:
+            write_experts(model, self.global_state.experts)
+        return base_general * (1 + limit)
 
     def _max_change(self) -> float | None:
         """The per-weight move bound for this cycle's global (``scoring.update_bound_factor``)."""
@@ -323,6 +344,7 @@ class Validator:
         best = top[0]
         global_loss = result.global_domain_loss or float("inf")
         general_limit = (result.global_general_loss or float("inf")) * (1 + self.ctx.config.scoring.general_tolerance)
+        general_limit = min(general_limit, result.general_ceiling or float("inf"))
         # the spec's order: the merged model if it beats the global (and passes the general guard),
         # else the best single submission if it does, else nothing
         if merged_loss < global_loss and not merged_general > general_limit:
@@ -595,6 +617,7 @@ class Validator:
     def _genesis(self) -> GlobalState:
         """The adopted global state saved in the workdir, or genesis (the base model's experts)."""
         base = genesis_global(read_experts(self._resident_model_raw(), self.ctx.selection.experts_by_layer))
+        self._base_state = base.experts
         if self.state.global_cycle < 0:
             return base
         from connito.global_state import load_global

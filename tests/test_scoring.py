@@ -22,7 +22,9 @@ DOMAIN = [random_batch(2, 16, seed=s) for s in range(3)]
 GENERAL = [random_batch(2, 16, seed=100 + s) for s in range(2)]
 
 
-def _grad_step(model, batches, lr: float, ascend: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+def _grad_step(
+    model, batches, lr: float, ascend: list[torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
     """Selected experts after one SGD step on ``batches`` (optionally ascending on ``ascend``)."""
     layers = moe_layers(model)
     params = [p for layer in layers for p in (layer.experts.gate_up_proj, layer.experts.down_proj)]
@@ -93,7 +95,9 @@ def test_model_is_bit_identical_after_scoring(setup):
 
 def test_zero_delta_is_lazy(setup):
     model, _clean, global_state, _good = setup
-    _, [score] = _score(model, global_state, [_candidate("a", {k: v.clone() for k, v in global_state.items()}, 5)])
+    _, [score] = _score(
+        model, global_state, [_candidate("a", {k: v.clone() for k, v in global_state.items()}, 5)]
+    )
     assert not score.accepted and score.reason == "lazy"
 
 
@@ -130,6 +134,35 @@ def test_general_regression_is_rejected(setup):
     model.load_state_dict(clean)
     _, [score] = _score(model, global_state, [_candidate("a", hurts_general, 5)], general_tolerance=0.0)
     assert score.reason == "general_regression"
+
+
+def test_general_drift_cap_rejects_below_the_per_cycle_tolerance(setup):
+    """The cumulative cap is absolute: a submission within the per-cycle tolerance of the global
+    is still rejected when its general loss is above the base's loss x (1 + drift limit)."""
+    model, _clean, global_state, good = setup
+    (_, global_general), [free] = _score(model, global_state, [_candidate("a", good, 5)])
+    assert free.accepted and free.general_loss is not None
+    ceiling = free.general_loss - 1e-3  # just below the submission: only the cap can reject it
+    _, [capped] = score_submissions(
+        model,
+        global_state,
+        [_candidate("a", good, 5)],
+        domain_batches=DOMAIN,
+        general_batches=GENERAL,
+        config=ScoringConfig(general_tolerance=1.0, general_drift_limit=0.01),
+        general_ceiling=ceiling,
+    )
+    assert capped.reason == "general_regression" and "drift cap" in capped.detail
+    _, [loose] = score_submissions(
+        model,
+        global_state,
+        [_candidate("a", good, 5)],
+        domain_batches=DOMAIN,
+        general_batches=GENERAL,
+        config=ScoringConfig(general_tolerance=1.0, general_drift_limit=0.01),
+        general_ceiling=global_general * 10,
+    )
+    assert loose.accepted
 
 
 def test_worse_submission_gets_no_reward(setup):
