@@ -281,8 +281,9 @@ class ScoringConfig(_Strict):
     general_drift_limit: float | None = Field(
         None,
         ge=0,
-        description="max relative general-loss increase over the base model's experts, across all cycles "
-        "(general_tolerance alone bounds each cycle, so forgetting could add up); None: no cumulative cap",
+        description="the lead publishes no global whose general loss exceeds the base model's experts' by "
+        "more than this, across all cycles (general_tolerance alone bounds each cycle, so forgetting could "
+        "add up); None: no cumulative cap",
     )
     min_improvement: float = Field(0.0, ge=0, description="loss drop below which a submission is lazy")
     duplicate_cosine: float = Field(0.99, gt=0, le=1, description="pseudo-gradient cosine marking a copy")

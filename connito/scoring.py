@@ -225,7 +225,6 @@ def score_submissions(
     general_batches: Sequence[torch.Tensor],
     config: ScoringConfig,
     max_change: float | None = None,
-    general_ceiling: float | None = None,
     progress: bool = False,
     pool: EvalPool | None = None,
 ) -> tuple[tuple[float, float], list[SubmissionScore]]:
@@ -237,8 +236,6 @@ def score_submissions(
     is the largest allowed ``|local - global|`` of any weight (None: unbounded). ``pool`` spreads
     the candidates over its replicas (one device each; ``model`` may be one of them), with the
     same scores as on ``model`` alone; each replica holds the global experts again on return.
-    ``general_ceiling`` is an absolute cap on a submission's general loss (the cumulative drift
-    cap), applied on top of ``config.general_tolerance`` over the global.
     """
     global_domain = _mean(batch_losses(model, domain_batches))
     global_general = _mean(batch_losses(model, general_batches)) if general_batches else float("nan")
@@ -254,7 +251,7 @@ def score_submissions(
                 domain_batches,
                 general_batches,
                 global_domain,
-                _general_limit(global_general, general_ceiling, config),
+                global_general,
                 config,
             )
         finally:
@@ -271,21 +268,13 @@ def score_submissions(
     return (global_domain, global_general), sorted(scores, key=lambda s: order[s.hotkey])
 
 
-def _general_limit(global_general: float, ceiling: float | None, config: ScoringConfig) -> tuple[float, str]:
-    """The general loss a submission may not exceed, and where that number comes from."""
-    per_cycle = global_general * (1.0 + config.general_tolerance)
-    if ceiling is not None and ceiling < per_cycle:
-        return ceiling, f"base model's general loss + {config.general_drift_limit:.1%}, the drift cap"
-    return per_cycle, f"global {global_general:.4f} + {config.general_tolerance:.1%}"
-
-
 def _evaluate_one(
     model: nn.Module,
     candidate: Candidate,
     domain_batches: Sequence[torch.Tensor],
     general_batches: Sequence[torch.Tensor],
     global_domain: float,
-    general_limit: tuple[float, str],
+    global_general: float,
     config: ScoringConfig,
 ) -> SubmissionScore:
     domain = batch_losses(model, domain_batches)
@@ -301,12 +290,12 @@ def _evaluate_one(
             return _reject(
                 candidate, "non_finite", "loss non-finite on general batches", domain_loss=domain_loss
             )
-        limit, why = general_limit
+        limit = global_general * (1.0 + config.general_tolerance)
         if general_loss > limit:
             return _reject(
                 candidate,
                 "general_regression",
-                f"general loss {general_loss:.4f} > {limit:.4f} ({why})",
+                f"general loss {general_loss:.4f} > {limit:.4f} (global {global_general:.4f} + {config.general_tolerance:.1%})",
                 domain_loss=domain_loss,
                 general_loss=general_loss,
             )

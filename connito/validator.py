@@ -213,6 +213,7 @@ class Validator:
             if config.scoring.general_batches
             else []
         )
+        ceiling = self._general_ceiling(model, general_batches)  # guards what the lead publishes
         (global_domain, global_general), scores = score_submissions(
             model,
             self.global_state.experts,
@@ -221,7 +222,6 @@ class Validator:
             general_batches=general_batches,
             config=config.scoring,
             max_change=self._max_change(),
-            general_ceiling=(ceiling := self._general_ceiling(model, general_batches)),
             progress=self.progress_bars,
             pool=self._eval_pool(model),
         )
@@ -349,7 +349,7 @@ class Validator:
         # else the best single submission if it does, else nothing
         if merged_loss < global_loss and not merged_general > general_limit:
             decision, experts, outer, inputs, loss = "merged", merged_experts, merged_outer, top, merged_loss
-        elif best.domain_loss is not None and best.domain_loss < global_loss:
+        elif best.domain_loss is not None and best.domain_loss < global_loss and not (best.general_loss or 0.0) > general_limit:
             experts = candidates[best.hotkey].experts()
             decision, outer, inputs, loss = "best_single", adopt_single(self.global_state.outer, experts), [best], best.domain_loss
         else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
 from e2e_harness import build_subnet, domain_config
 
 from connito.errors import ChainError, StoreError
@@ -143,3 +144,22 @@ def test_validator_keeps_downloads_of_two_cycles_only(tmp_path):
         "global-1",
         "global-2",
     ]
+
+
+def test_general_drift_cap_is_the_base_loss_and_the_lead_publishes_nothing_above_it(tmp_path, monkeypatch):
+    """The cap is the base experts' general loss on the cycle's own sample (x 1 + limit); a merge
+    or best single above it is not published, whatever its domain loss."""
+    config = domain_config(scoring__general_drift_limit=0.0)
+    subnet = build_subnet(tmp_path / "measured", config, miners=2, validators=1)
+    subnet.run_until(_cycle_end(config, 0))
+    result = subnet.nodes["v0"].state.results[0]
+    assert result.general_ceiling == pytest.approx(result.global_general_loss)  # cycle 0: global = base
+    assert result.decision in ("merged", "best_single")  # the untrained base: training helps general too
+
+    capped = build_subnet(tmp_path / "capped", config, miners=2, validators=1)
+    lowered = Validator._general_ceiling
+    monkeypatch.setattr(Validator, "_general_ceiling", lambda self, *a: 0.5 * lowered(self, *a))
+    capped.run_until(_cycle_end(config, 0))
+    result = capped.nodes["v0"].state.results[0]
+    assert [row.accepted for row in result.scores] == [True, True]  # the cap does not touch scoring
+    assert result.decision == "none" and capped.nodes["v0"].global_state.cycle == -1
