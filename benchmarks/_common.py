@@ -24,14 +24,22 @@ from typing import Any
 import torch
 
 from connito.config import DomainConfig, config_digest, load_domain_config, parse_domain_config
+from connito.data import DomainData
 from connito.fsutil import atomic_write
+from connito.localnet.runner import PRETRAIN
+from connito.owner import PRETRAIN_MARKER, build_selection, pretrain_base
+from connito.selection_record import ExpertSelection, load_selection, save_selection
 
 __all__ = [
     "REPO",
     "DEFAULT_CONFIG",
     "SMOKE_DOMAIN",
     "Timing",
+    "PRETRAIN",
     "add_common_flags",
+    "owner_base",
+    "owner_selection",
+    "pretrain_mixture",
     "setup",
     "resolve_device",
     "device_name",
@@ -192,6 +200,47 @@ def load_config(args: argparse.Namespace) -> DomainConfig:
     if args.smoke:
         return parse_domain_config(SMOKE_DOMAIN, path="<smoke>")
     return load_domain_config(args.config)
+
+
+def pretrain_mixture(data: DomainData) -> dict[str, float]:
+    """The localnet owner's mixture over the parts this domain has (its own weights if none match)."""
+    parts = {part.name for part in data.mixture}
+    mixture = {name: weight for name, weight in PRETRAIN["mixture"].items() if name in parts}
+    return mixture or {part.name: part.weight for part in data.mixture}
+
+
+def owner_base(
+    config: DomainConfig,
+    data: DomainData,
+    base_dir: Path,
+    *,
+    steps: int,
+    batch_size: int = PRETRAIN["batch_size"],
+) -> tuple[torch.nn.Module, str]:
+    """The localnet owner's pretrained base (cached in ``base_dir``, eval mode) and its revision."""
+    model = pretrain_base(
+        config,
+        data,
+        base_dir,
+        steps=steps,
+        batch_size=batch_size,
+        lr=PRETRAIN["lr"],
+        mixture=pretrain_mixture(data),
+        progress=False,
+    )
+    return model.eval(), str(json.loads((base_dir / PRETRAIN_MARKER).read_text())["revision"])
+
+
+def owner_selection(
+    config: DomainConfig, model: torch.nn.Module, data: DomainData, base_dir: Path, revision: str
+) -> ExpertSelection:
+    """The owner's selection for this base, reused from ``base_dir`` when the base and config match."""
+    path = base_dir / f"selection-{config_digest(config)[:16]}.json"
+    if path.exists() and (cached := load_selection(path)).model_revision == revision:
+        return cached
+    selection = build_selection(config, model, data, model_revision=revision, progress=False).sealed()
+    save_selection(selection, path)
+    return selection
 
 
 def metadata(

@@ -33,7 +33,6 @@ model's.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -43,22 +42,28 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import add_common_flags, emit, load_config, metadata, setup
+from _common import (
+    PRETRAIN,
+    add_common_flags,
+    emit,
+    load_config,
+    metadata,
+    owner_base,
+    owner_selection,
+    pretrain_mixture,
+    setup,
+)
 from torch import nn
 
-from connito.config import DomainConfig, TrainingConfig, config_digest
-from connito.data import DomainData, build_domain_data
+from connito.config import DomainConfig, TrainingConfig
+from connito.data import build_domain_data
 from connito.modeling import heldout_loss, load_model
 from connito.moe import expert_key, parse_expert_key, read_experts, write_experts
 from connito.outer import OuterOptimizer
-from connito.owner import PRETRAIN_MARKER, build_selection, pretrain_base
-from connito.selection_record import load_selection, save_selection
 from connito.subset import SubsetModel, load_subset_model, subset_expert_state
 from connito.training import SparseTrainer
 
 TARGET_RATIO = 0.9  # distributed must reach >= this share of the centralized domain-loss drop
-PRETRAIN_MIXTURE = {"english": 0.4, "code": 0.4, "math": 0.2}  # the localnet owner's recipe
-PRETRAIN_LR = 3e-3
 
 # (domain loss, general loss) of the full model holding an expert state
 Measure = Callable[[dict[str, torch.Tensor]], tuple[float, float]]
@@ -134,44 +139,6 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     if args.inner_steps is not None and args.inner_steps < 1:
         parser.error("--inner-steps must be >= 1")
     return args
-
-
-# -- owner bootstrap ---------------------------------------------------------------------------
-
-
-def _pretrain_mixture(data: DomainData) -> dict[str, float]:
-    """The localnet owner's mixture over the parts this domain has (its own weights if none match)."""
-    parts = {part.name for part in data.mixture}
-    mixture = {name: weight for name, weight in PRETRAIN_MIXTURE.items() if name in parts}
-    return mixture or {part.name: part.weight for part in data.mixture}
-
-
-def _pretrain(config: DomainConfig, data: DomainData, base_dir: Path, args: argparse.Namespace) -> nn.Module:
-    return pretrain_base(
-        config,
-        data,
-        base_dir,
-        steps=args.pretrain_steps,
-        batch_size=args.pretrain_batch_size,
-        lr=PRETRAIN_LR,
-        mixture=_pretrain_mixture(data),
-        progress=False,
-    )
-
-
-def _selection(
-    config: DomainConfig, model: nn.Module, data: DomainData, base_dir: Path
-) -> dict[int, list[int]]:
-    """The owner's selection for this base, reused from the cache when the base and config match."""
-    revision = str(json.loads((base_dir / PRETRAIN_MARKER).read_text())["revision"])
-    path = base_dir / f"selection-{config_digest(config)[:16]}.json"
-    if path.exists():
-        cached = load_selection(path)
-        if cached.model_revision == revision:
-            return cached.experts_by_layer
-    selection = build_selection(config, model, data, model_revision=revision, progress=False)
-    save_selection(selection, path)
-    return selection.experts_by_layer
 
 
 # -- the two arms -------------------------------------------------------------------------------
@@ -335,10 +302,13 @@ def _run(
     timings["data_s"] = time.perf_counter() - start
     base_dir = cache_dir / "base"
     start = time.perf_counter()
-    model = _pretrain(config, data, base_dir, args).to(device).eval()
+    model, revision = owner_base(
+        config, data, base_dir, steps=args.pretrain_steps, batch_size=args.pretrain_batch_size
+    )
+    model = model.to(device)
     timings["pretrain_s"] = time.perf_counter() - start
     start = time.perf_counter()
-    selection = _selection(config, model, data, base_dir)
+    selection = owner_selection(config, model, data, base_dir, revision).experts_by_layer
     timings["selection_s"] = time.perf_counter() - start
     batch_size = args.eval_batch_size or config.scoring.eval_batch_size
     sample = EvalSample(
@@ -414,8 +384,8 @@ def _run(
         "pretrain": {
             "steps": args.pretrain_steps,
             "batch_size": args.pretrain_batch_size,
-            "lr": PRETRAIN_LR,
-            "mixture": _pretrain_mixture(data),
+            "lr": PRETRAIN["lr"],
+            "mixture": pretrain_mixture(data),
         },
         "outer": config.merge.model_dump(mode="json"),
         "inner": config.training.model_dump(mode="json"),

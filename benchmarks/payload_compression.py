@@ -24,7 +24,6 @@ loaded back through the validator's strict loader (decoding against the global) 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import tempfile
@@ -33,16 +32,25 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import add_common_flags, emit, load_config, median_time, metadata, setup
+from _common import (
+    PRETRAIN,
+    add_common_flags,
+    emit,
+    load_config,
+    median_time,
+    metadata,
+    owner_base,
+    owner_selection,
+    pretrain_mixture,
+    setup,
+)
 
 from connito.checkpoint import EXPERTS_FILE, ExpertSpec, load_checkpoint, tensors_digest, write_checkpoint
-from connito.config import DomainConfig, config_digest
-from connito.data import DomainData, build_domain_data
-from connito.localnet.runner import PRETRAIN
+from connito.config import DomainConfig
+from connito.data import build_domain_data
 from connito.moe import read_experts, write_experts
-from connito.owner import PRETRAIN_MARKER, build_selection, pretrain_base
 from connito.scoring import Candidate, SubmissionScore, score_submissions
-from connito.selection_record import ExpertSelection, load_selection, save_selection
+from connito.selection_record import ExpertSelection
 from connito.training import SparseTrainer
 
 ENCODINGS = ("fp", "int8")
@@ -80,42 +88,6 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     if min(args.miners, args.pretrain_steps, args.repeats) < 1:
         parser.error("--miners, --pretrain-steps and --repeats must be >= 1")
     return args
-
-
-# -- owner bootstrap ---------------------------------------------------------------------------
-
-
-def _pretrain_mixture(data: DomainData) -> dict[str, float]:
-    """The localnet owner's mixture over the parts this domain has (its own weights if none match)."""
-    parts = {part.name for part in data.mixture}
-    mixture = {name: weight for name, weight in PRETRAIN["mixture"].items() if name in parts}
-    return mixture or {part.name: part.weight for part in data.mixture}
-
-
-def _base(config: DomainConfig, data: DomainData, base_dir: Path, steps: int):
-    """The localnet owner's pretrained base (cached) and its revision."""
-    model = pretrain_base(
-        config,
-        data,
-        base_dir,
-        steps=steps,
-        batch_size=PRETRAIN["batch_size"],
-        lr=PRETRAIN["lr"],
-        mixture=_pretrain_mixture(data),
-        progress=False,
-    )
-    return model.eval(), str(json.loads((base_dir / PRETRAIN_MARKER).read_text())["revision"])
-
-
-def _selection(
-    config: DomainConfig, model, data: DomainData, base_dir: Path, revision: str
-) -> ExpertSelection:
-    path = base_dir / f"selection-{config_digest(config)[:16]}.json"
-    if path.exists() and load_selection(path).model_revision == revision:
-        return load_selection(path)
-    selection = build_selection(config, model, data, model_revision=revision, progress=False).sealed()
-    save_selection(selection, path)
-    return selection
 
 
 # -- one miner, two payloads -------------------------------------------------------------------
@@ -207,9 +179,9 @@ def _run(
     start = time.perf_counter()
     data = build_domain_data(config.data, cache_dir=cache_dir / "data", model=config.model)
     base_dir = cache_dir / "base"
-    model, revision = _base(config, data, base_dir, args.pretrain_steps)
+    model, revision = owner_base(config, data, base_dir, steps=args.pretrain_steps)
     model = model.to(device)
-    selection = _selection(config, model, data, base_dir, revision)
+    selection = owner_selection(config, model, data, base_dir, revision)
     by_layer = selection.experts_by_layer
     timings["bootstrap_s"] = time.perf_counter() - start
     global_experts = read_experts(model, by_layer)
@@ -275,7 +247,7 @@ def _run(
             "residency": "full",
             "selected_experts": sum(len(v) for v in by_layer.values()),
             "expert_dtype": str(next(iter(global_experts.values())).dtype).removeprefix("torch."),
-            "pretrain": {**PRETRAIN, "steps": args.pretrain_steps, "mixture": _pretrain_mixture(data)},
+            "pretrain": {**PRETRAIN, "steps": args.pretrain_steps, "mixture": pretrain_mixture(data)},
             "eval": {"batches": batches, "batch_size": scoring.eval_batch_size, "seed": args.seed},
         },
         "payload_bytes": sizes,

@@ -112,7 +112,7 @@ def run_localnet(args: argparse.Namespace) -> int:
 def _bootstrap(config: DomainConfig, workdir: Path) -> tuple[Path, Path]:
     """Owner: data + tokenizer, a briefly pretrained base, and the expert selection (all cached)."""
     from connito.data import build_domain_data
-    from connito.owner import build_selection, pretrain_base
+    from connito.owner import PRETRAIN_MARKER, build_selection, pretrain_base
     from connito.selection_record import load_selection, save_selection
 
     base_dir = workdir / "base"
@@ -121,7 +121,7 @@ def _bootstrap(config: DomainConfig, workdir: Path) -> tuple[Path, Path]:
     data = build_domain_data(config.data, cache_dir=workdir / "cache", model=config.model)
     print(f"[owner] pretraining the base MoE ({PRETRAIN['steps']} steps, cached) ...", flush=True)
     model = pretrain_base(config, data, base_dir, **PRETRAIN)
-    revision = json.loads((base_dir / "connito_pretrain.json").read_text())["revision"]
+    revision = json.loads((base_dir / PRETRAIN_MARKER).read_text())["revision"]
     if selection_path.exists():
         selection = load_selection(selection_path)
         if selection.model_revision == revision:
