@@ -85,6 +85,24 @@ class Subnet:
             self.chain.advance_blocks(1)
 
 
+def node_context(
+    root: Path, name: str, key: Keypair, *, config: DomainConfig, selection, data, store: LocalStore
+) -> NodeContext:
+    """The context of node ``name`` in a world laid out by ``build_subnet`` under ``root``."""
+    return NodeContext(
+        config=config,
+        selection=selection,
+        chain=LocalChain.open(root / "chain.sqlite", wallet=key),
+        store=store,
+        hotkey=key.ss58_address,
+        base_dir=root / "base",
+        workdir=root / "nodes" / name,
+        data=data,
+        device=torch.device("cpu"),
+        hub_repo=f"nodes/{name}",
+    )
+
+
 def build_subnet(
     tmp: Path, config: DomainConfig, *, miners: int = 2, validators: int = 2, adversaries: tuple[str, ...] = ()
 ) -> Subnet:
@@ -113,19 +131,7 @@ def build_subnet(
     store = LocalStore(tmp / "hub")
     nodes: dict[str, object] = {}
     for name in names:
-        chain = LocalChain.open(tmp / "chain.sqlite", wallet=keys[name])
-        ctx = NodeContext(
-            config=config,
-            selection=selection,
-            chain=chain,
-            store=store,
-            hotkey=keys[name].ss58_address,
-            base_dir=base_dir,
-            workdir=tmp / "nodes" / name,
-            data=data,
-            device=torch.device("cpu"),
-            hub_repo=f"nodes/{name}",
-        )
+        ctx = node_context(tmp, name, keys[name], config=config, selection=selection, data=data, store=store)
         if name.startswith("v"):
             nodes[name] = Validator(ctx)
         elif name.startswith("adv-"):

@@ -26,17 +26,16 @@ from bittensor.sp_core import Keypair
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from e2e_harness import domain_config  # noqa: E402
+from e2e_harness import domain_config, node_context  # noqa: E402
 
 import connito.chain.local  # noqa: E402
 import connito.hub.local  # noqa: E402
 import connito.merge  # noqa: E402
 import connito.scoring  # noqa: E402
 import connito.validator  # noqa: E402
-from connito.chain.local import LocalChain  # noqa: E402
 from connito.data import build_domain_data  # noqa: E402
 from connito.hub import LocalStore  # noqa: E402
-from connito.node import NodeContext, guarded_tick  # noqa: E402
+from connito.node import guarded_tick  # noqa: E402
 from connito.protocol import phase, phase_bounds  # noqa: E402
 from connito.selection_record import load_selection  # noqa: E402
 
@@ -71,18 +70,14 @@ def _install(counts: Counter, kill: tuple[str, int, str] | None) -> None:
 
 def _validator(world: Path) -> connito.validator.Validator:
     config = domain_config()
-    key = Keypair.create_from_uri("//v0")
-    ctx = NodeContext(
+    ctx = node_context(
+        world,
+        "v0",
+        Keypair.create_from_uri("//v0"),
         config=config,
         selection=load_selection(world / "selection.json"),
-        chain=LocalChain.open(world / "chain.sqlite", wallet=key),
-        store=LocalStore(world / "hub"),
-        hotkey=key.ss58_address,
-        base_dir=world / "base",
-        workdir=world / "nodes" / "v0",
         data=build_domain_data(config.data, cache_dir=world / "cache", model=config.model),
-        device=torch.device("cpu"),
-        hub_repo="nodes/v0",
+        store=LocalStore(world / "hub"),
     )
     return connito.validator.Validator(ctx)
 
