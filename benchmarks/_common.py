@@ -226,6 +226,7 @@ def owner_base(
         batch_size=batch_size,
         lr=PRETRAIN["lr"],
         mixture=pretrain_mixture(data),
+        document_pools=PRETRAIN["document_pools"],
         progress=False,
     )
     return model.eval(), str(json.loads((base_dir / PRETRAIN_MARKER).read_text())["revision"])

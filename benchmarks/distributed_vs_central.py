@@ -6,9 +6,11 @@ config's residency by default (``--residency subset|full`` overrides; ``subset``
 
 - ``distributed``: each cycle, each of N miners starts from the current global experts, trains H
   inner steps (``training.inner_steps``, ``training.batch_size``) on its own document shard
-  (``data.train_loader(i, N, ...)``) with a fresh AdamW, and the N results are merged with
+  (``data.train_loader(i, N, ...)``), and the N results are merged with
   ``OuterOptimizer.step`` (lr, momentum, Nesterov and clip from the config's ``merge`` section,
-  uniform weights): the protocol with every miner honest and every submission merged;
+  uniform weights): the protocol with every miner honest and every submission merged; with
+  ``training.keep_optimizer_state`` (the default) each miner carries its AdamW moments from one
+  cycle to the next, as ``connito.miner`` does;
 - ``central`` (synchronous data parallel, the DiLoCo paper's baseline): one trainer on the union
   of the data (``train_loader(0, 1, ...)``) taking H optimizer steps per cycle over N x the batch
   (gradient accumulation), AdamW kept across cycles: the same tokens and the same number of
@@ -222,13 +224,17 @@ def _run_distributed(
     global_state = trainee.state()
     outer = OuterOptimizer(global_state, lr=merge.outer_lr, momentum=merge.momentum, nesterov=merge.nesterov)
     points, tokens = [], 0
+    moments: list[dict[str, torch.Tensor] | None] = [None] * len(loaders)  # each miner's AdamW state
     for cycle in range(cycles):
         start = time.perf_counter()
         local_states, losses = [], []
-        for loader in loaders:
+        for miner, loader in enumerate(loaders):
             trainee.load(global_state)
             trainer = trainee.trainer()
+            if moments[miner] is not None and config.training.keep_optimizer_state:
+                trainer.load_optimizer_moments(moments[miner])  # as the miner does (DiLoCo's inner state)
             result = trainer.train(loader, inner_steps, progress=False)
+            moments[miner] = trainer.state_dict()
             local_states.append(trainer.finish())
             losses.extend(result.losses)
             tokens += result.tokens

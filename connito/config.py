@@ -241,6 +241,11 @@ class TrainingConfig(_Strict):
     seed: int = Field(
         0, description="torch seed of the trainer; also mixed into each miner's per-cycle data order"
     )
+    keep_optimizer_state: bool = Field(
+        True,
+        description="carry the AdamW moments from one cycle to the next (DiLoCo keeps each worker's inner "
+        "optimizer state); the weights still restart from the new global",
+    )
     payload: Literal["fp", "int8"] = Field(
         "fp",
         description="what a miner uploads: fp, the trained experts; int8, their delta from the global as "

@@ -327,6 +327,7 @@ class Miner:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
         if metadata.get("cycle") != str(cycle) or metadata.get("global_revision") != self.progress.global_revision:
+            self._carry_moments(trainer, path, metadata, cycle)
             return 0
         try:
             trainer.load_state_dict(load_file(str(path)))
@@ -335,6 +336,16 @@ class Miner:
             return 0
         logger.info("resumed training cycle=%d step=%d", cycle, trainer.step_count)
         return trainer.step_count
+
+    def _carry_moments(self, trainer: SparseTrainer, path: Path, metadata: dict[str, str], cycle: int) -> None:
+        """Start this cycle with the AdamW moments an earlier cycle ended with (DiLoCo's inner state)."""
+        if not self.ctx.config.training.keep_optimizer_state:
+            return
+        earlier = metadata.get("cycle", "")
+        if not earlier.isdigit() or int(earlier) >= cycle:
+            return
+        if trainer.load_optimizer_moments(load_file(str(path))):
+            logger.info("carried optimizer moments cycle=%d from_cycle=%s", cycle, earlier)
 
     def _save_progress(self, progress: MinerProgress) -> None:
         self.progress = progress

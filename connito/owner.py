@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -15,6 +17,7 @@ from transformers import PreTrainedModel
 
 from connito.config import DomainConfig, load_domain_config
 from connito.data import DomainData, build_domain_data
+from connito.document_pools import DocumentPools
 from connito.fsutil import atomic_write_json
 from connito.modeling import build_model, heldout_loss, load_model
 from connito.selection import probe_routing, select_experts
@@ -132,17 +135,22 @@ def pretrain_base(
     batch_size: int,
     lr: float,
     mixture: dict[str, float],
+    document_pools: Sequence[int] | None = None,
     progress: bool = True,
 ) -> PreTrainedModel:
     """Briefly pretrain an inline model on a general+code+math mixture; cache it in ``out_dir``.
 
     A real subnet starts from a pretrained Hub model; the localnet has none offline, so it makes a
-    small one whose experts have specialised enough for selection to mean something. Cached by
-    config digest and recipe, so a second run reuses it.
+    small one whose experts have specialised enough for selection to mean something. With
+    ``document_pools`` (pool sizes) each row's tokens route inside one pool of experts
+    (``connito.document_pools``, EMO), so the experts group by domain and a domain's share of them
+    can be exported alone. Cached by config digest and recipe, so a second run reuses it.
     """
     from tqdm import tqdm
 
-    recipe = {"steps": steps, "batch_size": batch_size, "lr": lr, "mixture": mixture}
+    recipe: dict[str, object] = {"steps": steps, "batch_size": batch_size, "lr": lr, "mixture": mixture}
+    if document_pools:
+        recipe["document_pools"] = sorted(set(document_pools))
     marker = out_dir / PRETRAIN_MARKER
     # only what the pretrained weights depend on: changing cycles or scoring keeps the cache
     inputs = {"model": config.model.model_dump(mode="json"), "data": config.data.model_dump(mode="json")}
@@ -161,11 +169,15 @@ def pretrain_base(
         optimizer, lambda step: min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * step / steps))
     )
     loader = data.mixture_loader(batch_size, seed=config.training.seed, weights=mixture)
+    pools = DocumentPools(model, document_pools, seed=config.training.seed) if document_pools else None
     bar = tqdm(range(steps), desc="pretrain base", disable=not progress, unit="step")
     for _ in bar:
         batch = next(loader)
         # router aux loss on while pretraining keeps experts balanced (transformers adds it to .loss)
-        loss = model(input_ids=batch, labels=batch, output_router_logits=True).loss
+        with pools if pools is not None else nullcontext():
+            if pools is not None:
+                pools.draw(len(batch))
+            loss = model(input_ids=batch, labels=batch, output_router_logits=True).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()

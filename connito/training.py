@@ -475,6 +475,25 @@ class SparseTrainer:
         if "rng.cuda" in state and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["rng.cuda"], self.device)
 
+    def load_optimizer_moments(self, state: Mapping[str, torch.Tensor]) -> bool:
+        """Take the AdamW moments (``optim.*``) of an earlier ``state_dict()``; keep weights and step.
+
+        A miner carries its inner optimizer state into the next cycle (as DiLoCo's workers do) while
+        its weights restart from the new global. Returns False, changing nothing, when the state was
+        taken over other experts or holds no moments.
+        """
+        for item in self.slices:
+            index = state.get(f"index.{item.name}")
+            if index is None or index.tolist() != list(item.expert_ids):
+                return False
+            moments = [v for k, v in state.items() if k.startswith("optim.") and k.endswith(f".{item.name}")]
+            if not moments or any(v.dim() and v.shape != item.master.shape for v in moments):
+                return False
+        current = self.state_dict()
+        current.update({key: value for key, value in state.items() if key.startswith("optim.")})
+        self.load_state_dict(current)
+        return True
+
     # -- finish ------------------------------------------------------------------------------
 
     def finish(self) -> dict[str, torch.Tensor]:

@@ -115,3 +115,19 @@ def test_miner_killed_mid_training_resumes_bit_exactly(tmp_path, monkeypatch):
     got = load_file(str(tmp_path / "crash" / "nodes" / "m0" / "checkpoints" / "0" / "experts.safetensors"))
     assert sorted(got) == sorted(expected)
     assert all(torch.equal(got[k], expected[k]) for k in expected)
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_miner_carries_its_adamw_moments_into_the_next_cycle(tmp_path, monkeypatch, keep):
+    config = domain_config(training__keep_optimizer_state=keep)
+    subnet = build_subnet(tmp_path, config, miners=1, validators=1)
+    taken: list[tuple[int, bool]] = []
+    original = Miner._carry_moments
+
+    def spy(self, trainer, path, metadata, cycle):
+        original(self, trainer, path, metadata, cycle)
+        taken.append((cycle, bool(trainer.optimizer.state)))
+
+    monkeypatch.setattr(Miner, "_carry_moments", spy)
+    subnet.run_until(phase_bounds(1, "train", config.cycle)[1])
+    assert taken == [(1, keep)]

@@ -229,3 +229,37 @@ def test_resume_state_for_another_selection_is_rejected():
 def test_selection_outside_the_model_is_rejected():
     with pytest.raises(ConfigError, match="layer 0: expert ids must be in 0..7"):
         SparseTrainer(tiny_model("qwen3_moe"), {0: [9]}, CFG)
+
+
+def test_optimizer_moments_carry_into_the_next_cycles_trainer():
+    """A new cycle's trainer takes the last cycle's AdamW moments but its weights and step count
+    stay those of the new global: the next step equals AdamW continued from those moments."""
+    model = tiny_model("qwen3_moe")
+    first = SparseTrainer(model, SELECTION, CFG)
+    first.train(_batches(3), 3, progress=False)
+    carried = load(save(first.state_dict()))
+    first.finish()
+    new_global = {k: v + 0.01 for k, v in read_experts(model, SELECTION).items()}
+    from connito.moe import write_experts
+
+    write_experts(model, new_global)
+    second = SparseTrainer(model, SELECTION, CFG)
+    assert second.load_optimizer_moments(carried)
+    assert second.step_count == 0
+    state = second.state_dict()
+    for key, value in carried.items():
+        if key.startswith("optim."):
+            assert torch.equal(state[key], value), key
+    assert all(not torch.equal(state[k], carried[k]) for k in state if k.startswith("master."))
+    second.finish()
+    assert all(torch.equal(v, new_global[k]) for k, v in read_experts(model, SELECTION).items())
+
+
+def test_moments_of_other_experts_or_of_no_steps_are_not_carried():
+    other = SparseTrainer(tiny_model("qwen3_moe"), {0: [1, 6], 1: [3]}, CFG)
+    other.train(_batches(1), 1, progress=False)
+    untrained = SparseTrainer(tiny_model("qwen3_moe"), SELECTION, CFG)
+    trainer = SparseTrainer(tiny_model("qwen3_moe"), SELECTION, CFG)
+    assert not trainer.load_optimizer_moments(other.state_dict())
+    assert not trainer.load_optimizer_moments(untrained.state_dict())
+    assert trainer.optimizer.state == {}

@@ -32,7 +32,15 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["LocalnetPlan", "run_localnet"]
 
-PRETRAIN = {"steps": 400, "batch_size": 8, "lr": 3e-3, "mixture": {"english": 0.4, "code": 0.4, "math": 0.2}}
+# document_pools: EMO-style pools (connito.document_pools) so the experts group by domain and
+# `connito export` can keep a domain's quarter of them (+62% domain loss without, -0.4% with)
+PRETRAIN = {
+    "steps": 400,
+    "batch_size": 8,
+    "lr": 3e-3,
+    "mixture": {"english": 0.4, "code": 0.4, "math": 0.2},
+    "document_pools": [2, 4, 8],
+}
 STARTUP_S = 90.0  # seconds before cycle 0 starts: processes import torch and load data and models
 
 
