@@ -64,6 +64,7 @@ from connito.moe import expert_key, parse_expert_key, read_experts, write_expert
 from connito.outer import OuterOptimizer
 from connito.subset import SubsetModel, load_subset_model, subset_expert_state
 from connito.training import SparseTrainer
+from connito.update_bound import moments_may_carry
 
 TARGET_RATIO = 0.9  # distributed must reach >= this share of the centralized domain-loss drop
 
@@ -231,7 +232,7 @@ def _run_distributed(
         for miner, loader in enumerate(loaders):
             trainee.load(global_state)
             trainer = trainee.trainer()
-            if moments[miner] is not None and config.training.keep_optimizer_state:
+            if moments[miner] is not None and moments_may_carry(config.training):
                 trainer.load_optimizer_moments(moments[miner])  # as the miner does (DiLoCo's inner state)
             result = trainer.train(loader, inner_steps, progress=False)
             moments[miner] = trainer.state_dict()

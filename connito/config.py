@@ -244,7 +244,8 @@ class TrainingConfig(_Strict):
     keep_optimizer_state: bool = Field(
         True,
         description="carry the AdamW moments from one cycle to the next (DiLoCo keeps each worker's inner "
-        "optimizer state); the weights still restart from the new global",
+        "optimizer state); the weights still restart from the new global. Only with beta1^2 < beta2, where "
+        "the validators' update bound holds at any step count",
     )
     payload: Literal["fp", "int8"] = Field(
         "fp",

@@ -36,6 +36,7 @@ from connito.protocol import (
 )
 from connito.subset import SubsetModel, load_subset_model, subset_expert_state
 from connito.training import SparseTrainer
+from connito.update_bound import moments_may_carry
 
 logger = logging.getLogger(__name__)
 
@@ -339,7 +340,7 @@ class Miner:
 
     def _carry_moments(self, trainer: SparseTrainer, path: Path, metadata: dict[str, str], cycle: int) -> None:
         """Start this cycle with the AdamW moments an earlier cycle ended with (DiLoCo's inner state)."""
-        if not self.ctx.config.training.keep_optimizer_state:
+        if not moments_may_carry(self.ctx.config.training):
             return
         earlier = metadata.get("cycle", "")
         if not earlier.isdigit() or int(earlier) >= cycle:

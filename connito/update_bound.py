@@ -18,7 +18,7 @@ import torch
 
 from connito.config import TrainingConfig
 
-__all__ = ["adam_ratio_bound", "max_weight_change"]
+__all__ = ["adam_ratio_bound", "max_weight_change", "moments_may_carry"]
 
 
 def adam_ratio_bound(beta1: float, beta2: float, step: int) -> float:
@@ -36,6 +36,16 @@ def adam_ratio_bound(beta1: float, beta2: float, step: int) -> float:
     ratio = beta1 * beta1 / beta2
     geometric = float(step) if ratio == 1.0 else (1 - ratio**step) / (1 - ratio)
     return (1 - beta1) / (1 - beta1**step) * math.sqrt(geometric) * math.sqrt((1 - beta2**step) / (1 - beta2))
+
+
+def moments_may_carry(training: TrainingConfig) -> bool:
+    """Whether a miner may carry its AdamW moments into the next cycle and stay within the bound.
+
+    Only when ``b1^2 < b2``: the bound then holds at every step count. Otherwise it is taken at
+    ``t = inner_steps`` (a fresh optimizer), which a longer-lived optimizer can exceed.
+    """
+    beta1, beta2 = training.betas
+    return training.keep_optimizer_state and beta1 * beta1 < beta2
 
 
 def _ratio_over_any_step(beta1: float, beta2: float, steps: int) -> float:

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from connito.config import TrainingConfig
-from connito.update_bound import adam_ratio_bound, max_weight_change
+from connito.update_bound import adam_ratio_bound, max_weight_change, moments_may_carry
 
 
 def test_ratio_bound_is_exact_at_the_first_step_and_grows_to_its_limit():
@@ -23,12 +23,19 @@ def test_ratio_bound_is_exact_at_the_first_step_and_grows_to_its_limit():
         adam_ratio_bound(0.9, 0.95, 0)
 
 
-def _adamw_move(training: TrainingConfig, start: torch.Tensor, gradients: list[torch.Tensor]) -> torch.Tensor:
+def _adamw_move(
+    training: TrainingConfig, start: torch.Tensor, gradients: list[torch.Tensor], *, earlier: int = 0
+) -> torch.Tensor:
+    """How far AdamW moves ``start`` over the gradients after the first ``earlier`` of them: those
+    are an earlier cycle whose moments the optimizer carries (its weights restart at ``start``)."""
     weight = torch.nn.Parameter(start.clone())
     optimizer = torch.optim.AdamW(
         [weight], lr=training.lr, betas=training.betas, weight_decay=training.weight_decay, eps=1e-12
     )
-    for gradient in gradients:
+    for index, gradient in enumerate(gradients):
+        if index == earlier:
+            with torch.no_grad():
+                weight.copy_(start)
         weight.grad = gradient.clone()
         optimizer.step()
     return (weight.detach() - start).abs()
@@ -54,6 +61,35 @@ def test_adamw_never_moves_a_weight_past_the_bound(steps, beta1, beta2, weight_d
     ]
     moved = float(_adamw_move(training, start, gradients).max())
     assert moved <= max_weight_change(training, {"w": start}, factor=1.0) * (1 + 1e-9)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    earlier=st.integers(1, 60),
+    steps=st.integers(1, 30),
+    betas=st.sampled_from([(0.9, 0.95), (0.5, 0.95), (0.9, 0.999), (0.0, 0.99)]),
+    weight_decay=st.sampled_from([0.0, 0.1]),
+    scales=st.lists(st.floats(1e-6, 1e6), min_size=90, max_size=90),
+    signs=st.lists(st.sampled_from([-1.0, 1.0]), min_size=90, max_size=90),
+)
+def test_carried_moments_stay_within_the_bound(earlier, steps, betas, weight_decay, scales, signs):
+    """A miner that carries its moments from earlier cycles (keep_optimizer_state) still moves no
+    weight past the bound in its H steps, whatever the earlier gradients were."""
+    training = TrainingConfig(inner_steps=steps, lr=1e-3, betas=betas, weight_decay=weight_decay)
+    assert moments_may_carry(training)
+    start = torch.tensor([0.5, -2.0, 0.0, 3.0], dtype=torch.float64)
+    gradients = [
+        torch.tensor([s * g, -s * g, s, g * 1e-3], dtype=torch.float64)
+        for s, g in zip(scales[: earlier + steps], signs[: earlier + steps], strict=True)
+    ]
+    moved = float(_adamw_move(training, start, gradients, earlier=earlier).max())
+    assert moved <= max_weight_change(training, {"w": start}, factor=1.0) * (1 + 1e-9)
+
+
+def test_moments_do_not_carry_where_the_bound_has_no_limit():
+    assert not moments_may_carry(TrainingConfig(betas=(0.99, 0.95)))
+    assert not moments_may_carry(TrainingConfig(keep_optimizer_state=False))
+    assert moments_may_carry(TrainingConfig(betas=(0.9, 0.95)))
 
 
 def test_bound_scales_with_steps_and_lr_and_covers_bf16_rounding():
