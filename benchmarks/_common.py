@@ -14,6 +14,7 @@ import logging
 import os
 import platform
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -50,6 +51,7 @@ __all__ = [
     "metadata",
     "median_time",
     "emit",
+    "run_cached",
 ]
 
 REPO = Path(__file__).resolve().parents[1]
@@ -278,6 +280,27 @@ def median_time(fn: Callable[[int], object], *, repeats: int, warmup: int, devic
         if index >= warmup:
             samples.append(time.perf_counter() - start)
     return Timing(median_s=statistics.median(samples), samples_s=tuple(samples))
+
+
+def run_cached(
+    benchmark: str,
+    args: argparse.Namespace,
+    run: Callable[[argparse.Namespace, DomainConfig, torch.device, Path], dict[str, Any]],
+    report: Callable[[dict[str, Any]], None],
+) -> int:
+    """A benchmark's whole ``main`` after parsing: device, config, ``run`` with ``--cache-dir`` (or a
+    temporary folder), metadata and total time added, ``report`` printed, the JSON emitted."""
+    device = setup(args)
+    config = load_config(args)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix=f"connito-{benchmark}-") as tmp:
+        cache_dir = args.cache_dir if args.cache_dir is not None else Path(tmp)
+        measured = run(args, config, device, cache_dir)
+    result = {**metadata(benchmark, args, config, device), **measured}
+    result["timings_s"]["total_s"] = time.perf_counter() - started
+    report(result)
+    emit(result, args.out)
+    return 0
 
 
 def emit(result: dict[str, Any], out: Path | None) -> None:

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -47,13 +46,10 @@ import torch
 from _common import (
     PRETRAIN,
     add_common_flags,
-    emit,
-    load_config,
-    metadata,
     owner_base,
     owner_selection,
     pretrain_mixture,
-    setup,
+    run_cached,
 )
 from torch import nn
 
@@ -491,18 +487,7 @@ def _report(result: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parse(argv)
-    device = setup(args)
-    config = load_config(args)
-    started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="connito-dvc-") as tmp:
-        cache_dir = args.cache_dir if args.cache_dir is not None else Path(tmp)
-        measured = _run(args, config, device, cache_dir)
-    result = {**metadata("distributed_vs_central", args, config, device), **measured}
-    result["timings_s"]["total_s"] = time.perf_counter() - started
-    _report(result)
-    emit(result, args.out)
-    return 0
+    return run_cached("distributed_vs_central", _parse(argv), _run, _report)
 
 
 if __name__ == "__main__":

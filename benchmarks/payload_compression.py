@@ -35,14 +35,11 @@ import torch
 from _common import (
     PRETRAIN,
     add_common_flags,
-    emit,
-    load_config,
     median_time,
-    metadata,
     owner_base,
     owner_selection,
     pretrain_mixture,
-    setup,
+    run_cached,
 )
 
 from connito.checkpoint import EXPERTS_FILE, ExpertSpec, load_checkpoint, tensors_digest, write_checkpoint
@@ -322,18 +319,7 @@ def _report(result: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parse(argv)
-    device = setup(args)
-    config = load_config(args)
-    started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="connito-payload-cache-") as tmp:
-        cache_dir = args.cache_dir if args.cache_dir is not None else Path(tmp)
-        measured = _run(args, config, device, cache_dir)
-    result = {**metadata("payload_compression", args, config, device), **measured}
-    result["timings_s"]["total_s"] = time.perf_counter() - started
-    _report(result)
-    emit(result, args.out)
-    return 0
+    return run_cached("payload_compression", _parse(argv), _run, _report)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from torch import nn
 from connito.errors import UnsupportedModelError
 from connito.moe import MoELayer, moe_layers
 
-__all__ = ["DocumentPools"]
+__all__ = ["DocumentPools", "pool_mask"]
 
 # routers computing softmax(x W^T) then top-k, returning (logits, top-k weights, top-k indices)
 _SOFTMAX_TOPK_ROUTERS = ("qwen3_moe", "qwen2_moe", "olmoe", "mixtral")

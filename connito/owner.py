@@ -171,19 +171,19 @@ def pretrain_base(
     loader = data.mixture_loader(batch_size, seed=config.training.seed, weights=mixture)
     pools = DocumentPools(model, document_pools, seed=config.training.seed) if document_pools else None
     bar = tqdm(range(steps), desc="pretrain base", disable=not progress, unit="step")
-    for _ in bar:
-        batch = next(loader)
-        # router aux loss on while pretraining keeps experts balanced (transformers adds it to .loss)
-        with pools if pools is not None else nullcontext():
+    with pools if pools is not None else nullcontext():
+        for _ in bar:
+            batch = next(loader)
             if pools is not None:
                 pools.draw(len(batch))
+            # router aux loss on while pretraining keeps experts balanced (transformers adds it to .loss)
             loss = model(input_ids=batch, labels=batch, output_router_logits=True).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
     model.eval()
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
