@@ -121,7 +121,9 @@ class ModelConfig(_Strict):
             _check_json_data(self.inline)  # YAML dates, bytes or sets would break config_digest
         if self.base is not None and not _LIBRARY_BASE.fullmatch(self.base):
             # a pinned version only: 'latest' would let two nodes' libraries start different experts
-            raise ValueError(f"base must be library:DOMAIN@vN (a pinned library version), got {_SHOWN.repr(self.base)}")
+            raise ValueError(
+                f"base must be library:DOMAIN@vN (a pinned library version), got {_SHOWN.repr(self.base)}"
+            )
         return self
 
     @property
@@ -252,6 +254,24 @@ class TrainingConfig(_Strict):
         description="what a miner uploads: fp, the trained experts; int8, their delta from the global as "
         "per-row int8 with fp32 scales (about 2x smaller than bf16, 4x than fp32); validators accept both",
     )
+    document_pools: tuple[int, ...] | None = Field(
+        None,
+        description="train with EMO document expert pools: each sequence's tokens pick their top-k inside a "
+        "pool of this many experts (drawn per sequence from the list) that the router prefers for the "
+        "sequence; the experts keep working with the few the domain's tokens prefer, so an export of "
+        "those stays close to the full model. Needs residency: full; None: plain routing",
+    )
+
+    @model_validator(mode="after")
+    def _pools_need_full_residency(self) -> TrainingConfig:
+        if self.document_pools is not None:
+            if not self.document_pools or min(self.document_pools) < 1:
+                raise ValueError(f"document_pools must list pool sizes >= 1, got {self.document_pools}")
+            if self.residency != "full":
+                raise ValueError(
+                    "document_pools needs residency: full (a subset already routes among few experts)"
+                )
+        return self
 
 
 class CycleConfig(_Strict):

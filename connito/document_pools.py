@@ -10,8 +10,14 @@ then group by domain and a quarter of them serves a domain almost as well as all
 The localnet's mixture packs each row from one source (``mixture_batches``), so a row stands in for
 a document. The pool is the row's ``size`` experts with the highest mean router probability; each
 token's top-k is then taken inside the pool (a pool smaller than k gives the remaining picks zero
-weight, so pool size 1 trains top-1 routing). Only pretraining uses pools: the saved model is a
+weight, so pool size 1 trains top-1 routing). Pools change training only: the saved model is a
 plain transformers checkpoint whose router sees every expert.
+
+Miners can keep training inside pools (``training.document_pools``, ``SparseTrainer``). Trained in
+the full model's routing alone, a selected expert learns to complement whichever partner each
+token picks among all experts, and the gain leaves with the partners an export drops (tiny-math: a
+quarter-of-experts export went from 0.5% below the full model to 6.6% above it in three cycles).
+In pools, a math sequence's pool of two is the pair such an export keeps.
 """
 
 from __future__ import annotations
@@ -59,9 +65,13 @@ class DocumentPools:
         self._generator = torch.Generator().manual_seed(seed)
         self._row_sizes: torch.Tensor | None = None
 
-    def draw(self, rows: int) -> torch.Tensor:
-        """Pick the pool size of each of the next forward's ``rows`` rows; returns them."""
-        picks = torch.randint(len(self.sizes), (rows,), generator=self._generator)
+    def draw(self, rows: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Pick the pool size of each of the next forward's ``rows`` rows; returns them.
+
+        ``generator`` replaces the pools' own seeded one for this draw (a trainer derives one from
+        its step so that a resumed run draws the same sizes).
+        """
+        picks = torch.randint(len(self.sizes), (rows,), generator=generator or self._generator)
         self._row_sizes = self.sizes[picks]
         return self._row_sizes
 

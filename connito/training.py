@@ -25,6 +25,7 @@ a fresh one for the next trainer.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -47,6 +48,7 @@ from connito.distributed import (
     shard_model,
     write_rows_,
 )
+from connito.document_pools import DocumentPools
 from connito.errors import ConfigError
 from connito.moe import MoELayer, expert_key, moe_layers
 from connito.subset import SubsetModel, check_selection
@@ -188,6 +190,7 @@ class SparseTrainer:
         self.optimizer = torch.optim.AdamW(
             [item.master for item in self.slices], lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay
         )
+        self._pools = self._make_pools(cfg)
         self._checkpointing_was_on = bool(self.model.is_activation_checkpointing)
         if cfg.gradient_checkpointing and not self._checkpointing_was_on:
             self.model.activation_checkpointing_enable(
@@ -239,6 +242,16 @@ class SparseTrainer:
                     )
                 )
         return slices
+
+    def _make_pools(self, cfg: TrainingConfig) -> DocumentPools | None:
+        if cfg.document_pools is None:
+            return None
+        if self.subset is not None:
+            raise ConfigError("document pools need the full model resident", field="training.document_pools")
+        try:
+            return DocumentPools(self.model, cfg.document_pools, seed=cfg.seed)
+        except ValueError as exc:
+            raise ConfigError(str(exc), field="training.document_pools") from exc
 
     @staticmethod
     def _index(item: _Slice) -> torch.Tensor:
@@ -349,10 +362,15 @@ class SparseTrainer:
         )
         self.model.train()
         loss_total = 0.0
-        for input_ids, attention_mask in micro:
-            loss_sum = self._loss_sum(input_ids, attention_mask)
-            (loss_sum / max(tokens, 1)).backward()
-            loss_total += float(loss_sum.detach())
+        with self._pools or contextlib.nullcontext():
+            # pool sizes are a function of (seed, step): a resumed trainer draws what it would have
+            draws = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.step_count)
+            for input_ids, attention_mask in micro:
+                if self._pools is not None:
+                    self._pools.draw(input_ids.shape[0], generator=draws)
+                loss_sum = self._loss_sum(input_ids, attention_mask)
+                (loss_sum / max(tokens, 1)).backward()
+                loss_total += float(loss_sum.detach())
         masters = [item.master for item in self.slices]
         if self.dist.is_distributed:
             loss_total = self._sum_over_ranks(masters, loss_total)

@@ -74,6 +74,8 @@ def _type_name(annotation: Any) -> str:
         return " or ".join(_type_name(arg) for arg in args)
     if origin is list:
         return f"list of {_type_name(args[0])}"
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+        return f"list of {_type_name(args[0])}"
     if origin is tuple:
         return "[" + ", ".join(_type_name(arg) for arg in args) + "]"
     if origin is dict:

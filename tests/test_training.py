@@ -263,3 +263,78 @@ def test_moments_of_other_experts_or_of_no_steps_are_not_carried():
     assert not trainer.load_optimizer_moments(other.state_dict())
     assert not trainer.load_optimizer_moments(untrained.state_dict())
     assert trainer.optimizer.state == {}
+
+
+POOLED = CFG.model_copy(update={"residency": "full", "document_pools": (1,)})
+
+
+def _experts_per_row_while_training(trainer: SparseTrainer, batch: torch.Tensor) -> list[set[int]]:
+    """Each row's experts (non-zero gate) over every MoE layer's routing in one training step."""
+    rows: list[set[int]] = []
+    handles = []
+    for layer in moe_layers(trainer.model):
+
+        def record(_module, _inputs, out, layer=layer.index):
+            weights, indices = (
+                out[1].view(len(batch), -1, out[1].shape[-1]),
+                out[2].view(len(batch), -1, out[2].shape[-1]),
+            )
+            for row in range(len(batch)):
+                rows.append({(layer, int(e)) for e in indices[row][weights[row] > 0].tolist()})
+
+        handles.append(layer.router.register_forward_hook(record))
+    trainer.step(batch)
+    for handle in handles:
+        handle.remove()
+    return rows
+
+
+def test_document_pools_keep_each_training_sequence_inside_its_pool():
+    """Pool size 1: during a step every sequence's tokens use one expert per layer; without pools
+    they use several. Routers are untouched and the finished model routes as before."""
+    batch = random_batch(batch_size=4, seq_len=16)
+    plain = SparseTrainer(tiny_model("qwen3_moe"), SELECTION, CFG.model_copy(update={"residency": "full"}))
+    assert any(len(used) > 1 for used in _experts_per_row_while_training(plain, batch)), (
+        "must be able to fail"
+    )
+    model = tiny_model("qwen3_moe")
+    before = _state(model)
+    trainer = SparseTrainer(model, SELECTION, POOLED)
+    assert all(len(used) == 1 for used in _experts_per_row_while_training(trainer, batch))
+    trainer.finish()
+    assert all("forward" not in vars(layer.router) for layer in moe_layers(model))  # own routing back
+    _assert_only_selected_changed(before, _state(model), SELECTION)
+
+
+def test_document_pools_resume_bit_exact():
+    """Pool sizes are drawn from (seed, step): a resumed pooled trainer matches an uninterrupted one."""
+    cfg = CFG.model_copy(update={"residency": "full", "document_pools": (1, 2, 8)})
+    batches = [random_batch(batch_size=4, seed=i) for i in range(4)]
+    base = tiny_model("qwen3_moe")
+    straight = SparseTrainer(copy.deepcopy(base), SELECTION, cfg)
+    straight.train(batches, 4, progress=False)
+    expected = straight.finish()
+    first = SparseTrainer(copy.deepcopy(base), SELECTION, cfg)
+    first.train(batches[:2], 2, progress=False)
+    resumed = SparseTrainer(copy.deepcopy(base), SELECTION, cfg)
+    resumed.load_state_dict(load(save(first.state_dict())))
+    resumed.train(batches[2:], 2, progress=False)
+    got = resumed.finish()
+    unpooled = SparseTrainer(copy.deepcopy(base), SELECTION, CFG.model_copy(update={"residency": "full"}))
+    unpooled.train(batches, 4, progress=False)
+    plain = unpooled.finish()
+    assert all(torch.equal(got[key], expected[key]) for key in expected)
+    assert any(not torch.equal(plain[key], expected[key]) for key in expected), "pools must change training"
+
+
+def test_document_pools_refused_where_they_cannot_work():
+    with pytest.raises(ValueError, match="residency: full"):
+        TrainingConfig(residency="subset", document_pools=(2,))
+    with pytest.raises(ValueError, match="pool sizes >= 1"):
+        TrainingConfig(residency="full", document_pools=(0, 2))
+    with pytest.raises(ConfigError, match=r"training.document_pools: pool sizes must be in \[1, 8\]"):
+        SparseTrainer(tiny_model("qwen3_moe"), SELECTION, POOLED.model_copy(update={"document_pools": (9,)}))
+    with pytest.raises(ConfigError, match="full model resident"):
+        SparseTrainer(extract_subset(tiny_model("qwen3_moe"), SELECTION), None, POOLED)
+    with pytest.raises(ConfigError, match="deepseek_v3: document pools need a softmax top-k router"):
+        SparseTrainer(tiny_model("deepseek_v3"), SELECTION, POOLED)
