@@ -27,7 +27,10 @@ def _add_select(sub: argparse._SubParsersAction) -> None:
         "--model", type=Path, default=None, help="pretrained model folder (default: the config's model)"
     )
     p.add_argument(
-        "--cache-dir", type=Path, default=Path(".cache/connito"), help="data and tokenizer cache (default .cache/connito)"
+        "--cache-dir",
+        type=Path,
+        default=Path(".cache/connito"),
+        help="data and tokenizer cache (default .cache/connito)",
     )
     p.add_argument("--no-progress", action="store_true", help="hide the probing progress bar")
     p.add_argument(
@@ -42,9 +45,14 @@ def _add_verify(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("verify-checkpoint", help="check an untrusted expert checkpoint as a validator would")
     p.add_argument("path", type=Path, help="checkpoint folder (experts.safetensors + manifest.json)")
     p.add_argument("--selection", required=True, type=Path, help="the domain's SELECTION.json")
-    p.add_argument("--model", type=Path, default=None, help="model folder giving expected shapes and dtype (optional)")
     p.add_argument(
-        "--max-bytes", type=int, default=512 * 2**20, help="size cap for the checkpoint in bytes (default 512 MiB)"
+        "--model", type=Path, default=None, help="model folder giving expected shapes and dtype (optional)"
+    )
+    p.add_argument(
+        "--max-bytes",
+        type=int,
+        default=512 * 2**20,
+        help="size cap for the checkpoint in bytes (default 512 MiB)",
     )
 
 
@@ -54,13 +62,17 @@ def _add_localnet(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--miners", type=int, default=3, help="honest miner processes (default 3)")
     p.add_argument("--validators", type=int, default=2, help="validator processes (default 2)")
     p.add_argument("--cycles", type=int, default=3, help="protocol cycles to run (default 3)")
-    p.add_argument("--workdir", type=Path, default=Path("runs/localnet"), help="run folder (default runs/localnet)")
+    p.add_argument(
+        "--workdir", type=Path, default=Path("runs/localnet"), help="run folder (default runs/localnet)"
+    )
     p.add_argument(
         "--adversaries",
         default="",
         help="comma-separated extra miners: copy,nan,lazy,stale (default none)",
     )
-    p.add_argument("--block-time", type=float, default=None, help="seconds per block (default: from the run plan)")
+    p.add_argument(
+        "--block-time", type=float, default=None, help="seconds per block (default: from the run plan)"
+    )
     p.add_argument(
         "--metrics-base-port",
         type=int,
@@ -96,7 +108,9 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "verify-checkpoint":
         from connito.checkpoint import verify_checkpoint_cli
 
-        return verify_checkpoint_cli(args.path, args.selection, model_dir=args.model, max_bytes=args.max_bytes)
+        return verify_checkpoint_cli(
+            args.path, args.selection, model_dir=args.model, max_bytes=args.max_bytes
+        )
     if args.command == "localnet":
         from connito.localnet import run_localnet
 

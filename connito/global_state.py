@@ -97,7 +97,9 @@ def load_outer(path: Path, experts: dict[str, torch.Tensor]) -> OuterState:
     return optimizer.state_dict()
 
 
-def save_global(state: GlobalState, folder: Path, *, config: DomainConfig, selection: ExpertSelection, hotkey: str) -> None:
+def save_global(
+    state: GlobalState, folder: Path, *, config: DomainConfig, selection: ExpertSelection, hotkey: str
+) -> None:
     """Write a global state as a folder the store can publish (experts, manifest, record, outer)."""
     write_checkpoint(
         folder,
@@ -141,7 +143,9 @@ def load_global(
         try:
             record = MergeRecord.model_validate_json(raw)
         except ValueError as exc:
-            raise InvalidSubmission("bad_record", f"{MERGE_RECORD_FILE}: {str(exc).splitlines()[0]}") from None
+            raise InvalidSubmission(
+                "bad_record", f"{MERGE_RECORD_FILE}: {str(exc).splitlines()[0]}"
+            ) from None
         if record.result_revision != manifest.tensors_sha256:
             raise InvalidSubmission("bad_record", "record result_revision differs from the experts' digest")
     try:
@@ -184,12 +188,18 @@ def fetch_global(
     """
     ref = StoreRef(kind=payload.store_kind, repo=payload.repo, revision=payload.revision)
     store.download(ref, dest, max_bytes=max_bytes, files=GLOBAL_FILES)
-    state = load_global(dest, selection=selection, expected=expected, max_bytes=max_bytes, cycle=payload.cycle, ref=ref)
+    state = load_global(
+        dest, selection=selection, expected=expected, max_bytes=max_bytes, cycle=payload.cycle, ref=ref
+    )
     if state.record is None:
-        raise InvalidSubmission("bad_record", "published global state has no merge record", hotkey=lead_hotkey)
+        raise InvalidSubmission(
+            "bad_record", "published global state has no merge record", hotkey=lead_hotkey
+        )
     if short_digest(record_digest(state.record)) != payload.record_digest:
         raise InvalidSubmission("bad_record", "merge record digest differs from the chain commitment")
     if state.record.cycle != payload.cycle or state.record.lead_hotkey != lead_hotkey:
         raise InvalidSubmission("bad_record", "merge record cycle or lead differs from the commitment")
-    logger.info("global fetched cycle=%d rev=%s lead=%s", payload.cycle, state.revision[:12], lead_hotkey[:10])
+    logger.info(
+        "global fetched cycle=%d rev=%s lead=%s", payload.cycle, state.revision[:12], lead_hotkey[:10]
+    )
     return state

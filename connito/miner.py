@@ -80,10 +80,14 @@ class Miner:
             sweep_temp_files(self.ctx.workdir)  # what a kill -9 left half-written
         if self._progress_path.exists():
             self.progress = MinerProgress.model_validate_json(self._progress_path.read_bytes())
-            logger.info("miner resumed cycle=%d committed=%s", self.progress.cycle, self.progress.commit_block)
+            logger.info(
+                "miner resumed cycle=%d committed=%s", self.progress.cycle, self.progress.commit_block
+            )
 
     def run(self, *, until_cycle: int | None = None) -> int:
-        loop = PhaseLoop(self.ctx.chain, self.ctx.config, poll_s=self.poll_s, role="miner", metrics=self.ctx.metrics)
+        loop = PhaseLoop(
+            self.ctx.chain, self.ctx.config, poll_s=self.poll_s, role="miner", metrics=self.ctx.metrics
+        )
         return loop.run(self.tick, until_cycle=until_cycle)
 
     def tick(self, block: int, info: PhaseInfo) -> None:
@@ -141,13 +145,21 @@ class Miner:
         """Train the selected experts from the global state; None when out of time."""
         assert self.global_state is not None
         cfg = self.ctx.config
-        neurons = self.ctx.chain.metagraph()  # chain reads before the first collective: a retry re-enters there
+        neurons = (
+            self.ctx.chain.metagraph()
+        )  # chain reads before the first collective: a retry re-enters there
         uid = uid_of(neurons, self.ctx.hotkey)
         if uid is None:
             raise ChainError(f"hotkey {self.ctx.hotkey} is not registered")
         uid, shards = broadcast_object((uid, len(neurons)), self.dist)  # every rank reads rank 0's shard
         model = self._load_global_into_model()
-        trainer = SparseTrainer(model, None if isinstance(model, SubsetModel) else self._selection(), cfg.training, device=self.ctx.device, dist=self.dist)
+        trainer = SparseTrainer(
+            model,
+            None if isinstance(model, SubsetModel) else self._selection(),
+            cfg.training,
+            device=self.ctx.device,
+            dist=self.dist,
+        )
         self._resume(trainer, cycle)
         start_step = trainer.sync_replicas()  # every rank continues from rank 0's state
         loader = self.ctx.data.train_loader(uid, shards, cfg.training.batch_size, seed=self._seed(cycle))
@@ -206,11 +218,15 @@ class Miner:
             global_revision=self.progress.global_revision,
             hotkey=self.ctx.hotkey,
             # an int8 delta is only meaningful against the global the manifest names
-            encoding=self.ctx.config.training.payload if self.global_state.revision == self.progress.global_revision else "fp",
+            encoding=self.ctx.config.training.payload
+            if self.global_state.revision == self.progress.global_revision
+            else "fp",
             base=self.global_state.experts,
         )
         self._save_progress(
-            self.progress.model_copy(update={"checkpoint": str(folder), "tensors_sha256": manifest.tensors_sha256})
+            self.progress.model_copy(
+                update={"checkpoint": str(folder), "tensors_sha256": manifest.tensors_sha256}
+            )
         )
 
     def commit(self, cycle: int) -> None:
@@ -288,7 +304,9 @@ class Miner:
             cfg = self.ctx.config
             device = torch.device("cpu") if self.dist.shards_model else self.ctx.device  # fsdp moves shards
             if cfg.training.residency == "subset":
-                self._model = load_subset_model(self.ctx.base_dir, cfg.model, self._selection(), device=device)
+                self._model = load_subset_model(
+                    self.ctx.base_dir, cfg.model, self._selection(), device=device
+                )
             else:
                 self._model = load_model(self.ctx.base_dir, cfg.model).to(device)
         return self._model
@@ -303,7 +321,9 @@ class Miner:
         return model
 
     def _seed(self, cycle: int) -> int:
-        digest = hashlib.sha256(f"{self.ctx.hotkey}:{cycle}:{self.ctx.config.training.seed}".encode()).digest()
+        digest = hashlib.sha256(
+            f"{self.ctx.hotkey}:{cycle}:{self.ctx.config.training.seed}".encode()
+        ).digest()
         return int.from_bytes(digest[:8], "big") >> 1
 
     def _trainer_path(self) -> Path:
@@ -327,7 +347,10 @@ class Miner:
 
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
-        if metadata.get("cycle") != str(cycle) or metadata.get("global_revision") != self.progress.global_revision:
+        if (
+            metadata.get("cycle") != str(cycle)
+            or metadata.get("global_revision") != self.progress.global_revision
+        ):
             self._carry_moments(trainer, path, metadata, cycle)
             return 0
         try:
@@ -338,7 +361,9 @@ class Miner:
         logger.info("resumed training cycle=%d step=%d", cycle, trainer.step_count)
         return trainer.step_count
 
-    def _carry_moments(self, trainer: SparseTrainer, path: Path, metadata: dict[str, str], cycle: int) -> None:
+    def _carry_moments(
+        self, trainer: SparseTrainer, path: Path, metadata: dict[str, str], cycle: int
+    ) -> None:
         """Start this cycle with the AdamW moments an earlier cycle ended with (DiLoCo's inner state)."""
         if not moments_may_carry(self.ctx.config.training):
             return
@@ -363,4 +388,3 @@ def write_subset_experts(subset: SubsetModel, experts: dict[str, torch.Tensor]) 
         grouped.setdefault((layer, subset.slot_of(layer, expert)), {})[projection] = tensor
     for (layer, slot), tensors in grouped.items():
         write_expert(layers[layer], slot, tensors)
-

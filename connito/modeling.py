@@ -72,7 +72,9 @@ def load_model(path_or_id: str | Path, model_cfg: ModelConfig) -> PreTrainedMode
     return model.eval()
 
 
-def token_loss(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> tuple[float, int]:
+def token_loss(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> tuple[float, int]:
     """Summed next-token cross-entropy over one batch and the number of predicted tokens.
 
     Returns a sum, not a mean, so that batches are combined exactly: divide once at the end.

@@ -195,7 +195,9 @@ def write_experts(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
         grouped.setdefault((layer_index, expert), {})[projection] = tensor
     for (layer_index, expert), tensors in grouped.items():
         if set(tensors) != set(PROJECTIONS):
-            raise ValueError(f"expert {layer_index}.{expert}: needs all of {PROJECTIONS}, got {sorted(tensors)}")
+            raise ValueError(
+                f"expert {layer_index}.{expert}: needs all of {PROJECTIONS}, got {sorted(tensors)}"
+            )
         write_expert(by_index[layer_index], expert, tensors)
 
 

@@ -36,7 +36,9 @@ def _base_dir(args: NeuronArgs, config: DomainConfig) -> Path:
     if args.model_path is not None:
         return args.model_path
     if config.model.id is None:
-        raise ConfigError("an inline or library model needs --model.path (a save_pretrained folder)", field="--model.path")
+        raise ConfigError(
+            "an inline or library model needs --model.path (a save_pretrained folder)", field="--model.path"
+        )
     if Path(config.model.id).is_dir():
         return Path(config.model.id)
     from connito.hub.models import snapshot_base_model
@@ -65,7 +67,9 @@ def open_metrics(args: NeuronArgs, config: DomainConfig, hotkey: str) -> NodeMet
         run_config = {"role": args.role, "hotkey": hotkey, "domain": config.name, "netuid": args.netuid,
                       "config_digest": config_digest(config)}  # fmt: skip
         name = f"{args.role}-{hotkey[:8]}"
-        metrics.sink = open_wandb(project=args.wandb_project, entity=args.wandb_entity, name=name, config=run_config)
+        metrics.sink = open_wandb(
+            project=args.wandb_project, entity=args.wandb_entity, name=name, config=run_config
+        )
     metrics.count_log_records()  # one neuron per process, so the process's log lines are its own
     return metrics
 
@@ -83,7 +87,9 @@ def build_context(args: NeuronArgs, config: DomainConfig, chain) -> NodeContext:
         config=config,
         selection=selection,
         chain=chain,
-        store=MeteredStore(open_store(args.hub, args.hub_path, private=args.hub_private), on_bytes=metrics.add_store_bytes),
+        store=MeteredStore(
+            open_store(args.hub, args.hub_path, private=args.hub_private), on_bytes=metrics.add_store_bytes
+        ),
         hotkey=chain.hotkey,
         base_dir=_base_dir(args, config),
         workdir=args.workdir,
@@ -104,11 +110,21 @@ def main(role: Role, argv: list[str] | None = None) -> int:
     try:
         config = load_domain_config(args.config)
         args = resolve_args(args, config)
-        dist = init_distributed(args.training_strategy, device=args.device) if role == "miner" else Distributed.single()
+        dist = (
+            init_distributed(args.training_strategy, device=args.device)
+            if role == "miner"
+            else Distributed.single()
+        )
         if not dist.is_main:  # one metrics endpoint and one W&B run per miner: rank 0's
             args = dataclasses.replace(args, metrics_port=None, wandb_project=None, wandb_entity=None)
         chain = open_chain(args)
-        logger.info("%s start domain=%s netuid=%s config_digest=%s", role, config.name, args.netuid, config_digest(config)[:12])
+        logger.info(
+            "%s start domain=%s netuid=%s config_digest=%s",
+            role,
+            config.name,
+            args.netuid,
+            config_digest(config)[:12],
+        )
         torch.set_num_threads(max(1, torch.get_num_threads()))
         ctx = build_context(args, config, chain)
         if dist.is_distributed:
@@ -133,7 +149,11 @@ def main(role: Role, argv: list[str] | None = None) -> int:
             sys.stderr.write(f"{role}: --library {args.library}: {' '.join(str(exc).split())}\n")
             return 1
         node = Validator(
-            ctx, poll_s=args.poll_s, progress_bars=args.progress, library=library, eval_devices=args.eval_devices
+            ctx,
+            poll_s=args.poll_s,
+            progress_bars=args.progress,
+            library=library,
+            eval_devices=args.eval_devices,
         )
     try:
         return node.run(until_cycle=args.until_cycle)

@@ -65,7 +65,9 @@ def load_node_selection(path: Path, config: DomainConfig) -> ExpertSelection:
     """
     selection = load_selection(path)
     if selection.domain != config.name:
-        raise ConfigError(f"selection is for domain {selection.domain!r}, config is {config.name!r}", path=str(path))
+        raise ConfigError(
+            f"selection is for domain {selection.domain!r}, config is {config.name!r}", path=str(path)
+        )
     return selection
 
 

@@ -58,7 +58,12 @@ def _batches(blocks: torch.Tensor, batch_size: int):
 
 
 def build_selection(
-    config: DomainConfig, model: PreTrainedModel, data: DomainData, *, model_revision: str, progress: bool = True
+    config: DomainConfig,
+    model: PreTrainedModel,
+    data: DomainData,
+    *,
+    model_revision: str,
+    progress: bool = True,
 ) -> ExpertSelection:
     """Probe routing on domain (and, for the differential rule, general) text; select experts."""
     sel = config.selection

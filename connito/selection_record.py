@@ -52,7 +52,9 @@ class ExpertSelection(_Strict):
     p: float = Field(gt=0, le=1)
     min_experts_per_layer: int = Field(ge=1)
     max_experts_per_layer: int | None = Field(None, ge=1)
-    probe_tokens: dict[str, int] = Field(description="tokens probed per dataset, e.g. {domain: N, general: M}")
+    probe_tokens: dict[str, int] = Field(
+        description="tokens probed per dataset, e.g. {domain: N, general: M}"
+    )
     layers: tuple[LayerSelection, ...] = Field(min_length=1)
     digest: str = Field("", description="sha256 hex of the canonical JSON of the other fields")
 

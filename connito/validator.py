@@ -133,7 +133,9 @@ class Validator:
     poll_s: float = 1.0
     progress_bars: bool = True
     library: Library | None = None  # expert library to record each global version in (None: off)
-    eval_devices: tuple[str, ...] = ()  # score on one model replica per device (fewer than 2: the model alone)
+    eval_devices: tuple[
+        str, ...
+    ] = ()  # score on one model replica per device (fewer than 2: the model alone)
     state: ValidatorState = field(default_factory=ValidatorState)
     global_state: GlobalState | None = None
     _model: torch.nn.Module | None = None
@@ -153,7 +155,9 @@ class Validator:
         self._load()
 
     def run(self, *, until_cycle: int | None = None) -> int:
-        loop = PhaseLoop(self.ctx.chain, self.ctx.config, poll_s=self.poll_s, role="validator", metrics=self.ctx.metrics)
+        loop = PhaseLoop(
+            self.ctx.chain, self.ctx.config, poll_s=self.poll_s, role="validator", metrics=self.ctx.metrics
+        )
         return loop.run(self.tick, until_cycle=until_cycle)
 
     def tick(self, block: int, info: PhaseInfo) -> None:
@@ -181,7 +185,9 @@ class Validator:
         before = self.state.model_dump_json()
         neurons = self.ctx.chain.metagraph()
         validators = {n.hotkey for n in neurons if n.validator_permit}
-        observe_commitments(self.state.observed, self.ctx.chain.commitments(), self.ctx.config, ignore=validators)
+        observe_commitments(
+            self.state.observed, self.ctx.chain.commitments(), self.ctx.config, ignore=validators
+        )
         if self.state.model_dump_json() != before:
             self._save()
 
@@ -190,7 +196,11 @@ class Validator:
         self.sync_global(cycle)
         assert self.global_state is not None
         config = self.ctx.config
-        seed = eval_seed(seed_block_hash=self.ctx.chain.block_hash(seed_block(cycle, config.cycle)), domain=config.name, cycle=cycle)
+        seed = eval_seed(
+            seed_block_hash=self.ctx.chain.block_hash(seed_block(cycle, config.cycle)),
+            domain=config.name,
+            cycle=cycle,
+        )
         neurons = self.ctx.chain.metagraph()
         uid_of = {n.hotkey: n.uid for n in neurons}
         self._forget_reregistered(neurons)
@@ -207,7 +217,9 @@ class Validator:
             self._record(result.model_copy(update={"skipped": True, "decision": "none"}))
             return
         model = self._resident_model()
-        domain_batches = self.ctx.data.heldout_sample(seed, config.scoring.eval_batches, config.scoring.eval_batch_size)
+        domain_batches = self.ctx.data.heldout_sample(
+            seed, config.scoring.eval_batches, config.scoring.eval_batch_size
+        )
         general_batches = (
             self.ctx.data.general_sample(seed, config.scoring.general_batches, config.scoring.eval_batch_size)
             if config.scoring.general_batches
@@ -227,7 +239,9 @@ class Validator:
         )
         rows.update({s.hotkey: _row(s, rows.get(s.hotkey)) for s in scores})
         cycle_weights = rank_weights(scores, config.scoring)
-        self.state.ema = update_ema(self.state.ema, cycle_weights, alpha=config.scoring.ema_alpha, registered=set(uid_of))
+        self.state.ema = update_ema(
+            self.state.ema, cycle_weights, alpha=config.scoring.ema_alpha, registered=set(uid_of)
+        )
         weights = chain_weights(
             self.state.ema, uid_of, burn_share=config.scoring.burn_share, owner_uid=config.scoring.owner_uid
         )
@@ -247,7 +261,13 @@ class Validator:
         )
         self._record(result)
         accepted = sum(r.accepted for r in rows.values())
-        logger.info("cycle=%d phase=evaluate submissions=%d accepted=%d global_loss=%.4f", cycle, len(rows), accepted, global_domain)
+        logger.info(
+            "cycle=%d phase=evaluate submissions=%d accepted=%d global_loss=%.4f",
+            cycle,
+            len(rows),
+            accepted,
+            global_domain,
+        )
 
     def _prune_downloads(self, *, keep_from: int) -> None:
         """Delete submission downloads of cycles before ``keep_from``: disk stays bounded by two cycles.
@@ -313,7 +333,9 @@ class Validator:
         try:
             # uids are read at send time: a uid freed or re-registered since evaluation gets nothing
             uid_of = {n.hotkey: n.uid for n in self.ctx.chain.metagraph()}
-            weights = chain_weights(self.state.ema, uid_of, burn_share=scoring.burn_share, owner_uid=scoring.owner_uid)
+            weights = chain_weights(
+                self.state.ema, uid_of, burn_share=scoring.burn_share, owner_uid=scoring.owner_uid
+            )
             if not weights:
                 return
             block = self.ctx.chain.set_weights(weights)
@@ -331,7 +353,9 @@ class Validator:
         if self._published(cycle):
             return
         assert self.global_state is not None
-        top = [s for s in ranked(_scores(result)) if s.hotkey in self._candidates_for(cycle, result)][: self.ctx.config.merge.top_n]
+        top = [s for s in ranked(_scores(result)) if s.hotkey in self._candidates_for(cycle, result)][
+            : self.ctx.config.merge.top_n
+        ]
         if not top:
             self._record(result.model_copy(update={"decision": "none"}))
             logger.info("cycle=%d phase=merge decision=none (no accepted submission)", cycle)
@@ -339,25 +363,45 @@ class Validator:
         candidates = self._candidates_for(cycle, result)
         states = [candidates[s.hotkey].experts() for s in top]
         weights = [1.0 / len(top)] * len(top)
-        merged_experts, merged_outer = apply_merge(self.global_state.outer, states, weights, self.ctx.config.merge)
+        merged_experts, merged_outer = apply_merge(
+            self.global_state.outer, states, weights, self.ctx.config.merge
+        )
         merged_loss, merged_general = self._heldout_losses(merged_experts, result.eval_seed)
         best = top[0]
         global_loss = result.global_domain_loss or float("inf")
-        general_limit = (result.global_general_loss or float("inf")) * (1 + self.ctx.config.scoring.general_tolerance)
+        general_limit = (result.global_general_loss or float("inf")) * (
+            1 + self.ctx.config.scoring.general_tolerance
+        )
         general_limit = min(general_limit, result.general_ceiling or float("inf"))
         # the spec's order: the merged model if it beats the global (and passes the general guard),
         # else the best single submission if it does, else nothing
         if merged_loss < global_loss and not merged_general > general_limit:
             decision, experts, outer, inputs, loss = "merged", merged_experts, merged_outer, top, merged_loss
-        elif best.domain_loss is not None and best.domain_loss < global_loss and not (best.general_loss or 0.0) > general_limit:
+        elif (
+            best.domain_loss is not None
+            and best.domain_loss < global_loss
+            and not (best.general_loss or 0.0) > general_limit
+        ):
             experts = candidates[best.hotkey].experts()
-            decision, outer, inputs, loss = "best_single", adopt_single(self.global_state.outer, experts), [best], best.domain_loss
+            decision, outer, inputs, loss = (
+                "best_single",
+                adopt_single(self.global_state.outer, experts),
+                [best],
+                best.domain_loss,
+            )
         else:
             self._record(result.model_copy(update={"decision": "none"}))
-            logger.info("cycle=%d phase=merge decision=none merged_loss=%.4f global=%.4f", cycle, merged_loss, global_loss)
+            logger.info(
+                "cycle=%d phase=merge decision=none merged_loss=%.4f global=%.4f",
+                cycle,
+                merged_loss,
+                global_loss,
+            )
             return
         record = self._merge_record(cycle, result, decision, inputs, experts, loss)
-        new_global = GlobalState(cycle=cycle, revision=record.result_revision, experts=experts, outer=outer, record=record)
+        new_global = GlobalState(
+            cycle=cycle, revision=record.result_revision, experts=experts, outer=outer, record=record
+        )
         try:
             self._publish(new_global)
         except (ChainError, StoreError) as exc:  # nothing adopted yet: the next block retries the same merge
@@ -374,7 +418,14 @@ class Validator:
                 }
             )
         )
-        logger.info("cycle=%d phase=merge decision=%s inputs=%d loss=%.4f global=%.4f", cycle, decision, len(inputs), loss, global_loss)
+        logger.info(
+            "cycle=%d phase=merge decision=%s inputs=%d loss=%.4f global=%.4f",
+            cycle,
+            decision,
+            len(inputs),
+            loss,
+            global_loss,
+        )
 
     def sync_global(self, cycle: int) -> None:
         """Adopt the lead's publication from before ``cycle``, after recomputing it where possible."""
@@ -405,7 +456,9 @@ class Validator:
         self._adopt(fetched)
         result = self.state.results.get(payload.cycle)
         if result is not None and lead != self.ctx.hotkey:
-            self._record(result.model_copy(update={"decision": "adopted", "result_revision": fetched.revision}))
+            self._record(
+                result.model_copy(update={"decision": "adopted", "result_revision": fetched.revision})
+            )
 
     # -- helpers: verification ---------------------------------------------------------------
 
@@ -415,7 +468,13 @@ class Validator:
         for hotkey, entry in observed.items():
             rejection = precheck(entry)
             if rejection is not None:
-                rows[hotkey] = ScoreRow(hotkey=hotkey, uid=uid_of[hotkey], accepted=False, reason=rejection[0], detail=rejection[1])
+                rows[hotkey] = ScoreRow(
+                    hotkey=hotkey,
+                    uid=uid_of[hotkey],
+                    accepted=False,
+                    reason=rejection[0],
+                    detail=rejection[1],
+                )
             else:
                 todo[hotkey] = entry
         candidates: dict[str, Candidate] = {}
@@ -445,21 +504,49 @@ class Validator:
             except (InvalidSubmission, StoreError) as exc:
                 reason = exc.reason if isinstance(exc, InvalidSubmission) else f"store_{exc.reason}"
                 logger.warning("cycle=%d rejected hotkey=%s reason=%s: %s", cycle, hotkey, reason, exc)
-                return ScoreRow(hotkey=hotkey, uid=uid_of[hotkey], accepted=False, reason=reason, detail=str(exc)[:300])
+                return ScoreRow(
+                    hotkey=hotkey, uid=uid_of[hotkey], accepted=False, reason=reason, detail=str(exc)[:300]
+                )
             # the verified tensors stay in dest and are read again when used: memory does not grow with N
-            return self._on_disk(cycle, hotkey=hotkey, uid=verified.uid, commit_block=verified.commit_block, tensors_sha256=verified.tensors_sha256)
+            return self._on_disk(
+                cycle,
+                hotkey=hotkey,
+                uid=verified.uid,
+                commit_block=verified.commit_block,
+                tensors_sha256=verified.tensors_sha256,
+            )
 
         with ThreadPoolExecutor(max_workers=DOWNLOAD_WORKERS) as pool:
-            outcomes = dict(zip(sorted(todo), tqdm(pool.map(verify, sorted(todo)), total=len(todo), desc="download", unit="submission", disable=not self.progress_bars), strict=True))
+            outcomes = dict(
+                zip(
+                    sorted(todo),
+                    tqdm(
+                        pool.map(verify, sorted(todo)),
+                        total=len(todo),
+                        desc="download",
+                        unit="submission",
+                        disable=not self.progress_bars,
+                    ),
+                    strict=True,
+                )
+            )
         for hotkey in sorted(todo):
             outcome = outcomes[hotkey]
             entry = todo[hotkey]
-            location = {"repo": entry.reveal_repo, "revision": entry.reveal_revision, "store_kind": entry.reveal_kind}
+            location = {
+                "repo": entry.reveal_repo,
+                "revision": entry.reveal_revision,
+                "store_kind": entry.reveal_kind,
+            }
             if isinstance(outcome, Candidate):
                 candidates[hotkey] = outcome
                 rows[hotkey] = ScoreRow(
-                    hotkey=hotkey, uid=outcome.uid, accepted=False, commit_block=outcome.commit_block,
-                    tensors_sha256=outcome.tensors_sha256, **location,
+                    hotkey=hotkey,
+                    uid=outcome.uid,
+                    accepted=False,
+                    commit_block=outcome.commit_block,
+                    tensors_sha256=outcome.tensors_sha256,
+                    **location,
                 )
             else:
                 unreachable += outcome.reason == "store_unreachable"
@@ -474,22 +561,39 @@ class Validator:
         if record.parent_revision != self.global_state.revision:
             logger.warning(
                 "cycle=%d global parent %s is not ours %s: adopting on the lead's word",
-                record.cycle, record.parent_revision[:12], self.global_state.revision[:12],
+                record.cycle,
+                record.parent_revision[:12],
+                self.global_state.revision[:12],
             )
             return True
         candidates = self._candidates_for(record.cycle, self.state.results.get(record.cycle))
-        missing = [i.hotkey for i in record.inputs if i.hotkey not in candidates or candidates[i.hotkey].tensors_sha256 != i.tensors_sha256]
+        missing = [
+            i.hotkey
+            for i in record.inputs
+            if i.hotkey not in candidates or candidates[i.hotkey].tensors_sha256 != i.tensors_sha256
+        ]
         if missing:
-            logger.warning("cycle=%d cannot recompute merge: inputs %s not verified here; adopting on the lead's word", record.cycle, missing)
+            logger.warning(
+                "cycle=%d cannot recompute merge: inputs %s not verified here; adopting on the lead's word",
+                record.cycle,
+                missing,
+            )
             return True
         states = [candidates[i.hotkey].experts() for i in record.inputs]
         if record.decision == "merged":
-            experts, _ = apply_merge(self.global_state.outer, states, [i.weight for i in record.inputs], self.ctx.config.merge)
+            experts, _ = apply_merge(
+                self.global_state.outer, states, [i.weight for i in record.inputs], self.ctx.config.merge
+            )
         else:
             experts = states[0]
         recomputed = state_revision(experts)
         if recomputed != record.result_revision:
-            logger.error("cycle=%d merge verification FAILED: recomputed %s, lead published %s", record.cycle, recomputed[:12], record.result_revision[:12])
+            logger.error(
+                "cycle=%d merge verification FAILED: recomputed %s, lead published %s",
+                record.cycle,
+                recomputed[:12],
+                record.result_revision[:12],
+            )
             return False
         logger.info("cycle=%d merge verified rev=%s", record.cycle, recomputed[:12])
         return True
@@ -502,7 +606,13 @@ class Validator:
         for row in result.scores:
             if not row.accepted:
                 continue
-            candidate = self._on_disk(cycle, hotkey=row.hotkey, uid=row.uid, commit_block=row.commit_block, tensors_sha256=row.tensors_sha256 or "")
+            candidate = self._on_disk(
+                cycle,
+                hotkey=row.hotkey,
+                uid=row.uid,
+                commit_block=row.commit_block,
+                tensors_sha256=row.tensors_sha256 or "",
+            )
             try:
                 candidate.experts()  # an unreadable download is left out now, not at merge time
             except InvalidSubmission:
@@ -511,7 +621,9 @@ class Validator:
         self._candidates[cycle] = loaded
         return loaded
 
-    def _on_disk(self, cycle: int, *, hotkey: str, uid: int, commit_block: int, tensors_sha256: str) -> Candidate:
+    def _on_disk(
+        self, cycle: int, *, hotkey: str, uid: int, commit_block: int, tensors_sha256: str
+    ) -> Candidate:
         """A candidate whose experts are read from its verified download folder each time they are used."""
         from connito.checkpoint import load_checkpoint
 
@@ -522,13 +634,22 @@ class Validator:
 
         def load() -> dict[str, torch.Tensor]:
             manifest, state = load_checkpoint(
-                folder, selection=self.ctx.selection, expected=expected, max_bytes=max_bytes, base=base, base_revision=base_revision
+                folder,
+                selection=self.ctx.selection,
+                expected=expected,
+                max_bytes=max_bytes,
+                base=base,
+                base_revision=base_revision,
             )
             if tensors_sha256 and manifest.tensors_sha256 != tensors_sha256:
-                raise InvalidSubmission("digest_mismatch", f"{folder}: changed since it was verified", hotkey=hotkey, cycle=cycle)
+                raise InvalidSubmission(
+                    "digest_mismatch", f"{folder}: changed since it was verified", hotkey=hotkey, cycle=cycle
+                )
             return state
 
-        return Candidate(hotkey=hotkey, uid=uid, commit_block=commit_block, tensors_sha256=tensors_sha256, load=load)
+        return Candidate(
+            hotkey=hotkey, uid=uid, commit_block=commit_block, tensors_sha256=tensors_sha256, load=load
+        )
 
     # -- helpers: merge and publication ------------------------------------------------------
 
@@ -544,13 +665,19 @@ class Validator:
             decision=decision,
             inputs=tuple(
                 MergeInput(
-                    hotkey=s.hotkey, uid=s.uid, tensors_sha256=rows[s.hotkey].tensors_sha256 or "",
-                    weight=weight, store_kind=rows[s.hotkey].store_kind or "", repo=rows[s.hotkey].repo or "",
+                    hotkey=s.hotkey,
+                    uid=s.uid,
+                    tensors_sha256=rows[s.hotkey].tensors_sha256 or "",
+                    weight=weight,
+                    store_kind=rows[s.hotkey].store_kind or "",
+                    repo=rows[s.hotkey].repo or "",
                     revision=rows[s.hotkey].revision or "",
                 )
                 for s in inputs
             ),
-            outer=OuterParams(lr=merge.outer_lr, momentum=merge.momentum, nesterov=merge.nesterov, clip_norm=merge.clip_norm),
+            outer=OuterParams(
+                lr=merge.outer_lr, momentum=merge.momentum, nesterov=merge.nesterov, clip_norm=merge.clip_norm
+            ),
             outer_step_before=self.global_state.outer.step,
             result_revision=state_revision(experts),
             global_domain_loss=result.global_domain_loss or 0.0,
@@ -562,16 +689,27 @@ class Validator:
     def _publish(self, new_global: GlobalState) -> None:
         assert new_global.record is not None
         folder = self.ctx.workdir / "global" / str(new_global.cycle)
-        save_global(new_global, folder, config=self.ctx.config, selection=self.ctx.selection, hotkey=self.ctx.hotkey)
-        ref = self.ctx.store.upload(folder, repo=self.ctx.hub_repo, files=GLOBAL_FILES, message=f"global cycle {new_global.cycle}")
+        save_global(
+            new_global, folder, config=self.ctx.config, selection=self.ctx.selection, hotkey=self.ctx.hotkey
+        )
+        ref = self.ctx.store.upload(
+            folder, repo=self.ctx.hub_repo, files=GLOBAL_FILES, message=f"global cycle {new_global.cycle}"
+        )
         payload = GlobalPayload(
-            cycle=new_global.cycle, store_kind=ref.kind, repo=ref.repo, revision=ref.revision,
+            cycle=new_global.cycle,
+            store_kind=ref.kind,
+            repo=ref.repo,
+            revision=ref.revision,
             record_digest=short_digest(record_digest(new_global.record)),
         )
         block = self.ctx.chain.commit(encode_commitment(payload))
-        logger.info("cycle=%d global published rev=%s repo=%s", new_global.cycle, new_global.revision[:12], ref.repo)
+        logger.info(
+            "cycle=%d global published rev=%s repo=%s", new_global.cycle, new_global.revision[:12], ref.repo
+        )
         if self.library is not None:
-            record_global(self.library, new_global, self.ctx, ref=ref, block=block, losses=self._heldout_losses)
+            record_global(
+                self.library, new_global, self.ctx, ref=ref, block=block, losses=self._heldout_losses
+            )
 
     def _published(self, cycle: int) -> bool:
         """True when our own publication for ``cycle`` is already on chain (a restart after commit)."""
@@ -580,18 +718,34 @@ class Validator:
             return False
         self.sync_global(cycle + 1)
         result = self.state.results[cycle]
-        if self.global_state is not None and self.global_state.cycle == cycle and self.global_state.record is not None:
+        if (
+            self.global_state is not None
+            and self.global_state.cycle == cycle
+            and self.global_state.record is not None
+        ):
             record = self.global_state.record
-            self._record(result.model_copy(update={
-                "decision": record.decision, "merged": [i.hotkey for i in record.inputs],
-                "result_revision": record.result_revision, "result_domain_loss": record.result_domain_loss,
-            }))
+            self._record(
+                result.model_copy(
+                    update={
+                        "decision": record.decision,
+                        "merged": [i.hotkey for i in record.inputs],
+                        "result_revision": record.result_revision,
+                        "result_domain_loss": record.result_domain_loss,
+                    }
+                )
+            )
         return True
 
     def _adopt(self, new_global: GlobalState) -> None:
         folder = self.ctx.workdir / "global" / str(new_global.cycle)
         if not (folder / "outer_state.safetensors").exists():
-            save_global(new_global, folder, config=self.ctx.config, selection=self.ctx.selection, hotkey=self.ctx.hotkey)
+            save_global(
+                new_global,
+                folder,
+                config=self.ctx.config,
+                selection=self.ctx.selection,
+                hotkey=self.ctx.hotkey,
+            )
         self.global_state = new_global
         self.state.global_cycle = new_global.cycle
         if self._model is not None:
@@ -599,7 +753,14 @@ class Validator:
         self._save()
         logger.info("global adopted cycle=%d rev=%s", new_global.cycle, new_global.revision[:12])
         if self.library is not None:  # non-leads record too: every validator's library is complete
-            record_global(self.library, new_global, self.ctx, ref=new_global.ref, block=None, losses=self._heldout_losses)
+            record_global(
+                self.library,
+                new_global,
+                self.ctx,
+                ref=new_global.ref,
+                block=None,
+                losses=self._heldout_losses,
+            )
 
     # -- helpers: model and state ------------------------------------------------------------
 
@@ -624,7 +785,13 @@ class Validator:
 
         folder = self.ctx.workdir / "global" / str(self.state.global_cycle)
         expected = {k: ExpertSpec(tuple(v.shape), v.dtype) for k, v in base.experts.items()}
-        return load_global(folder, selection=self.ctx.selection, expected=expected, max_bytes=2**40, cycle=self.state.global_cycle)
+        return load_global(
+            folder,
+            selection=self.ctx.selection,
+            expected=expected,
+            max_bytes=2**40,
+            cycle=self.state.global_cycle,
+        )
 
     def _eval_pool(self, model: torch.nn.Module) -> EvalPool | None:
         """The resident model and a replica, loaded from the base folder, on each other eval device."""
@@ -666,7 +833,9 @@ class Validator:
         self.state.results[result.cycle] = result
         self.ctx.metrics.observe_cycle(result)
         self._save()
-        atomic_write(self.ctx.workdir / "cycles" / f"{result.cycle}.json", result.model_dump_json(indent=2).encode())
+        atomic_write(
+            self.ctx.workdir / "cycles" / f"{result.cycle}.json", result.model_dump_json(indent=2).encode()
+        )
 
     def _save(self) -> None:
         for cycle in sorted(self.state.observed)[:-3]:
@@ -676,7 +845,11 @@ class Validator:
     def _load(self) -> None:
         if self._state_path.exists():
             self.state = ValidatorState.model_validate_json(self._state_path.read_bytes())
-            logger.info("validator resumed global_cycle=%d cycles=%s", self.state.global_cycle, sorted(self.state.results))
+            logger.info(
+                "validator resumed global_cycle=%d cycles=%s",
+                self.state.global_cycle,
+                sorted(self.state.results),
+            )
 
 
 def _row(score: SubmissionScore, pre: ScoreRow | None) -> ScoreRow:
@@ -696,8 +869,14 @@ def _row(score: SubmissionScore, pre: ScoreRow | None) -> ScoreRow:
 def _scores(result: CycleResult) -> list[SubmissionScore]:
     return [
         SubmissionScore(
-            hotkey=r.hotkey, uid=r.uid, commit_block=r.commit_block, accepted=r.accepted, reason=r.reason,
-            domain_loss=r.domain_loss, general_loss=r.general_loss, utility=r.utility,
+            hotkey=r.hotkey,
+            uid=r.uid,
+            commit_block=r.commit_block,
+            accepted=r.accepted,
+            reason=r.reason,
+            domain_loss=r.domain_loss,
+            general_loss=r.general_loss,
+            utility=r.utility,
         )
         for r in result.scores
     ]

@@ -24,7 +24,9 @@ _COMMON = dict(
 
 # model_type -> extra config: 8 routed experts, top-2 (DeepSeek-V3 grouped: 4 groups of 2).
 TINY_CONFIGS: dict[str, dict] = {
-    "qwen3_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, intermediate_size=64, head_dim=8),
+    "qwen3_moe": dict(
+        num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, intermediate_size=64, head_dim=8
+    ),
     "qwen2_moe": dict(
         num_experts=8,
         num_experts_per_tok=2,

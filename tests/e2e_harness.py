@@ -53,8 +53,20 @@ TINY_DOMAIN = {
     },
     "selection": {"p": 0.2, "max_experts_per_layer": 3, "probe_tokens": 2048},
     "training": {"inner_steps": 6, "lr": 0.01, "batch_size": 4, "residency": "subset"},
-    "cycle": {"train_blocks": 2, "commit_blocks": 2, "reveal_blocks": 2, "evaluate_blocks": 2, "merge_blocks": 2},
-    "scoring": {"eval_batches": 3, "eval_batch_size": 4, "general_batches": 2, "general_tolerance": 0.5, "top_k": 4},
+    "cycle": {
+        "train_blocks": 2,
+        "commit_blocks": 2,
+        "reveal_blocks": 2,
+        "evaluate_blocks": 2,
+        "merge_blocks": 2,
+    },
+    "scoring": {
+        "eval_batches": 3,
+        "eval_batch_size": 4,
+        "general_batches": 2,
+        "general_tolerance": 0.5,
+        "top_k": 4,
+    },
     "merge": {"top_n": 2, "clip_norm": 4.0},
 }
 
@@ -104,7 +116,12 @@ def node_context(
 
 
 def build_subnet(
-    tmp: Path, config: DomainConfig, *, miners: int = 2, validators: int = 2, adversaries: tuple[str, ...] = ()
+    tmp: Path,
+    config: DomainConfig,
+    *,
+    miners: int = 2,
+    validators: int = 2,
+    adversaries: tuple[str, ...] = (),
 ) -> Subnet:
     """Owner bootstrap, genesis, and one context per node (uids: validators first, then miners)."""
     cache = tmp / "cache"
@@ -122,7 +139,11 @@ def build_subnet(
         netuid=0,
         seed=7,
         neurons=[
-            GenesisNeuron(hotkey=keys[n].ss58_address, stake=100.0 - i if n.startswith("v") else 0.0, validator_permit=n.startswith("v"))
+            GenesisNeuron(
+                hotkey=keys[n].ss58_address,
+                stake=100.0 - i if n.startswith("v") else 0.0,
+                validator_permit=n.startswith("v"),
+            )
             for i, n in enumerate(names)
         ],
         weights_rate_limit=1,

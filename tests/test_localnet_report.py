@@ -56,4 +56,3 @@ def test_cycle_row_shows_change_vs_baseline_and_names():
 def test_plot_is_written(tmp_path):
     render_plot(_report(), tmp_path / "report.png")
     assert (tmp_path / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-

@@ -33,7 +33,9 @@ def test_two_cycles_merge_and_adopt(tmp_path):
 
 def test_every_adversary_is_rejected_with_its_own_reason(tmp_path):
     config = domain_config()
-    subnet = build_subnet(tmp_path, config, miners=2, validators=1, adversaries=("copy", "nan", "lazy", "stale"))
+    subnet = build_subnet(
+        tmp_path, config, miners=2, validators=1, adversaries=("copy", "nan", "lazy", "stale")
+    )
     _, end = phase_bounds(1, "merge", config.cycle)
     subnet.run_until(end)
     lead = subnet.nodes["v0"]

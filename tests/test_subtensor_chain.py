@@ -101,7 +101,13 @@ def test_metagraph_decodes_runtime_record_into_neurons_by_uid(
     chain: SubtensorChain, wallet: bt.Wallet
 ) -> None:
     assert chain.metagraph() == [
-        Neuron(uid=0, hotkey=wallet.hotkeypub.ss58_address, stake=100.0, validator_permit=True, registered_block=1),
+        Neuron(
+            uid=0,
+            hotkey=wallet.hotkeypub.ss58_address,
+            stake=100.0,
+            validator_permit=True,
+            registered_block=1,
+        ),
         Neuron(uid=1, hotkey=BOB, stake=0.5, validator_permit=False, registered_block=57),
         Neuron(uid=2, hotkey=CHARLIE, stake=40.0, validator_permit=True, registered_block=1),
     ]

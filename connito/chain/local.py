@@ -581,7 +581,8 @@ def _neurons(conn: sqlite3.Connection) -> list[Neuron]:
         "SELECT uid, hotkey, stake, validator_permit, registered_block FROM neurons ORDER BY uid"
     ).fetchall()
     return [
-        Neuron(uid=u, hotkey=h, stake=s, validator_permit=bool(p), registered_block=b) for u, h, s, p, b in rows
+        Neuron(uid=u, hotkey=h, stake=s, validator_permit=bool(p), registered_block=b)
+        for u, h, s, p, b in rows
     ]
 
 

@@ -44,7 +44,9 @@ class AdversaryMiner(Miner):
     def pull_global(self, cycle: int) -> None:
         before = self.global_state
         super().pull_global(cycle)
-        if before is not None and before.revision != (self.global_state.revision if self.global_state else ""):
+        if before is not None and before.revision != (
+            self.global_state.revision if self.global_state else ""
+        ):
             self._previous_global = before
 
     def produce_experts(self, cycle: int) -> dict[str, torch.Tensor] | None:

@@ -42,7 +42,9 @@ class LocalnetReport(_Strict):
     cycles: list[CycleReport]
     adversaries: dict[str, str] = Field(description="hotkey -> adversary kind")
     selection: dict[str, Any]
-    hotkeys: dict[str, str] = Field(default_factory=dict, description="hotkey -> role name (m0, v0, adv-copy...)")
+    hotkeys: dict[str, str] = Field(
+        default_factory=dict, description="hotkey -> role name (m0, v0, adv-copy...)"
+    )
     uids: dict[str, int] = Field(default_factory=dict, description="hotkey -> uid")
     wall_s: float = 0.0
 
@@ -81,8 +83,12 @@ def render_plot(report: LocalnetReport, path: Path) -> None:
     domain = change([row.domain_val_loss for row in report.cycles], base.domain_val_loss)
     general = change([row.general_val_loss for row in report.cycles], base.general_val_loss)
     fig, (ax_loss, ax_weights) = plt.subplots(1, 2, figsize=(11, 4))
-    ax_loss.plot(cycles, [0.0, *domain], marker="o", label=f"domain held-out (base {base.domain_val_loss:.3f})")
-    ax_loss.plot(cycles, [0.0, *general], marker="s", label=f"general held-out (base {base.general_val_loss:.3f})")
+    ax_loss.plot(
+        cycles, [0.0, *domain], marker="o", label=f"domain held-out (base {base.domain_val_loss:.3f})"
+    )
+    ax_loss.plot(
+        cycles, [0.0, *general], marker="s", label=f"general held-out (base {base.general_val_loss:.3f})"
+    )
     ax_loss.axhline(0.0, color="grey", linewidth=0.8)
     ax_loss.set_xticks(cycles, ["base"] + [str(c) for c in cycles[1:]])
     ax_loss.set_xlabel("cycle")

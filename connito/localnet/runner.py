@@ -60,9 +60,13 @@ def _plan(args: argparse.Namespace) -> LocalnetPlan:
     adversaries = tuple(a for a in (args.adversaries or "").split(",") if a)
     unknown = [a for a in adversaries if a not in ADVERSARY_KINDS]
     if unknown:
-        raise ConfigError(f"unknown adversary {unknown[0]!r} (known: {', '.join(ADVERSARY_KINDS)})", field="--adversaries")
+        raise ConfigError(
+            f"unknown adversary {unknown[0]!r} (known: {', '.join(ADVERSARY_KINDS)})", field="--adversaries"
+        )
     if args.miners < 1 or args.validators < 1 or args.cycles < 1:
-        raise ConfigError("need at least one miner, one validator and one cycle", field="--miners/--validators/--cycles")
+        raise ConfigError(
+            "need at least one miner, one validator and one cycle", field="--miners/--validators/--cycles"
+        )
     neurons = args.miners + args.validators + len(adversaries)
     if args.metrics_base_port < 0 or args.metrics_base_port + neurons - 1 > 65535:
         raise ConfigError(
@@ -113,7 +117,9 @@ def run_localnet(args: argparse.Namespace) -> int:
     _print_report(report, {h: r for r, h in hotkeys.items()})
     write_report(report, workdir / "report.json")
     render_plot(report, workdir / "report.png")
-    print(f"report: {workdir / 'report.json'}\nplot:   {workdir / 'report.png'}\nlibrary: {workdir / 'library'}")
+    print(
+        f"report: {workdir / 'report.json'}\nplot:   {workdir / 'report.png'}\nlibrary: {workdir / 'library'}"
+    )
     return 0
 
 
@@ -192,7 +198,14 @@ def _genesis(workdir: Path, config: DomainConfig, roles, hotkeys, plan: Localnet
 
 
 def _neuron_flags(
-    workdir: Path, config_path: Path, base_dir: Path, selection_path: Path, name: str, plan, *, metrics_port: int | None = None
+    workdir: Path,
+    config_path: Path,
+    base_dir: Path,
+    selection_path: Path,
+    name: str,
+    plan,
+    *,
+    metrics_port: int | None = None,
 ) -> list[str]:
     metrics = ["--metrics.port", str(metrics_port), "--metrics.addr", "127.0.0.1"] if metrics_port else []
     return [
@@ -214,7 +227,9 @@ def _neuron_flags(
     ]  # fmt: skip
 
 
-def _spawn(workdir, config_path, base_dir, selection_path, roles, hotkeys, plan) -> dict[str, subprocess.Popen]:
+def _spawn(
+    workdir, config_path, base_dir, selection_path, roles, hotkeys, plan
+) -> dict[str, subprocess.Popen]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
            "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}  # fmt: skip
     (workdir / "logs").mkdir(exist_ok=True)
@@ -229,13 +244,17 @@ def _spawn(workdir, config_path, base_dir, selection_path, roles, hotkeys, plan)
             command = [sys.executable, "-m", "connito.localnet.adversary_main", "--kind", kind,
                        "--victim-workdir", str(workdir / "nodes" / victim), "--victim-hotkey", hotkeys[victim], *flags]  # fmt: skip
         log = open(workdir / "logs" / f"{name}.log", "w")  # noqa: SIM115 - closed when the process ends
-        processes[name] = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        processes[name] = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
         metrics = f" metrics=http://127.0.0.1:{port}/metrics" if port else ""
         print(f"[localnet] started {name} ({kind}) pid={processes[name].pid}{metrics}", flush=True)
     return processes
 
 
-def _wait(workdir: Path, config: DomainConfig, plan: LocalnetPlan, processes: dict[str, subprocess.Popen]) -> None:
+def _wait(
+    workdir: Path, config: DomainConfig, plan: LocalnetPlan, processes: dict[str, subprocess.Popen]
+) -> None:
     from connito.chain.local import LocalChain
     from connito.protocol import phase, phase_bounds
 
@@ -288,4 +307,3 @@ def _print_report(report: LocalnetReport, names: dict[str, str]) -> None:
         print(format_cycle_row(row, report.baseline, names), flush=True)
     for hotkey, kind in report.adversaries.items():
         print(f"adversary {kind}: {names.get(hotkey, hotkey)}", flush=True)
-

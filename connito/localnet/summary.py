@@ -58,7 +58,8 @@ def build_report(
     def measure(experts: dict[str, torch.Tensor]) -> LossPair:
         write_experts(model, experts)
         return LossPair(
-            domain_val_loss=heldout_loss(model, domain_batches), general_val_loss=heldout_loss(model, general_batches)
+            domain_val_loss=heldout_loss(model, domain_batches),
+            general_val_loss=heldout_loss(model, general_batches),
         )
 
     baseline = measure(base_experts)
@@ -88,7 +89,9 @@ def build_report(
     return LocalnetReport(
         baseline=baseline,
         cycles=rows,
-        adversaries={hotkeys[name]: kind for name, kind in roles.items() if kind not in ("miner", "validator")},
+        adversaries={
+            hotkeys[name]: kind for name, kind in roles.items() if kind not in ("miner", "validator")
+        },
         selection=json.loads(selection_path.read_text()),
         hotkeys={hotkeys[name]: name for name in roles},
         uids={hotkeys[name]: uid for uid, name in enumerate(roles)},
