@@ -33,7 +33,7 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal, NamedTuple
+from typing import Annotated, Final, Literal, NamedTuple
 
 import safetensors.torch
 import torch
@@ -74,7 +74,7 @@ __all__ = [
 
 EXPERTS_FILE = "experts.safetensors"
 MANIFEST_FILE = "manifest.json"
-MANIFEST_SCHEMA_VERSION = 1  # 2: the manifest names a payload encoding other than fp
+MANIFEST_SCHEMA_VERSION: Final = 1  # 2: the manifest names a payload encoding other than fp
 DEFAULT_MAX_MANIFEST_BYTES = 64 * 1024
 # The safetensors header is a u64 length then that many bytes of JSON. A hostile length (2**63)
 # must not become an allocation: cap it here and by the file size, whichever is smaller.
@@ -203,7 +203,7 @@ def tensors_digest(state: Mapping[str, torch.Tensor]) -> str:
         hasher.update(_length_prefixed(dtype_name))
         hasher.update(struct.pack(f"<{1 + tensor.dim()}Q", tensor.dim(), *tensor.shape))
         hasher.update(struct.pack("<Q", raw.nbytes))
-        hasher.update(memoryview(raw))
+        hasher.update(raw.data)
     return hasher.hexdigest()
 
 
@@ -239,8 +239,8 @@ def expected_expert_specs(model: nn.Module, selection: ExpertSelection) -> dict[
                 f"layer {entry.layer}: expert {entry.experts[-1]} >= num_experts {layer.num_experts}",
                 field="layers",
             )
-        dtypes = {"gate_proj": layer.experts.gate_up_proj.dtype, "up_proj": layer.experts.gate_up_proj.dtype}
-        dtypes["down_proj"] = layer.experts.down_proj.dtype
+        dtypes = {"gate_proj": layer.gate_up_proj.dtype, "up_proj": layer.gate_up_proj.dtype}
+        dtypes["down_proj"] = layer.down_proj.dtype
         for expert in entry.experts:
             for projection, shape in expert_shapes(layer).items():
                 specs[expert_key(entry.layer, expert, projection)] = ExpertSpec(shape, dtypes[projection])
@@ -465,14 +465,15 @@ def load_checkpoint(
         InvalidSubmission: with ``reason`` one of the codes in the module docstring.
         ValueError: ``expected`` does not cover exactly the selected keys (a caller bug).
     """
-    labels = {"hotkey": hotkey, "cycle": cycle, "revision": revision}
     try:
         manifest, payload = _load_checkpoint(
             Path(folder), selection, expected, max_bytes, max_manifest_bytes, other_files
         )
         return manifest, _decoded(manifest, payload, base, base_revision)
     except InvalidSubmission as exc:
-        raise InvalidSubmission(exc.reason, exc.detail, key=exc.key, **labels) from None
+        raise InvalidSubmission(
+            exc.reason, exc.detail, key=exc.key, hotkey=hotkey, cycle=cycle, revision=revision
+        ) from None
 
 
 def _decoded(

@@ -28,7 +28,7 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypeVar, cast
 
 import torch
 import torch.distributed as torch_dist
@@ -54,6 +54,7 @@ __all__ = [
 ]
 
 Strategy = Literal["single", "ddp", "fsdp"]
+T = TypeVar("T")
 STRATEGIES: tuple[str, ...] = ("auto", "single", "ddp", "fsdp")
 
 
@@ -103,7 +104,7 @@ def init_distributed(strategy: str = "auto", *, device: str = "auto") -> Distrib
 
     state = PartialState(cpu=device == "cpu")
     world = int(state.num_processes)
-    resolved = strategy if strategy != "auto" else ("ddp" if world > 1 else "single")
+    resolved = cast(Strategy, strategy if strategy != "auto" else ("ddp" if world > 1 else "single"))
     if resolved == "single" and world > 1:
         raise ConfigError(
             f"launched with {world} processes: pass --training.strategy ddp or fsdp",
@@ -145,11 +146,11 @@ def broadcast_(tensors: Sequence[torch.Tensor], dist: Distributed) -> None:
         torch_dist.broadcast(tensor.detach(), src=0)
 
 
-def broadcast_object(value: object, dist: Distributed) -> object:
+def broadcast_object(value: T, dist: Distributed) -> T:
     """Rank 0's ``value`` on every rank (small picklable values only: flags, counts, layouts)."""
     if not dist.is_distributed:
         return value
-    box = [value]
+    box: list[T] = [value]
     torch_dist.broadcast_object_list(box, src=0, device=dist.device if dist.device.type == "cuda" else None)
     return box[0]
 
@@ -198,8 +199,9 @@ def write_rows_(fused: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) ->
         if not is_sharded(fused):
             fused.index_copy_(0, index.to(fused.device), rows.to(fused.dtype))
             return
-        local = fused.to_local()
-        mesh = fused.device_mesh
+        sharded = cast(DTensor, fused)
+        local = sharded.to_local()
+        mesh = sharded.device_mesh
         chunk = math.ceil(fused.shape[0] / mesh.size())
         start = min(mesh.get_local_rank() * chunk, fused.shape[0])
         index = index.to(local.device)

@@ -93,8 +93,8 @@ class DocumentPools:
         def forward(hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             if self._row_sizes is None:
                 raise RuntimeError("DocumentPools.draw(rows) must be called before each forward")
-            hidden = hidden_states.reshape(-1, router.weight.shape[1])
-            logits = F.linear(hidden, router.weight)  # (rows * T, E)
+            hidden = hidden_states.reshape(-1, layer.router_weight.shape[1])
+            logits = F.linear(hidden, layer.router_weight)  # (rows * T, E)
             rows, experts = len(self._row_sizes), logits.shape[-1]
             mask = pool_mask(logits.detach().view(rows, -1, experts), self._row_sizes.to(logits.device))
             # masked logits go to the load-balancing loss too: balance is over what tokens could pick
@@ -102,7 +102,7 @@ class DocumentPools:
                 ~mask.repeat_interleave(logits.shape[0] // rows, dim=0), torch.finfo(logits.dtype).min
             )
             probs = pooled.float().softmax(dim=-1)
-            weights, indices = torch.topk(probs, router.top_k, dim=-1)
+            weights, indices = torch.topk(probs, layer.top_k, dim=-1)
             if normalise:
                 weights = weights / weights.sum(dim=-1, keepdim=True)
             return pooled, weights.to(logits.dtype), indices

@@ -12,6 +12,7 @@ import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -29,6 +30,7 @@ from connito.protocol import (
     CommitPayload,
     PhaseInfo,
     RevealPayload,
+    StoreKind,
     commit_digest,
     encode_commitment,
     phase_bounds,
@@ -266,7 +268,7 @@ class Miner:
             manifest_sha = hashlib.sha256((folder / MANIFEST_FILE).read_bytes()).digest()
             payload = RevealPayload(
                 cycle=cycle,
-                store_kind=ref.kind,
+                store_kind=cast(StoreKind, ref.kind),  # the payload model validates it
                 repo=ref.repo,
                 revision=ref.revision,
                 manifest_digest=short_digest(manifest_sha),

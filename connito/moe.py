@@ -14,6 +14,7 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 from torch import nn
@@ -61,20 +62,35 @@ class MoELayer:
     shared: tuple[nn.Module, ...]  # shared experts (and their gates); always active, never trained
 
     @property
+    def gate_up_proj(self) -> torch.Tensor:
+        """The fused gate and up projections, ``(E, 2*I, H)`` with the gate rows first."""
+        return cast(torch.Tensor, self.experts.gate_up_proj)
+
+    @property
+    def down_proj(self) -> torch.Tensor:
+        """The fused down projections, ``(E, H, I)``."""
+        return cast(torch.Tensor, self.experts.down_proj)
+
+    @property
+    def router_weight(self) -> torch.Tensor:
+        """The router's ``(E, H)`` logit weight."""
+        return cast(torch.Tensor, self.router.weight)
+
+    @property
     def num_experts(self) -> int:
-        return int(self.experts.gate_up_proj.shape[0])
+        return int(self.gate_up_proj.shape[0])
 
     @property
     def intermediate_size(self) -> int:
-        return int(self.experts.down_proj.shape[-1])
+        return int(self.down_proj.shape[-1])
 
     @property
     def hidden_size(self) -> int:
-        return int(self.experts.down_proj.shape[1])
+        return int(self.down_proj.shape[1])
 
     @property
     def top_k(self) -> int:
-        return int(self.router.top_k)
+        return int(cast(int, self.router.top_k))
 
 
 def _model_type(model: nn.Module) -> str:
@@ -107,7 +123,7 @@ def moe_layers(model: nn.Module) -> list[MoELayer]:
         block = getattr(layer, "mlp", None)
         experts = getattr(block, "experts", None)
         router = getattr(block, "gate", None)
-        if experts is None or router is None:
+        if block is None or experts is None or router is None:
             continue  # a dense layer (DeepSeek first_k_dense_replace, Qwen mlp_only_layers)
         if not hasattr(experts, "gate_up_proj") or not hasattr(experts, "down_proj"):
             raise UnsupportedModelError(
@@ -149,11 +165,11 @@ def read_expert(layer: MoELayer, expert: int) -> dict[str, torch.Tensor]:
     """Copies of one expert's three projections, keyed by projection name."""
     inter = layer.intermediate_size
     with torch.no_grad():
-        gate_up = layer.experts.gate_up_proj[expert]  # (2*I, H)
+        gate_up = layer.gate_up_proj[expert]  # (2*I, H)
         return {
             "gate_proj": gate_up[:inter].detach().clone(),
             "up_proj": gate_up[inter:].detach().clone(),
-            "down_proj": layer.experts.down_proj[expert].detach().clone(),  # (H, I)
+            "down_proj": layer.down_proj[expert].detach().clone(),  # (H, I)
         }
 
 
@@ -161,8 +177,8 @@ def write_expert(layer: MoELayer, expert: int, tensors: dict[str, torch.Tensor])
     """Overwrite one expert's rows in the fused tensors, in place; other experts are untouched."""
     inter = layer.intermediate_size
     with torch.no_grad():
-        gate_up = layer.experts.gate_up_proj
-        down = layer.experts.down_proj
+        gate_up = layer.gate_up_proj
+        down = layer.down_proj
         gate_up[expert, :inter].copy_(tensors["gate_proj"])
         gate_up[expert, inter:].copy_(tensors["up_proj"])
         down[expert].copy_(tensors["down_proj"])

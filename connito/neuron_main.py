@@ -10,6 +10,7 @@ import dataclasses
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -20,6 +21,10 @@ from connito.hub.metered import MeteredStore
 from connito.metrics import NodeMetrics, open_wandb
 from connito.neuron_cli import NeuronArgs, Role, configure_logging, open_chain, parse_args, resolve_args
 from connito.node import NodeContext, load_node_data, load_node_selection, open_store
+
+if TYPE_CHECKING:  # imported where used: a miner does not load the validator's modules
+    from connito.miner import Miner
+    from connito.validator import Validator
 
 logger = logging.getLogger(__name__)
 
@@ -135,6 +140,7 @@ def main(role: Role, argv: list[str] | None = None) -> int:
     except (ConfigError, ChainError, StoreError) as exc:
         sys.stderr.write(f"{role}: {' '.join(str(exc).split())}\n")
         return 1
+    node: Miner | Validator
     if role == "miner":
         from connito.miner import Miner
 

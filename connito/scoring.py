@@ -125,7 +125,14 @@ def cosine_similarity(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(a @ b) / denom if denom > 0 else 0.0
 
 
-def _reject(candidate: Candidate, reason: str, detail: str, **losses: float | None) -> SubmissionScore:
+def _reject(
+    candidate: Candidate,
+    reason: str,
+    detail: str,
+    *,
+    domain_loss: float | None = None,
+    general_loss: float | None = None,
+) -> SubmissionScore:
     logger.warning(
         "rejected hotkey=%s uid=%d reason=%s detail=%s", candidate.hotkey, candidate.uid, reason, detail
     )
@@ -136,7 +143,8 @@ def _reject(candidate: Candidate, reason: str, detail: str, **losses: float | No
         accepted=False,
         reason=reason,
         detail=detail,
-        **losses,
+        domain_loss=domain_loss,
+        general_loss=general_loss,
     )
 
 

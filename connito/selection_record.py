@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -18,7 +18,7 @@ from connito.fsutil import atomic_write
 
 __all__ = ["LayerSelection", "ExpertSelection", "load_selection", "save_selection"]
 
-SELECTION_SCHEMA_VERSION = 1
+SELECTION_SCHEMA_VERSION: Final = 1
 
 
 class _Strict(BaseModel):

@@ -14,6 +14,7 @@ import hashlib
 import logging
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TypedDict
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -38,6 +39,14 @@ from connito.selection_record import ExpertSelection
 logger = logging.getLogger(__name__)
 
 __all__ = ["Observation", "observe_commitments", "precheck", "fetch_and_verify"]
+
+
+class _Labels(TypedDict):
+    """Who and what a rejection is about, attached to every ``InvalidSubmission`` raised here."""
+
+    hotkey: str
+    cycle: int
+    revision: str
 
 
 class Observation(BaseModel):
@@ -161,7 +170,7 @@ def fetch_and_verify(
             "wrong_store", f"revealed store {ref.kind!r}, this subnet uses {store.kind!r}"
         )
     store.download(ref, dest, max_bytes=config.scoring.max_payload_bytes)
-    labels = {"hotkey": hotkey, "cycle": cycle, "revision": ref.revision[:12]}
+    labels = _Labels(hotkey=hotkey, cycle=cycle, revision=ref.revision[:12])
     manifest_path = dest / MANIFEST_FILE
     if not manifest_path.is_file():
         raise InvalidSubmission("missing_file", f"{MANIFEST_FILE}: not in the download", **labels)

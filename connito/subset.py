@@ -26,6 +26,7 @@ from collections.abc import Iterable, KeysView
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -170,9 +171,7 @@ def _tensor_table(model: nn.Module) -> dict[str, torch.Tensor]:
     return table
 
 
-def _ungrouped_sigmoid_router_forward(
-    self: nn.Module, hidden_states: torch.Tensor
-) -> tuple[torch.Tensor, ...]:
+def _ungrouped_sigmoid_router_forward(self: Any, hidden_states: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """DeepSeek-V3 routing over the subset without group limits (transformers 5.23 math otherwise).
 
     With one group the original forward is the same function, except that it takes a top-2 inside
@@ -202,10 +201,13 @@ def _install_layer(
 ) -> None:
     """Make ``layer`` (of a skeleton) hold exactly these ``n`` experts and route only among them."""
     count = int(gate_up.shape[0])
-    layer.experts.gate_up_proj = nn.Parameter(gate_up)
-    layer.experts.down_proj = nn.Parameter(down)
-    layer.experts.num_experts = count
-    router = layer.router
+    # the architectures' own attributes, rewritten in place: typed by the model class, not nn.Module
+    experts: Any = layer.experts
+    router: Any = layer.router
+    block: Any = layer.block
+    experts.gate_up_proj = nn.Parameter(gate_up)
+    experts.down_proj = nn.Parameter(down)
+    experts.num_experts = count
     for name, rows in router_rows.items():
         if name in router._parameters:
             setattr(router, name, nn.Parameter(rows, requires_grad=router._parameters[name].requires_grad))
@@ -213,8 +215,8 @@ def _install_layer(
             router._buffers[name] = rows
     router.num_experts = count
     router.top_k = min(top_k, count)
-    if hasattr(layer.block, "top_k"):  # Mixtral keeps a copy on the block
-        layer.block.top_k = router.top_k
+    if hasattr(block, "top_k"):  # Mixtral keeps a copy on the block
+        block.top_k = router.top_k
     if hasattr(router, "topk_method"):  # DeepSeek-V2: groups are gone, route greedily
         router.topk_method = "greedy"
     if hasattr(router, "num_group"):
@@ -293,8 +295,8 @@ def extract_subset(full_model: PreTrainedModel, selection: dict[int, list[int]])
             }
             _install_layer(
                 layer,
-                gate_up=full.experts.gate_up_proj.detach().index_select(0, index),
-                down=full.experts.down_proj.detach().index_select(0, index),
+                gate_up=full.gate_up_proj.detach().index_select(0, index),
+                down=full.down_proj.detach().index_select(0, index),
                 router_rows=rows,
                 top_k=full.top_k,
             )
@@ -421,10 +423,10 @@ def _load_non_experts(subset: PreTrainedModel, checkpoint: _Checkpoint) -> None:
 def _load_layer(checkpoint: _Checkpoint, layer: MoELayer, experts: tuple[int, ...], *, top_k: int) -> None:
     """Install the experts ``experts`` of ``layer`` and their router rows, read from disk."""
     gate_up, down = _read_expert_rows(checkpoint, layer.index, experts)
-    like = layer.experts.gate_up_proj  # (1, 2*I, H) in the skeleton
+    like = layer.gate_up_proj  # (1, 2*I, H) in the skeleton
     expected = {
         "gate_up_proj": (len(experts), *like.shape[1:]),
-        "down_proj": (len(experts), *layer.experts.down_proj.shape[1:]),
+        "down_proj": (len(experts), *layer.down_proj.shape[1:]),
     }
     for name, tensor in (("gate_up_proj", gate_up), ("down_proj", down)):
         if tuple(tensor.shape) != expected[name]:

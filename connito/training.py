@@ -30,6 +30,7 @@ import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -127,9 +128,10 @@ class _Slice:
     @property
     def fused(self) -> torch.Tensor:
         """The fused parameter itself (under the parametrization while training)."""
-        if parametrize.is_parametrized(self.experts, self.tensor):
-            return self.experts.parametrizations[self.tensor].original
-        return getattr(self.experts, self.tensor)
+        experts: Any = self.experts  # parametrizations is added at run time
+        if parametrize.is_parametrized(experts, self.tensor):
+            return cast(torch.Tensor, experts.parametrizations[self.tensor].original)
+        return cast(torch.Tensor, getattr(experts, self.tensor))
 
 
 def _batch_parts(batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -318,7 +320,10 @@ class SparseTrainer:
         return self.step_count
 
     def _micro_batches(self, batch: Batch | Sequence[Batch]) -> list[Batch]:
-        micro = list(batch) if isinstance(batch, (list, tuple)) else [batch]
+        if isinstance(batch, (list, tuple)):
+            micro = cast(list[Batch], list(batch))
+        else:
+            micro = [cast(Batch, batch)]
         if len(micro) != self.cfg.grad_accum_steps:
             raise ConfigError(
                 f"one step needs grad_accum_steps={self.cfg.grad_accum_steps} micro-batches, got {len(micro)}",
@@ -390,7 +395,7 @@ class SparseTrainer:
             if master.grad is None:  # every rank must send the same layout
                 master.grad = torch.zeros_like(master)
         loss = torch.tensor([loss_total], dtype=torch.float32, device=self.device)
-        all_reduce_sum_([*(m.grad for m in masters), loss], self.dist)
+        all_reduce_sum_([*(m.grad for m in masters if m.grad is not None), loss], self.dist)
         return float(loss.item())
 
     def _global_tokens(self, local_tokens: int) -> int:

@@ -14,6 +14,7 @@ import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -49,6 +50,7 @@ from connito.node import NodeContext, PhaseLoop
 from connito.protocol import (
     GlobalPayload,
     PhaseInfo,
+    StoreKind,
     encode_commitment,
     eval_seed,
     phase_bounds,
@@ -480,7 +482,8 @@ class Validator:
         candidates: dict[str, Candidate] = {}
         unreachable = 0
         expected = self._expected()
-        assert self.global_state is not None
+        global_state = self.global_state
+        assert global_state is not None
         root = self.ctx.workdir / "downloads" / str(cycle)
 
         def verify(hotkey: str) -> Candidate | ScoreRow:
@@ -498,8 +501,8 @@ class Validator:
                     config=self.ctx.config,
                     selection=self.ctx.selection,
                     expected=expected,
-                    global_revision=self.global_state.revision,
-                    global_experts=self.global_state.experts,
+                    global_revision=global_state.revision,
+                    global_experts=global_state.experts,
                 )
             except (InvalidSubmission, StoreError) as exc:
                 reason = exc.reason if isinstance(exc, InvalidSubmission) else f"store_{exc.reason}"
@@ -697,7 +700,7 @@ class Validator:
         )
         payload = GlobalPayload(
             cycle=new_global.cycle,
-            store_kind=ref.kind,
+            store_kind=cast(StoreKind, ref.kind),  # the payload model validates it
             repo=ref.repo,
             revision=ref.revision,
             record_digest=short_digest(record_digest(new_global.record)),

@@ -1,4 +1,5 @@
-"""The code stays as ruff formats and lints it (pinned in the test extras, so CI and a laptop agree)."""
+"""The code stays as ruff formats and lints it and as mypy types it (tools pinned in the test extras,
+so CI and a laptop agree)."""
 
 from __future__ import annotations
 
@@ -13,20 +14,25 @@ ROOT = Path(__file__).resolve().parents[1]
 SOURCES = ["connito", "tests", "scripts", "benchmarks"]
 
 
-def _ruff() -> list[str]:
-    # the ruff next to this interpreter (the .venv's), else one on PATH
-    local = Path(sys.executable).with_name("ruff")
+def _tool(name: str) -> str:
+    # the tool next to this interpreter (the .venv's), else one on PATH
+    local = Path(sys.executable).with_name(name)
     if local.exists():
-        return [str(local)]
-    found = shutil.which("ruff")
+        return str(local)
+    found = shutil.which(name)
     if found is None:
-        pytest.fail("ruff is not installed: pip install -e '.[test]'")
-    return [found]
+        pytest.fail(f"{name} is not installed: pip install -e '.[test]'")
+    return found
 
 
-@pytest.mark.parametrize("args", [["check"], ["format", "--check"]], ids=["lint", "format"])
-def test_sources_pass_ruff(args: list[str]) -> None:
+@pytest.mark.parametrize(
+    "command",
+    [["ruff", "check", *SOURCES], ["ruff", "format", "--check", *SOURCES], ["mypy"]],
+    ids=["ruff-lint", "ruff-format", "mypy"],
+)
+def test_sources_pass(command: list[str]) -> None:
+    # mypy reads its targets and settings from pyproject.toml ([tool.mypy])
     result = subprocess.run(
-        [*_ruff(), *args, *SOURCES], cwd=ROOT, capture_output=True, text=True, check=False
+        [_tool(command[0]), *command[1:]], cwd=ROOT, capture_output=True, text=True, check=False
     )
-    assert result.returncode == 0, f"ruff {' '.join(args)} failed:\n{result.stdout}{result.stderr}"
+    assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout}{result.stderr}"

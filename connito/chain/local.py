@@ -209,8 +209,10 @@ class LocalChain:
         _check_genesis_params(target, netuid=netuid, seed=seed, neurons=neurons)
         _check_genesis_limits(target, tempo, weights_rate_limit, commitment_rate_limit, block_time_s)
         start = genesis_time if genesis_time is not None else (clock or time.time)()
-        row = (SCHEMA_VERSION, netuid, seed, block_time_s or None, start, 0, tempo)
-        row += (weights_rate_limit, commitment_rate_limit)
+        row = (SCHEMA_VERSION, netuid, seed, block_time_s or None, start, 0, tempo) + (
+            weights_rate_limit,
+            commitment_rate_limit,
+        )
         _write_new_ledger(target, row, neurons)
         logger.info("chain=local genesis path=%s netuid=%s neurons=%s", target, netuid, len(neurons))
         return cls(target, clock=clock)

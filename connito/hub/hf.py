@@ -9,6 +9,7 @@ Every huggingface_hub or transport exception leaves as a one-line ``StoreError``
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -252,8 +253,13 @@ class HfHubStore:
                     "download",
                     ref.repo,
                     ref.revision,
-                    lambda name=name: self._api.hf_hub_download(
-                        ref.repo, name, revision=ref.revision, repo_type="model", local_dir=staging
+                    functools.partial(
+                        self._api.hf_hub_download,
+                        ref.repo,
+                        name,
+                        revision=ref.revision,
+                        repo_type="model",
+                        local_dir=staging,
                     ),
                 )
                 _check_size(ref, name, Path(path), sizes[name])

@@ -97,10 +97,10 @@ def resolve_lanes(library: Library, requests: list[str]) -> list[Lane]:
             record = library.get(f"{ref.domain}@{LATEST}")
         else:
             record = library.get(request)
-            if record.is_removed:
+            if record.removed is not None:
                 raise LibraryError(
                     f"lane {request}: {record.name} was removed ({record.removed.reason or 'no reason given'})"
-                )  # type: ignore[union-attr]
+                )
         lanes.append(Lane(request=request, record=record))
     return lanes
 

@@ -145,9 +145,7 @@ def prune_model(model: PreTrainedModel, keep: dict[int, list[int]]) -> PreTraine
 
 def expert_param_count(model: torch.nn.Module) -> int:
     """Elements in the routed experts' fused tensors (what pruning removes)."""
-    return sum(
-        layer.experts.gate_up_proj.numel() + layer.experts.down_proj.numel() for layer in moe_layers(model)
-    )
+    return sum(layer.gate_up_proj.numel() + layer.down_proj.numel() for layer in moe_layers(model))
 
 
 def _param_count(model: torch.nn.Module) -> int:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Literal
+from typing import Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -31,7 +31,7 @@ __all__ = [
     "version_name",
 ]
 
-RECORD_SCHEMA_VERSION = 1
+RECORD_SCHEMA_VERSION: Final = 1
 LATEST = "latest"
 _DOMAIN = r"[a-z0-9][a-z0-9_-]{0,31}"  # DomainConfig.name's pattern
 _VERSION_RE = re.compile(

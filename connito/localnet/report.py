@@ -95,7 +95,7 @@ def render_plot(report: LocalnetReport, path: Path) -> None:
     ax_loss.set_ylabel("loss change vs base model (%)")
     ax_loss.set_title("Global model held-out loss")
     ax_loss.legend()
-    uid_name = {}
+    uid_name: dict[int, str] = {}
     for row in report.cycles:
         for uid in row.weights:
             uid_name.setdefault(uid, uid_names.get(uid, f"uid {uid}"))

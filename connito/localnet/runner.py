@@ -19,6 +19,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypedDict
 
 import yaml
 
@@ -32,9 +33,20 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["LocalnetPlan", "run_localnet"]
 
+
 # document_pools: EMO-style pools (connito.document_pools) so the experts group by domain and
 # `connito export` can keep a domain's quarter of them (+62% domain loss without, -0.4% with)
-PRETRAIN = {
+class PretrainRecipe(TypedDict):
+    """The keyword arguments of ``connito.owner.pretrain_base`` that fix the localnet's base."""
+
+    steps: int
+    batch_size: int
+    lr: float
+    mixture: dict[str, float]
+    document_pools: list[int]
+
+
+PRETRAIN: PretrainRecipe = {
     "steps": 400,
     "batch_size": 8,
     "lr": 3e-3,
@@ -227,13 +239,11 @@ def _neuron_flags(
     ]  # fmt: skip
 
 
-def _spawn(
-    workdir, config_path, base_dir, selection_path, roles, hotkeys, plan
-) -> dict[str, subprocess.Popen]:
+def _spawn(workdir, config_path, base_dir, selection_path, roles, hotkeys, plan) -> dict[str, _Process]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
            "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}  # fmt: skip
     (workdir / "logs").mkdir(exist_ok=True)
-    processes = {}
+    processes: dict[str, _Process] = {}
     for index, (name, kind) in enumerate(sorted(roles.items(), key=lambda item: item[1] != "validator")):
         port = plan.metrics_base_port + index if plan.metrics_base_port else None
         flags = _neuron_flags(workdir, config_path, base_dir, selection_path, name, plan, metrics_port=port)
@@ -244,17 +254,16 @@ def _spawn(
             command = [sys.executable, "-m", "connito.localnet.adversary_main", "--kind", kind,
                        "--victim-workdir", str(workdir / "nodes" / victim), "--victim-hotkey", hotkeys[victim], *flags]  # fmt: skip
         log = open(workdir / "logs" / f"{name}.log", "w")  # noqa: SIM115 - closed when the process ends
-        processes[name] = subprocess.Popen(
+        process = subprocess.Popen(
             command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
         )
+        processes[name] = process
         metrics = f" metrics=http://127.0.0.1:{port}/metrics" if port else ""
-        print(f"[localnet] started {name} ({kind}) pid={processes[name].pid}{metrics}", flush=True)
+        print(f"[localnet] started {name} ({kind}) pid={process.pid}{metrics}", flush=True)
     return processes
 
 
-def _wait(
-    workdir: Path, config: DomainConfig, plan: LocalnetPlan, processes: dict[str, subprocess.Popen]
-) -> None:
+def _wait(workdir: Path, config: DomainConfig, plan: LocalnetPlan, processes: dict[str, _Process]) -> None:
     from connito.chain.local import LocalChain
     from connito.protocol import phase, phase_bounds
 
@@ -278,6 +287,8 @@ def _wait(
 
 
 class _Exited:
+    """A neuron that already failed: reported once, then left alone."""
+
     def __init__(self, code: int) -> None:
         self.returncode = code
 
@@ -285,7 +296,10 @@ class _Exited:
         return self.returncode
 
 
-def _stop(processes: dict[str, subprocess.Popen]) -> None:
+_Process = subprocess.Popen[bytes] | _Exited
+
+
+def _stop(processes: dict[str, _Process]) -> None:
     for process in processes.values():
         if isinstance(process, subprocess.Popen) and process.poll() is None:
             os.killpg(process.pid, signal.SIGTERM)
