@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
+
+from connito.selection_record import ExpertSelection, LayerSelection
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -99,6 +102,32 @@ def tiny_model(model_type: str, seed: int = 0, **overrides):
 def random_batch(batch_size: int = 2, seq_len: int = 16, vocab: int = 128, seed: int = 0) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (batch_size, seq_len), generator=generator)
+
+
+def make_selection(
+    experts: Mapping[int, Sequence[int]],
+    *,
+    num_experts: int = 8,
+    domain: str = "math",
+    model_id: str = "inline:qwen3_moe",
+    model_revision: str = "main",
+    probe_tokens: int = 1000,
+    score: float = 0.1,
+) -> ExpertSelection:
+    """A sealed token_ratio selection of ``experts`` ({layer: expert ids}), every expert scored alike."""
+    return ExpertSelection(
+        domain=domain,
+        model_id=model_id,
+        model_revision=model_revision,
+        method="token_ratio",
+        p=0.2,
+        min_experts_per_layer=1,
+        probe_tokens={domain: probe_tokens},
+        layers=tuple(
+            LayerSelection(layer=layer, experts=tuple(sorted(ids)), scores=(score,) * num_experts)
+            for layer, ids in sorted(experts.items())
+        ),
+    ).sealed()
 
 
 @pytest.fixture(params=MODEL_TYPES)

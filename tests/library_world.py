@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from conftest import make_selection
 from e2e_harness import TINY_DOMAIN
 
 from connito.config import DomainConfig, TrainingConfig, config_digest, parse_domain_config
@@ -23,7 +24,7 @@ from connito.merge import state_revision
 from connito.modeling import build_model, heldout_loss, load_model
 from connito.moe import read_experts
 from connito.selection import probe_routing
-from connito.selection_record import ExpertSelection, LayerSelection
+from connito.selection_record import ExpertSelection
 from connito.training import SparseTrainer
 
 MODEL_REVISION = "test-base-rev"
@@ -66,20 +67,15 @@ def domain_config(name: str, generator: str, tokenizer_dir: Path | None) -> Doma
 
 
 def selection_for(config: DomainConfig, experts: dict[int, list[int]], num_experts: int) -> ExpertSelection:
-    layers = tuple(
-        LayerSelection(layer=layer, experts=tuple(sorted(ids)), scores=tuple(0.0 for _ in range(num_experts)))
-        for layer, ids in sorted(experts.items())
-    )
-    return ExpertSelection(
+    return make_selection(
+        experts,
+        num_experts=num_experts,
         domain=config.name,
         model_id=config.model.name,
         model_revision=MODEL_REVISION,
-        method="token_ratio",
-        p=0.2,
-        min_experts_per_layer=1,
-        probe_tokens={"domain": 1},
-        layers=layers,
-    ).sealed()
+        probe_tokens=1,
+        score=0.0,
+    )
 
 
 def routing_shares(model, data: DomainData) -> dict[int, torch.Tensor]:

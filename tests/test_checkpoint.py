@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
-from conftest import MODEL_TYPES, tiny_config, tiny_model
+from conftest import MODEL_TYPES, make_selection, tiny_config, tiny_model
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -31,24 +31,12 @@ from connito.checkpoint import (
 )
 from connito.errors import ConfigError, InvalidSubmission
 from connito.moe import expert_key, read_experts
-from connito.selection_record import ExpertSelection, LayerSelection, save_selection
+from connito.selection_record import LayerSelection, save_selection
 
 HIDDEN, INTER = 32, 16  # the tiny qwen3_moe of conftest
 MAX_BYTES = 1 << 20
 HOTKEY = "5FminerHotkey"
-SELECTION = ExpertSelection(
-    domain="math",
-    model_id="inline:qwen3_moe",
-    model_revision="main",
-    method="token_ratio",
-    p=0.2,
-    min_experts_per_layer=1,
-    probe_tokens={"math": 1000},
-    layers=(
-        LayerSelection(layer=0, experts=(1, 3), scores=(0.1,) * 8),
-        LayerSelection(layer=1, experts=(5,), scores=(0.1,) * 8),
-    ),
-).sealed()
+SELECTION = make_selection({0: (1, 3), 1: (5,)})
 KEYS = selected_keys(SELECTION)
 FIRST_KEY = expert_key(0, 1, "gate_proj")
 

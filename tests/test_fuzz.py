@@ -27,6 +27,7 @@ import pytest
 import safetensors.torch
 import torch
 import yaml
+from conftest import make_selection
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -50,7 +51,6 @@ from connito.protocol import (
     decode_commitment,
     encode_commitment,
 )
-from connito.selection_record import ExpertSelection, LayerSelection
 
 FUZZ = settings(
     max_examples=150,
@@ -76,19 +76,7 @@ TINY_MATH = Path(__file__).resolve().parents[1] / "configs" / "domains" / "tiny-
 
 HIDDEN, INTER = 8, 4
 MAX_BYTES = 1 << 16
-SELECTION = ExpertSelection(
-    domain="fuzz",
-    model_id="inline:qwen3_moe",
-    model_revision="main",
-    method="token_ratio",
-    p=0.2,
-    min_experts_per_layer=1,
-    probe_tokens={"fuzz": 100},
-    layers=(
-        LayerSelection(layer=0, experts=(1,), scores=(0.1,) * 4),
-        LayerSelection(layer=1, experts=(0, 2), scores=(0.1,) * 4),
-    ),
-).sealed()
+SELECTION = make_selection({0: (1,), 1: (0, 2)}, num_experts=4, domain="fuzz", probe_tokens=100)
 KEYS = selected_keys(SELECTION)
 SHAPES = {"gate_proj": (INTER, HIDDEN), "up_proj": (INTER, HIDDEN), "down_proj": (HIDDEN, INTER)}
 SPECS = {key: ExpertSpec(SHAPES[key.split(".")[-2]], torch.float32) for key in KEYS}

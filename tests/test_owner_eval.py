@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import make_selection
 from e2e_harness import TINY_DOMAIN
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
@@ -25,7 +26,7 @@ from connito.config import load_domain_config
 from connito.global_state import genesis_global, save_global
 from connito.modeling import build_model, load_model
 from connito.moe import read_experts
-from connito.selection_record import ExpertSelection, LayerSelection, save_selection
+from connito.selection_record import save_selection
 
 SELECTED = {0: [1, 5], 1: [2]}
 
@@ -84,19 +85,14 @@ def world(tmp_path: Path) -> dict[str, Path]:
         base
     )
     num_experts = TINY_DOMAIN["model"]["inline"]["num_experts"]
-    selection = ExpertSelection(
+    selection = make_selection(
+        SELECTED,
+        num_experts=num_experts,
         domain=config.name,
         model_id=config.model.name,
         model_revision="test-base",
-        method="token_ratio",
-        p=0.2,
-        min_experts_per_layer=1,
-        probe_tokens={"domain": 64},
-        layers=tuple(
-            LayerSelection(layer=layer, experts=tuple(experts), scores=tuple([0.1] * num_experts))
-            for layer, experts in SELECTED.items()
-        ),
-    ).sealed()
+        probe_tokens=64,
+    )
     save_selection(selection, tmp_path / "selection.json")
     trained = {
         key: tensor + 0.5 for key, tensor in read_experts(model, SELECTED).items()

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
-from conftest import random_batch, tiny_model
+from conftest import make_selection, random_batch, tiny_model
 
 from connito.checkpoint import (
     EXPERTS_FILE,
@@ -27,22 +27,10 @@ from connito.errors import InvalidSubmission
 from connito.moe import read_experts
 from connito.payload import INT8_MAX, decode_int8_delta, encode_int8_delta, scale_key
 from connito.scoring import Candidate, score_submissions
-from connito.selection_record import ExpertSelection, LayerSelection, save_selection
+from connito.selection_record import save_selection
 from connito.training import SparseTrainer
 
-SELECTION = ExpertSelection(
-    domain="math",
-    model_id="inline:qwen3_moe",
-    model_revision="main",
-    method="token_ratio",
-    p=0.2,
-    min_experts_per_layer=1,
-    probe_tokens={"math": 1000},
-    layers=(
-        LayerSelection(layer=0, experts=(1, 3), scores=(0.1,) * 8),
-        LayerSelection(layer=1, experts=(5,), scores=(0.1,) * 8),
-    ),
-).sealed()
+SELECTION = make_selection({0: (1, 3), 1: (5,)})
 BY_LAYER = SELECTION.experts_by_layer
 KEYS = selected_keys(SELECTION)
 MAX_BYTES = 1 << 20

@@ -30,6 +30,7 @@ import safetensors.torch
 import torch
 import torch.nn.functional as F
 from bittensor.sp_core import Keypair
+from conftest import make_selection
 from e2e_harness import domain_config
 from hub_server import HubServer, running_hub
 
@@ -71,7 +72,7 @@ from connito.protocol import (
     short_digest,
 )
 from connito.scoring import Candidate, batch_losses, pseudo_gradient, score_submissions
-from connito.selection_record import ExpertSelection, LayerSelection, save_selection
+from connito.selection_record import ExpertSelection, save_selection
 from connito.submissions import Observation, fetch_and_verify
 from connito.validator import Validator
 
@@ -157,16 +158,14 @@ def world(tmp_path_factory) -> World:
     model = build_model(config.model)
     _pretrain(model, data, steps=PRETRAIN_STEPS)
     model.save_pretrained(root / "base")
-    selection = ExpertSelection(
+    selection = make_selection(
+        SELECTED,
         domain=config.name,
         model_id=config.model.name,
         model_revision="test-base",
-        method="token_ratio",
-        p=0.2,
-        min_experts_per_layer=1,
-        probe_tokens={config.name: 0},
-        layers=tuple(LayerSelection(layer=k, experts=v, scores=(0.125,) * 8) for k, v in SELECTED.items()),
-    ).sealed()
+        probe_tokens=0,
+        score=0.125,
+    )
     return World(
         config=config,
         data=data,
