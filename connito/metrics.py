@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
 
     from connito.training import TrainResult
-    from connito.validator import CycleResult
+    from connito.validator_state import CycleResult
 
 logger = logging.getLogger(__name__)
 

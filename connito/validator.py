@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import cast
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
 from connito.chain.base import Neuron, lead_validator
@@ -59,7 +58,6 @@ from connito.protocol import (
 )
 from connito.scoring import (
     Candidate,
-    SubmissionScore,
     batch_losses,
     chain_weights,
     rank_weights,
@@ -69,64 +67,13 @@ from connito.scoring import (
 )
 from connito.submissions import Observation, fetch_and_verify, observe_commitments, precheck
 from connito.update_bound import max_weight_change
+from connito.validator_state import CycleResult, ScoreRow, ValidatorState, score_row, submission_scores
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Validator", "ValidatorState", "CycleResult"]
+__all__ = ["Validator"]
 
 DOWNLOAD_WORKERS = 4
-
-
-class ScoreRow(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    hotkey: str
-    uid: int
-    accepted: bool
-    reason: str | None = None
-    detail: str = ""
-    domain_loss: float | None = None
-    general_loss: float | None = None
-    utility: float = 0.0
-    commit_block: int = 0
-    tensors_sha256: str | None = None
-    repo: str | None = None
-    revision: str | None = None
-    store_kind: str | None = None
-
-
-class CycleResult(BaseModel):
-    """One cycle's evaluation and merge, as this validator saw them (persisted, read by reports)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    cycle: int
-    skipped: bool = False
-    eval_seed: int = 0
-    global_revision: str = ""
-    global_domain_loss: float | None = None
-    global_general_loss: float | None = None
-    scores: list[ScoreRow] = Field(default_factory=list)
-    cycle_weights: dict[str, float] = Field(default_factory=dict)
-    weights: dict[int, float] = Field(default_factory=dict)
-    weights_set_block: int | None = None
-    decision: str = "pending"  # pending | merged | best_single | none | adopted
-    merged: list[str] = Field(default_factory=list)
-    result_revision: str | None = None
-    result_domain_loss: float | None = None
-    general_ceiling: float | None = None  # the base's general loss x (1 + general_drift_limit)
-
-
-class ValidatorState(BaseModel):
-    """Everything that must survive a restart."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    observed: dict[int, dict[str, Observation]] = Field(default_factory=dict)
-    results: dict[int, CycleResult] = Field(default_factory=dict)
-    ema: dict[str, float] = Field(default_factory=dict)
-    registered_at: dict[str, int] = Field(default_factory=dict)  # registration block behind each EMA
-    global_cycle: int = -1  # cycle of the adopted global state (-1: genesis)
 
 
 @dataclass
@@ -239,7 +186,7 @@ class Validator:
             progress=self.progress_bars,
             pool=self._eval_pool(model),
         )
-        rows.update({s.hotkey: _row(s, rows.get(s.hotkey)) for s in scores})
+        rows.update({s.hotkey: score_row(s, rows.get(s.hotkey)) for s in scores})
         cycle_weights = rank_weights(scores, config.scoring)
         self.state.ema = update_ema(
             self.state.ema, cycle_weights, alpha=config.scoring.ema_alpha, registered=set(uid_of)
@@ -355,9 +302,9 @@ class Validator:
         if self._published(cycle):
             return
         assert self.global_state is not None
-        top = [s for s in ranked(_scores(result)) if s.hotkey in self._candidates_for(cycle, result)][
-            : self.ctx.config.merge.top_n
-        ]
+        top = [
+            s for s in ranked(submission_scores(result)) if s.hotkey in self._candidates_for(cycle, result)
+        ][: self.ctx.config.merge.top_n]
         if not top:
             self._record(result.model_copy(update={"decision": "none"}))
             logger.info("cycle=%d phase=merge decision=none (no accepted submission)", cycle)
@@ -853,33 +800,3 @@ class Validator:
                 self.state.global_cycle,
                 sorted(self.state.results),
             )
-
-
-def _row(score: SubmissionScore, pre: ScoreRow | None) -> ScoreRow:
-    base = pre.model_dump() if pre else {"hotkey": score.hotkey, "uid": score.uid}
-    base.update(
-        accepted=score.accepted,
-        reason=score.reason,
-        detail=score.detail,
-        domain_loss=score.domain_loss,
-        general_loss=score.general_loss,
-        utility=score.utility,
-        commit_block=score.commit_block,
-    )
-    return ScoreRow(**base)
-
-
-def _scores(result: CycleResult) -> list[SubmissionScore]:
-    return [
-        SubmissionScore(
-            hotkey=r.hotkey,
-            uid=r.uid,
-            commit_block=r.commit_block,
-            accepted=r.accepted,
-            reason=r.reason,
-            domain_loss=r.domain_loss,
-            general_loss=r.general_loss,
-            utility=r.utility,
-        )
-        for r in result.scores
-    ]

@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 
 from connito.chain.local import LocalChain
 from connito.protocol import GlobalPayload, decode_commitment, phase_bounds
-from connito.validator import ValidatorState
+from connito.validator_state import ValidatorState
 
 pytestmark = pytest.mark.slow
 

@@ -26,7 +26,7 @@ from connito.neuron_main import open_metrics
 from connito.node import PhaseLoop, guarded_tick
 from connito.protocol import phase, phase_bounds
 from connito.training import TrainResult
-from connito.validator import CycleResult, ScoreRow
+from connito.validator_state import CycleResult, ScoreRow
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "metrics.md"
 HOTKEY = Keypair.create_from_uri("//metrics").ss58_address

@@ -46,7 +46,7 @@ from connito.scoring import (
     update_ema,
 )
 from connito.submissions import Observation, fetch_and_verify, observe_commitments, precheck
-from connito.validator import CycleResult
+from connito.validator_state import CycleResult
 
 CYCLE = 2  # a cycle away from genesis, so "one block before" any window is a real block
 HONEST, COPIER = hotkey_of("honest"), hotkey_of("copier")
