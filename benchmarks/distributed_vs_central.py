@@ -101,7 +101,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         help="H per miner per cycle (default: the config's training.inner_steps)",
     )
     parser.add_argument(
-        "--pretrain-steps", type=int, default=200, help="base pretraining steps (default 200)"
+        "--pretrain-steps",
+        type=int,
+        default=PRETRAIN["steps"],
+        help=f"base pretraining steps (default {PRETRAIN['steps']}, the localnet's)",
     )
     parser.add_argument(
         "--pretrain-batch-size", type=int, default=8, help="base pretraining batch (default 8)"
