@@ -23,7 +23,7 @@ from connito.checkpoint import EXPERTS_FILE
 from connito.errors import CommitmentDecodeError
 from connito.global_state import GlobalState
 from connito.merge import state_revision
-from connito.miner import Miner, MinerProgress
+from connito.miner import Miner
 from connito.protocol import CommitPayload, decode_commitment
 
 logger = logging.getLogger(__name__)
@@ -88,17 +88,6 @@ class AdversaryMiner(Miner):
         if not source.exists():
             return None  # the victim has not finished yet: try again next block
         return load_file(str(source))
-
-    def train(self, cycle: int) -> None:
-        if self.progress.cycle == cycle and self.progress.checkpoint is not None:
-            return
-        self.pull_global(cycle)
-        assert self.global_state is not None
-        if self.progress.cycle != cycle:
-            self._save_progress(MinerProgress(cycle=cycle, global_revision=self.global_state.revision))
-        experts = self.produce_experts(cycle)
-        if experts is not None:
-            self.write_submission(cycle, experts)
 
     def commit(self, cycle: int) -> None:
         if self.kind == "copy" and not self._victim_committed_before_now(cycle):
