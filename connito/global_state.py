@@ -16,7 +16,7 @@ import torch
 
 from connito.chain.base import Chain, lead_validator
 from connito.checkpoint import EXPERTS_FILE, MANIFEST_FILE, ExpertSpec, load_checkpoint, write_checkpoint
-from connito.config import DomainConfig
+from connito.config import CycleConfig, DomainConfig
 from connito.errors import CommitmentDecodeError, InvalidSubmission
 from connito.fsutil import atomic_write
 from connito.hub.base import CheckpointStore, StoreRef
@@ -29,7 +29,7 @@ from connito.merge import (
     state_revision,
 )
 from connito.outer import OuterOptimizer, OuterState
-from connito.protocol import GlobalPayload, decode_commitment, short_digest
+from connito.protocol import GlobalPayload, decode_commitment, phase_bounds, short_digest
 from connito.selection_record import ExpertSelection
 
 logger = logging.getLogger(__name__)
@@ -39,6 +39,7 @@ __all__ = [
     "GlobalState",
     "genesis_global",
     "find_global_payload",
+    "adoptable_global",
     "fetch_global",
     "save_global",
     "load_global",
@@ -82,6 +83,24 @@ def find_global_payload(chain: Chain) -> tuple[str, int, GlobalPayload] | None:
         if isinstance(payload, GlobalPayload):
             return lead.hotkey, commitment.block, payload
     return None
+
+
+def adoptable_global(
+    chain: Chain, cycle_config: CycleConfig, *, newer_than: int, before: int
+) -> tuple[str, GlobalPayload] | None:
+    """The lead's publication a node adopts before cycle ``before``: (lead hotkey, payload), if any.
+
+    It must be for a cycle after ``newer_than`` (the node's own global) and before ``before``, and
+    committed within that cycle's merge phase: a late publication came after the nodes moved on.
+    """
+    found = find_global_payload(chain)
+    if found is None:
+        return None
+    lead, block, payload = found
+    _, merge_last = phase_bounds(payload.cycle, "merge", cycle_config)
+    if payload.cycle <= newer_than or payload.cycle >= before or block > merge_last:
+        return None
+    return lead, payload
 
 
 def save_outer(outer: OuterState, path: Path) -> None:

@@ -22,7 +22,7 @@ from connito.checkpoint import MANIFEST_FILE, write_checkpoint
 from connito.distributed import Distributed, broadcast_object, main_decides
 from connito.errors import ChainError, ConfigError, InvalidSubmission, StoreError
 from connito.fsutil import atomic_write, sweep_temp_files
-from connito.global_state import GlobalState, fetch_global, find_global_payload, genesis_global
+from connito.global_state import GlobalState, adoptable_global, fetch_global, genesis_global
 from connito.modeling import load_model
 from connito.moe import moe_layers, parse_expert_key, read_experts, write_expert, write_experts
 from connito.node import NodeContext, PhaseLoop, uid_of
@@ -123,13 +123,12 @@ class Miner:
             self.global_state = genesis_global(self._base_experts())
         if not self.dist.is_main:
             return  # rank 0's global reaches the other ranks through the trainer's broadcast
-        found = find_global_payload(self.ctx.chain)
+        found = adoptable_global(
+            self.ctx.chain, self.ctx.config.cycle, newer_than=self.global_state.cycle, before=cycle
+        )
         if found is None:
             return
-        lead, block, payload = found
-        _, merge_last = phase_bounds(payload.cycle, "merge", self.ctx.config.cycle)
-        if payload.cycle <= self.global_state.cycle or payload.cycle >= cycle or block > merge_last:
-            return
+        lead, payload = found
         try:
             self.global_state = fetch_global(
                 self.ctx.store,

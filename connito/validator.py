@@ -27,6 +27,7 @@ from connito.fsutil import atomic_write, sweep_temp_files
 from connito.global_state import (
     GLOBAL_FILES,
     GlobalState,
+    adoptable_global,
     fetch_global,
     find_global_payload,
     genesis_global,
@@ -52,7 +53,6 @@ from connito.protocol import (
     StoreKind,
     encode_commitment,
     eval_seed,
-    phase_bounds,
     seed_block,
     short_digest,
 )
@@ -380,13 +380,12 @@ class Validator:
         """Adopt the lead's publication from before ``cycle``, after recomputing it where possible."""
         if self.global_state is None:
             self.global_state = self._genesis()
-        found = find_global_payload(self.ctx.chain)
+        found = adoptable_global(
+            self.ctx.chain, self.ctx.config.cycle, newer_than=self.global_state.cycle, before=cycle
+        )
         if found is None:
             return
-        lead, block, payload = found
-        _, merge_last = phase_bounds(payload.cycle, "merge", self.ctx.config.cycle)
-        if payload.cycle <= self.global_state.cycle or payload.cycle >= cycle or block > merge_last:
-            return
+        lead, payload = found
         try:
             fetched = fetch_global(
                 self.ctx.store,
