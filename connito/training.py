@@ -26,6 +26,7 @@ a fresh one for the next trainer.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -255,6 +256,15 @@ class SparseTrainer:
         except ValueError as exc:
             raise ConfigError(str(exc), field="training.document_pools") from exc
 
+    def _pool_draws(self, position: int) -> torch.Generator:
+        """The generator of the pool sizes of the step's ``position``-th micro-batch.
+
+        A function of (seed, step, position) only: a resumed trainer draws what it would have, and
+        K ranks draw for their micro-batches what one process would for the whole step.
+        """
+        key = hashlib.sha256(f"{self.cfg.seed}:{self.step_count}:{position}".encode()).digest()
+        return torch.Generator().manual_seed(int.from_bytes(key[:8], "little"))
+
     @staticmethod
     def _index(item: _Slice) -> torch.Tensor:
         return torch.tensor(item.slots, device=item.master.device)
@@ -368,11 +378,11 @@ class SparseTrainer:
         self.model.train()
         loss_total = 0.0
         with self._pools or contextlib.nullcontext():
-            # pool sizes are a function of (seed, step): a resumed trainer draws what it would have
-            draws = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.step_count)
-            for input_ids, attention_mask in micro:
+            for index, (input_ids, attention_mask) in enumerate(micro):
                 if self._pools is not None:
-                    self._pools.draw(input_ids.shape[0], generator=draws)
+                    # this rank's index-th micro-batch is the step's (rank + index * world)-th (train)
+                    position = self.dist.rank + index * self.dist.world_size
+                    self._pools.draw(input_ids.shape[0], generator=self._pool_draws(position))
                 loss_sum = self._loss_sum(input_ids, attention_mask)
                 (loss_sum / max(tokens, 1)).backward()
                 loss_total += float(loss_sum.detach())

@@ -30,8 +30,13 @@ SELECTION = {0: [1, 5], 1: [3]}
 CFG = TrainingConfig(lr=1e-2, weight_decay=0.1, batch_size=2, grad_clip=1.0)
 WORLD = 2
 STEPS = 3
-# name -> (strategy, residency, grad_accum_steps per rank)
-RUNS = {"ddp-full": ("ddp", "full", 1), "ddp-subset": ("ddp", "subset", 1), "fsdp-full": ("fsdp", "full", 2)}
+# name -> (strategy, residency, grad_accum_steps per rank, document pool sizes)
+RUNS = {
+    "ddp-full": ("ddp", "full", 1, None),
+    "ddp-subset": ("ddp", "subset", 1, None),
+    "fsdp-full": ("fsdp", "full", 2, None),
+    "ddp-full-pools": ("ddp", "full", 2, (1, 2)),
+}
 
 
 def _batches(count: int) -> list[torch.Tensor]:
@@ -43,9 +48,11 @@ def _model_and_selection(residency: str):
     return (extract_subset(model, SELECTION), None) if residency == "subset" else (model, SELECTION)
 
 
-def _train(residency: str, accum: int, dist: Distributed | None) -> dict[str, torch.Tensor]:
+def _train(
+    residency: str, accum: int, dist: Distributed | None, pools: tuple[int, ...] | None = None
+) -> dict[str, torch.Tensor]:
     world = dist.world_size if dist is not None else 1
-    cfg = CFG.model_copy(update={"grad_accum_steps": accum})
+    cfg = CFG.model_copy(update={"grad_accum_steps": accum, "document_pools": pools})
     trainer = SparseTrainer(*_model_and_selection(residency), cfg, dist=dist)
     result = trainer.train(_batches(STEPS * accum * WORLD), STEPS, progress=False)
     assert result.steps == STEPS and trainer.micro_batches_per_step == accum * world
@@ -65,8 +72,8 @@ def _worker(rank: int, port: int, out: str) -> None:
 
     dist = init_distributed("ddp", device="cpu")
     assert (dist.rank, dist.world_size, dist.device.type) == (rank, WORLD, "cpu")
-    for name, (strategy, residency, accum) in RUNS.items():
-        experts = _train(residency, accum, dataclasses.replace(dist, strategy=strategy))
+    for name, (strategy, residency, accum, pools) in RUNS.items():
+        experts = _train(residency, accum, dataclasses.replace(dist, strategy=strategy), pools)
         save_file(experts, str(Path(out) / f"{name}.rank{rank}.safetensors"))
     # resume: rank 0 alone holds a trained state; sync_replicas gives it to rank 1
     trainer = SparseTrainer(tiny_model("qwen3_moe"), SELECTION, CFG, dist=dist)
@@ -102,9 +109,9 @@ def rank_outputs(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("name", sorted(RUNS))
 def test_ranks_agree_and_equal_one_process_on_the_global_batch(rank_outputs, name):
     """Both ranks hold bit-identical experts, equal to one process accumulating both ranks' batches."""
-    _, residency, accum = RUNS[name]
+    _, residency, accum, pools = RUNS[name]
     ranks = [load_file(str(rank_outputs / f"{name}.rank{r}.safetensors")) for r in range(WORLD)]
-    reference = _train(residency, accum * WORLD, None)
+    reference = _train(residency, accum * WORLD, None, pools)
     base = read_experts(tiny_model("qwen3_moe"), SELECTION)
     assert ranks[0].keys() == ranks[1].keys() == reference.keys()
     for key in reference:
