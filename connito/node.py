@@ -61,12 +61,20 @@ def load_node_selection(path: Path, config: DomainConfig) -> ExpertSelection:
     """The owner's selection for this domain.
 
     Raises:
-        ConfigError: unreadable, tampered, or for another domain.
+        ConfigError: unreadable, tampered, for another domain, or the config's document pools are
+            larger than the model's expert count (caught here, not at the first training step).
     """
     selection = load_selection(path)
     if selection.domain != config.name:
         raise ConfigError(
             f"selection is for domain {selection.domain!r}, config is {config.name!r}", path=str(path)
+        )
+    pools = config.training.document_pools
+    num_experts = len(selection.layers[0].scores) if selection.layers else 0
+    if pools and num_experts and max(pools) > num_experts:
+        raise ConfigError(
+            f"pool size {max(pools)} exceeds the model's {num_experts} experts per layer",
+            field="training.document_pools",
         )
     return selection
 

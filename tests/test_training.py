@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import MODEL_TYPES, random_batch, tiny_model
+from conftest import MODEL_TYPES, make_selection, random_batch, tiny_model
 from safetensors.torch import load, save
 from torch.nn.utils import parametrize
 
-from connito.config import TrainingConfig
+from connito.config import TrainingConfig, load_domain_config
 from connito.errors import ConfigError
 from connito.moe import moe_layers, read_experts
+from connito.node import load_node_selection
+from connito.selection_record import save_selection
 from connito.subset import extract_subset, write_back
 from connito.training import SparseTrainer
 
@@ -338,3 +341,18 @@ def test_document_pools_refused_where_they_cannot_work():
         SparseTrainer(extract_subset(tiny_model("qwen3_moe"), SELECTION), None, POOLED)
     with pytest.raises(ConfigError, match="deepseek_v3: document pools need a softmax top-k router"):
         SparseTrainer(tiny_model("deepseek_v3"), SELECTION, POOLED)
+
+
+def test_a_neuron_refuses_pools_larger_than_the_model_at_startup(tmp_path):
+    """A pool size over the experts per layer fails when the neuron loads its selection, not per tick."""
+    config = load_domain_config(
+        Path(__file__).resolve().parents[1] / "configs" / "domains" / "tiny-math.yaml"
+    )
+    path = tmp_path / "selection.json"
+    save_selection(make_selection({0: (1,)}, num_experts=8, domain=config.name), path)
+    assert load_node_selection(path, config).domain == config.name  # tiny-math's pools fit 8 experts
+    too_large = config.model_copy(
+        update={"training": config.training.model_copy(update={"document_pools": (2, 16)})}
+    )
+    with pytest.raises(ConfigError, match="training.document_pools: pool size 16 exceeds the model's 8"):
+        load_node_selection(path, too_large)
