@@ -28,8 +28,8 @@ from connito.config import DomainConfig, config_digest, load_domain_config, pars
 from connito.data import DomainData
 from connito.fsutil import atomic_write
 from connito.localnet.runner import PRETRAIN
-from connito.owner import PRETRAIN_MARKER, build_selection, pretrain_base
-from connito.selection_record import ExpertSelection, load_selection, save_selection
+from connito.ml.selection_record import ExpertSelection, load_selection, save_selection
+from connito.owner.bootstrap import PRETRAIN_MARKER, build_selection, pretrain_base
 
 __all__ = [
     "REPO",

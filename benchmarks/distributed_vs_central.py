@@ -10,7 +10,7 @@ config's residency by default (``--residency subset|full`` overrides; ``subset``
   ``OuterOptimizer.step`` (lr, momentum, Nesterov and clip from the config's ``merge`` section,
   uniform weights): the protocol with every miner honest and every submission merged; with
   ``training.keep_optimizer_state`` (the default) each miner carries its AdamW moments from one
-  cycle to the next, as ``connito.miner`` does;
+  cycle to the next, as ``connito.node.miner`` does;
 - ``central`` (synchronous data parallel, the DiLoCo paper's baseline): one trainer on the union
   of the data (``train_loader(0, 1, ...)``) taking H optimizer steps per cycle over N x the batch
   (gradient accumulation), AdamW kept across cycles: the same tokens and the same number of
@@ -55,12 +55,12 @@ from torch import nn
 
 from connito.config import DomainConfig, TrainingConfig
 from connito.data import build_domain_data
-from connito.modeling import heldout_loss, load_model
-from connito.moe import expert_key, parse_expert_key, read_experts, write_experts
-from connito.outer import OuterOptimizer
-from connito.subset import SubsetModel, load_subset_model, subset_expert_state
-from connito.training import SparseTrainer
-from connito.update_bound import moments_may_carry
+from connito.ml.modeling import heldout_loss, load_model
+from connito.ml.moe import expert_key, parse_expert_key, read_experts, write_experts
+from connito.ml.outer import OuterOptimizer
+from connito.ml.subset import SubsetModel, load_subset_model, subset_expert_state
+from connito.ml.training import SparseTrainer
+from connito.ml.update_bound import moments_may_carry
 
 TARGET_RATIO = 0.9  # distributed must reach >= this share of the centralized domain-loss drop
 

@@ -7,7 +7,7 @@ owner's way), N miners each train the selected experts from the same global for 
 written twice, side by side, as the miner would upload it: ``fp`` (the experts) and ``int8``
 (``training.payload: int8``: the delta from the global, per-row int8 with fp32 scales). Each is
 loaded back through the validator's strict loader (decoding against the global) and scored by
-``connito.scoring.score_submissions`` on the same seeded held-out sample. Reported:
+``connito.protocol.scoring.score_submissions`` on the same seeded held-out sample. Reported:
 
 - ``payload_ratio = bytes(int8 experts.safetensors) / bytes(fp experts.safetensors)`` in the
   model's dtype (fp32 for the localnet), and ``payload_ratio_vs_bf16`` against the same experts
@@ -42,13 +42,19 @@ from _common import (
     run_cached,
 )
 
-from connito.checkpoint import EXPERTS_FILE, ExpertSpec, load_checkpoint, tensors_digest, write_checkpoint
 from connito.config import DomainConfig
 from connito.data import build_domain_data
-from connito.moe import read_experts, write_experts
-from connito.scoring import Candidate, SubmissionScore, score_submissions
-from connito.selection_record import ExpertSelection
-from connito.training import SparseTrainer
+from connito.ml.moe import read_experts, write_experts
+from connito.ml.selection_record import ExpertSelection
+from connito.ml.training import SparseTrainer
+from connito.protocol.checkpoint import (
+    EXPERTS_FILE,
+    ExpertSpec,
+    load_checkpoint,
+    tensors_digest,
+    write_checkpoint,
+)
+from connito.protocol.scoring import Candidate, SubmissionScore, score_submissions
 
 ENCODINGS = ("fp", "int8")
 

@@ -140,9 +140,9 @@ def _build(mode: str, args: argparse.Namespace, selection: dict[int, list[int]],
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from connito.moe import read_experts
-    from connito.subset import load_subset_model
-    from connito.training import SparseTrainer
+    from connito.ml.moe import read_experts
+    from connito.ml.subset import load_subset_model
+    from connito.ml.training import SparseTrainer
 
     if mode == "sparse_subset":
         subset = load_subset_model(Path(args.model_dir), None, selection, dtype=dtype, device=device)
@@ -165,8 +165,8 @@ def _run_child(args: argparse.Namespace) -> dict:
     # Import everything the mode will use before the baseline: libraries are not the model.
     import transformers.models.qwen3_moe.modeling_qwen3_moe  # noqa: F401
 
-    import connito.subset  # noqa: F401
-    import connito.training  # noqa: F401
+    import connito.ml.subset  # noqa: F401
+    import connito.ml.training  # noqa: F401
     from connito.config import TrainingConfig
 
     device = torch.device(args.device)

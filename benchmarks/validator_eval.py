@@ -39,13 +39,13 @@ import torch
 from _common import Timing, add_common_flags, emit, load_config, median_time, metadata, setup, synchronize
 from torch import nn
 
-from connito.checkpoint import tensors_digest
 from connito.config import DomainConfig
 from connito.data import DomainData, build_domain_data
-from connito.modeling import load_model
-from connito.moe import read_experts, write_experts
-from connito.owner import build_selection, load_base_model
-from connito.scoring import Candidate, SubmissionScore, batch_losses, score_submissions
+from connito.ml.modeling import load_model
+from connito.ml.moe import read_experts, write_experts
+from connito.owner.bootstrap import build_selection, load_base_model
+from connito.protocol.checkpoint import tensors_digest
+from connito.protocol.scoring import Candidate, SubmissionScore, batch_losses, score_submissions
 
 TARGET_SWAP_FRACTION = 0.05  # swap_s <= this x eval_s
 

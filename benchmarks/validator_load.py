@@ -1,10 +1,10 @@
 """Can one validator evaluate N submissions inside one evaluate window, in bounded memory?
 
-A real ``connito.validator.Validator`` on a manual-clock ``LocalChain`` with a ``LocalStore``
+A real ``connito.node.validator.Validator`` on a manual-clock ``LocalChain`` with a ``LocalStore``
 evaluates one cycle of N submissions from N registered miner hotkeys. Each submission is the
 global experts plus small seeded noise (distinct, inside the ``scoring.update_bound_factor`` bound),
 written with ``write_checkpoint``, committed inside the commit phase and uploaded and revealed
-inside the reveal phase exactly as ``connito.miner`` does. The validator then ticks into the
+inside the reveal phase exactly as ``connito.node.miner`` does. The validator then ticks into the
 evaluate phase and does everything a validator does there: observe, download in parallel, verify,
 screen copies, score each submission on the cycle's seeded held-out sample, rank and EMA.
 
@@ -51,9 +51,9 @@ if TYPE_CHECKING:  # the worker imports these; the parent process never needs th
     from bittensor.sp_core import Keypair
 
     from connito.chain.local import LocalChain
-    from connito.checkpoint import Manifest
     from connito.hub import LocalStore
-    from connito.validator import Validator
+    from connito.node.validator import Validator
+    from connito.protocol.checkpoint import Manifest
 
 TARGET_GROWTH_VS_PAYLOAD = 1.0  # RSS growth per submission <= this x one submission's payload bytes
 DEFAULT_BLOCK_TIME_S = 1.0  # the localnet's block time (connito localnet --block-time default)
@@ -101,9 +101,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 def _prepare(config: DomainConfig, cache_dir: Path, work: Path) -> dict[str, Any]:
     """Warm the data cache, save the base model and the owner's selection for the workers."""
-    from connito.modeling import build_model
-    from connito.owner import build_selection
-    from connito.selection_record import save_selection
+    from connito.ml.modeling import build_model
+    from connito.ml.selection_record import save_selection
+    from connito.owner.bootstrap import build_selection
 
     data = build_domain_data(config.data, cache_dir=cache_dir, model=config.model)
     model = build_model(config.model).eval()
@@ -259,7 +259,7 @@ class _Subnet:
 
     def tick_validator_at(self, block: int) -> None:
         """Move the chain to ``block`` and let the validator do what it does there."""
-        from connito.protocol import phase
+        from connito.protocol.phases import phase
 
         self.admin.advance_blocks(block - self.admin.current_block())
         self.validator.tick(block, phase(block, self.config.cycle))
@@ -278,9 +278,9 @@ def _build_subnet(
 
     from connito.chain.local import GenesisNeuron, LocalChain
     from connito.hub import LocalStore
-    from connito.node import NodeContext
-    from connito.selection_record import load_selection
-    from connito.validator import Validator
+    from connito.ml.selection_record import load_selection
+    from connito.node.context import NodeContext
+    from connito.node.validator import Validator
 
     names = ["v0"] + [f"m{i}" for i in range(args.submissions)]
     keys = {name: Keypair.create_from_uri(f"//bench-{name}") for name in names}
@@ -321,8 +321,8 @@ def _write_submissions(
     args: argparse.Namespace, subnet: _Subnet, work: Path
 ) -> list[tuple[str, Path, Manifest]]:
     """N distinct checkpoints of the global experts plus noise, written one at a time (bounded setup)."""
-    from connito.checkpoint import write_checkpoint
-    from connito.update_bound import max_weight_change
+    from connito.ml.update_bound import max_weight_change
+    from connito.protocol.checkpoint import write_checkpoint
 
     config, validator = subnet.config, subnet.validator
     selection, global_state = validator.ctx.selection, validator.global_state
@@ -351,9 +351,9 @@ def _write_submissions(
 
 
 def _commit_and_reveal(subnet: _Subnet, submissions: list[tuple[str, Path, Manifest]], cycle: int) -> None:
-    """As ``connito.miner`` does: commit the digest in the commit phase, upload and reveal after it."""
-    from connito.checkpoint import MANIFEST_FILE
-    from connito.protocol import (
+    """As ``connito.node.miner`` does: commit the digest in the commit phase, upload and reveal after it."""
+    from connito.protocol.checkpoint import MANIFEST_FILE
+    from connito.protocol.phases import (
         CommitPayload,
         RevealPayload,
         commit_digest,
@@ -393,8 +393,8 @@ def _commit_and_reveal(subnet: _Subnet, submissions: list[tuple[str, Path, Manif
 
 def _worker(args: argparse.Namespace) -> int:
     """Build the subnet, play the miners through commit and reveal, measure the validator's evaluate."""
-    from connito.checkpoint import EXPERTS_FILE
-    from connito.protocol import phase_bounds
+    from connito.protocol.checkpoint import EXPERTS_FILE
+    from connito.protocol.phases import phase_bounds
 
     device = setup(args)
     config = load_config(args)

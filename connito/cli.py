@@ -12,7 +12,7 @@ from pathlib import Path
 
 from connito.errors import ConnitoError
 from connito.library.commands import DEFAULT_LIBRARY, add_library_parsers, run_library_command
-from connito.owner_eval import add_owner_eval_parser
+from connito.owner.downstream_eval import add_owner_eval_parser
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "select":
-        from connito.owner import run_select
+        from connito.owner.bootstrap import run_select
 
         return run_select(
             args.config,
@@ -106,7 +106,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             library=args.library,
         )
     if args.command == "verify-checkpoint":
-        from connito.checkpoint import verify_checkpoint_cli
+        from connito.protocol.checkpoint import verify_checkpoint_cli
 
         return verify_checkpoint_cli(
             args.path, args.selection, model_dir=args.model, max_bytes=args.max_bytes
@@ -118,7 +118,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command in ("library", "export"):
         return run_library_command(args)
     if args.command == "owner-eval":
-        from connito.owner_eval import run_owner_eval
+        from connito.owner.downstream_eval import run_owner_eval
 
         return run_owner_eval(args)
     raise AssertionError(f"unhandled command {args.command}")

@@ -331,7 +331,7 @@ class ScoringConfig(_Strict):
         2.0,
         gt=0,
         description="reject a submission that moved any expert weight more than this multiple of what "
-        "training.inner_steps AdamW steps at training.lr can move it (connito.update_bound); None disables",
+        "training.inner_steps AdamW steps at training.lr can move it (connito.ml.update_bound); None disables",
     )
 
     @model_validator(mode="after")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from connito.neuron_main import main as run_neuron
+from connito.node.main import main as run_neuron
 
 __all__ = ["main"]
 

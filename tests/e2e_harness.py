@@ -17,13 +17,13 @@ from connito.config import DomainConfig, parse_domain_config
 from connito.data import build_domain_data
 from connito.hub import LocalStore
 from connito.localnet.adversary import AdversaryMiner
-from connito.miner import Miner
-from connito.modeling import build_model
-from connito.node import NodeContext, guarded_tick
-from connito.owner import build_selection
-from connito.protocol import phase
-from connito.selection_record import save_selection
-from connito.validator import Validator
+from connito.ml.modeling import build_model
+from connito.ml.selection_record import save_selection
+from connito.node.context import NodeContext, guarded_tick
+from connito.node.miner import Miner
+from connito.node.validator import Validator
+from connito.owner.bootstrap import build_selection
+from connito.protocol.phases import phase
 
 TINY_DOMAIN = {
     "name": "tiny-test",

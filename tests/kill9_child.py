@@ -30,24 +30,24 @@ from e2e_harness import domain_config, node_context  # noqa: E402
 
 import connito.chain.local  # noqa: E402
 import connito.hub.local  # noqa: E402
-import connito.merge  # noqa: E402
-import connito.scoring  # noqa: E402
-import connito.validator  # noqa: E402
+import connito.node.validator  # noqa: E402
+import connito.protocol.merge  # noqa: E402
+import connito.protocol.scoring  # noqa: E402
 from connito.data import build_domain_data  # noqa: E402
 from connito.hub import LocalStore  # noqa: E402
-from connito.node import guarded_tick  # noqa: E402
-from connito.protocol import phase, phase_bounds  # noqa: E402
-from connito.selection_record import load_selection  # noqa: E402
+from connito.ml.selection_record import load_selection  # noqa: E402
+from connito.node.context import guarded_tick  # noqa: E402
+from connito.protocol.phases import phase, phase_bounds  # noqa: E402
 
 # name -> (owner object, attribute): every durable step of evaluate, weights, merge and publish
 HOOKS = {
     "os.replace": (os, "replace"),  # every atomic write and every store move, one by one
-    "batch_losses": (connito.scoring, "batch_losses"),  # mid-evaluation, per scored model
-    "apply_merge": (connito.validator, "apply_merge"),
+    "batch_losses": (connito.protocol.scoring, "batch_losses"),  # mid-evaluation, per scored model
+    "apply_merge": (connito.node.validator, "apply_merge"),
     "store.upload": (connito.hub.local.LocalStore, "upload"),
     "chain.commit": (connito.chain.local.LocalChain, "commit"),
     "chain.set_weights": (connito.chain.local.LocalChain, "set_weights"),
-    "save_global": (connito.validator, "save_global"),
+    "save_global": (connito.node.validator, "save_global"),
 }
 
 
@@ -68,7 +68,7 @@ def _install(counts: Counter, kill: tuple[str, int, str] | None) -> None:
         setattr(owner, attribute, functools.wraps(real)(hooked))
 
 
-def _validator(world: Path) -> connito.validator.Validator:
+def _validator(world: Path) -> connito.node.validator.Validator:
     config = domain_config()
     ctx = node_context(
         world,
@@ -79,7 +79,7 @@ def _validator(world: Path) -> connito.validator.Validator:
         data=build_domain_data(config.data, cache_dir=world / "cache", model=config.model),
         store=LocalStore(world / "hub"),
     )
-    return connito.validator.Validator(ctx)
+    return connito.node.validator.Validator(ctx)
 
 
 def main() -> int:

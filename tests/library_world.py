@@ -20,12 +20,12 @@ from e2e_harness import TINY_DOMAIN
 from connito.config import DomainConfig, TrainingConfig, config_digest, parse_domain_config
 from connito.data import DomainData, build_domain_data
 from connito.library import Contributor, Library, VersionDraft
-from connito.merge import state_revision
-from connito.modeling import build_model, heldout_loss, load_model
-from connito.moe import read_experts
-from connito.selection import probe_routing
-from connito.selection_record import ExpertSelection
-from connito.training import SparseTrainer
+from connito.ml.modeling import build_model, heldout_loss, load_model
+from connito.ml.moe import read_experts
+from connito.ml.selection import probe_routing
+from connito.ml.selection_record import ExpertSelection
+from connito.ml.training import SparseTrainer
+from connito.protocol.merge import state_revision
 
 MODEL_REVISION = "test-base-rev"
 EVAL_SEED = 11

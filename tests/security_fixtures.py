@@ -17,21 +17,27 @@ from e2e_harness import Subnet, domain_config
 
 from connito.chain.base import Commitment
 from connito.chain.local import GenesisNeuron, LocalChain
-from connito.checkpoint import MANIFEST_FILE, ExpertSpec, Manifest, write_checkpoint
 from connito.config import DomainConfig
 from connito.data import DomainData, build_domain_data
 from connito.errors import ChainError
 from connito.hub import LocalStore
 from connito.hub.base import StoreRef
-from connito.merge import state_revision
-from connito.miner import Miner
-from connito.modeling import build_model
-from connito.moe import read_experts
-from connito.node import NodeContext
-from connito.owner import build_selection
-from connito.protocol import CommitPayload, RevealPayload, commit_digest, encode_commitment, short_digest
-from connito.selection_record import ExpertSelection
-from connito.validator import Validator
+from connito.ml.modeling import build_model
+from connito.ml.moe import read_experts
+from connito.ml.selection_record import ExpertSelection
+from connito.node.context import NodeContext
+from connito.node.miner import Miner
+from connito.node.validator import Validator
+from connito.owner.bootstrap import build_selection
+from connito.protocol.checkpoint import MANIFEST_FILE, ExpertSpec, Manifest, write_checkpoint
+from connito.protocol.merge import state_revision
+from connito.protocol.phases import (
+    CommitPayload,
+    RevealPayload,
+    commit_digest,
+    encode_commitment,
+    short_digest,
+)
 
 __all__ = [
     "Domain",

@@ -15,8 +15,11 @@ from conftest import MODEL_TYPES, make_selection, tiny_config, tiny_model
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import connito.checkpoint as checkpoint_module
-from connito.checkpoint import (
+import connito.protocol.checkpoint as checkpoint_module
+from connito.errors import ConfigError, InvalidSubmission
+from connito.ml.moe import expert_key, read_experts
+from connito.ml.selection_record import LayerSelection, save_selection
+from connito.protocol.checkpoint import (
     EXPERTS_FILE,
     MANIFEST_FILE,
     ExpertSpec,
@@ -29,9 +32,6 @@ from connito.checkpoint import (
     verify_checkpoint_cli,
     write_checkpoint,
 )
-from connito.errors import ConfigError, InvalidSubmission
-from connito.moe import expert_key, read_experts
-from connito.selection_record import LayerSelection, save_selection
 
 HIDDEN, INTER = 32, 16  # the tiny qwen3_moe of conftest
 MAX_BYTES = 1 << 20

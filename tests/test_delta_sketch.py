@@ -12,9 +12,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from connito.config import ScoringConfig
-from connito.delta_sketch import SKETCH_BLOCK, cosine_upper_bound, sketch_delta
-from connito.moe import read_experts
-from connito.scoring import Candidate, _screen_copies, cosine_similarity, pseudo_gradient, score_submissions
+from connito.ml.delta_sketch import SKETCH_BLOCK, cosine_upper_bound, sketch_delta
+from connito.ml.moe import read_experts
+from connito.protocol.scoring import (
+    Candidate,
+    _screen_copies,
+    cosine_similarity,
+    pseudo_gradient,
+    score_submissions,
+)
 
 SELECTION = {0: [1, 2], 1: [3]}
 

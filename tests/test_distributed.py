@@ -20,11 +20,11 @@ from conftest import random_batch, tiny_model
 from safetensors.torch import load_file, save_file
 
 from connito.config import TrainingConfig
-from connito.distributed import Distributed, init_distributed
 from connito.errors import ConfigError
-from connito.moe import read_experts
-from connito.subset import extract_subset
-from connito.training import SparseTrainer
+from connito.ml.distributed import Distributed, init_distributed
+from connito.ml.moe import read_experts
+from connito.ml.subset import extract_subset
+from connito.ml.training import SparseTrainer
 
 SELECTION = {0: [1, 5], 1: [3]}
 CFG = TrainingConfig(lr=1e-2, weight_decay=0.1, batch_size=2, grad_clip=1.0)
@@ -149,7 +149,7 @@ def test_only_rank0_writes_commits_and_reveals(tmp_path):
     shared workdir, writes the checkpoint and commits."""
     from e2e_harness import build_subnet, domain_config
 
-    from connito.miner import Miner, MinerProgress
+    from connito.node.miner import Miner, MinerProgress
 
     subnet = build_subnet(tmp_path, domain_config(), miners=1, validators=1)
     ctx = subnet.nodes["m0"].ctx

@@ -14,7 +14,7 @@ from types import ModuleType
 
 import pytest
 
-from connito.neuron_cli import build_parser
+from connito.node.neuron_cli import build_parser
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs"
@@ -74,7 +74,13 @@ _REASON_PATTERNS = (
 
 # Files that judge miners' submissions (the global state's own checks and the stores' failure
 # classes are reported differently: as "global fetch failed" and as store_<reason>).
-_JUDGING = ("checkpoint.py", "payload.py", "submissions.py", "scoring.py", "validator.py")
+_JUDGING = (
+    "protocol/checkpoint.py",
+    "protocol/payload.py",
+    "protocol/submissions.py",
+    "protocol/scoring.py",
+    "node/validator.py",
+)
 
 
 def _code_reasons() -> set[str]:

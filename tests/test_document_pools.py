@@ -10,10 +10,10 @@ from conftest import random_batch, tiny_model
 from e2e_harness import domain_config
 
 from connito.data import build_domain_data
-from connito.document_pools import DocumentPools, pool_mask
 from connito.errors import UnsupportedModelError
-from connito.moe import moe_layers
-from connito.owner import PRETRAIN_MARKER, pretrain_base
+from connito.ml.document_pools import DocumentPools, pool_mask
+from connito.ml.moe import moe_layers
+from connito.owner.bootstrap import PRETRAIN_MARKER, pretrain_base
 
 POOLED_TYPES = ("qwen3_moe", "qwen2_moe", "olmoe", "mixtral")
 

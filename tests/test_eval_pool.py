@@ -9,9 +9,9 @@ import torch
 from conftest import random_batch, tiny_model
 
 from connito.config import ScoringConfig
-from connito.eval_pool import EvalPool
-from connito.moe import read_experts
-from connito.scoring import Candidate, score_submissions
+from connito.ml.eval_pool import EvalPool
+from connito.ml.moe import read_experts
+from connito.protocol.scoring import Candidate, score_submissions
 
 SELECTION = {0: [1, 5], 1: [3]}
 CONFIG = ScoringConfig(eval_batches=3, eval_batch_size=2, general_batches=2, general_tolerance=0.5)
@@ -119,7 +119,7 @@ def test_a_validator_with_two_eval_devices_records_the_same_cycle_as_one_without
     """In-process subnet: v1 scores on two replicas, v0 on its model alone; their rows agree exactly."""
     from e2e_harness import build_subnet, domain_config
 
-    from connito.protocol import phase_bounds
+    from connito.protocol.phases import phase_bounds
 
     config = domain_config()
     subnet = build_subnet(tmp_path, config, miners=3, validators=2)

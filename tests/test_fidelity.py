@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import MODEL_TYPES, random_batch, tiny_model
 
-from connito.modeling import heldout_loss
+from connito.ml.modeling import heldout_loss
 
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)

@@ -31,7 +31,10 @@ from conftest import make_selection
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from connito.checkpoint import (
+from connito.config import DomainConfig, config_digest, load_domain_config, parse_domain_config
+from connito.errors import CommitmentDecodeError, ConfigError, InvalidSubmission
+from connito.ml.moe import expert_key
+from connito.protocol.checkpoint import (
     EXPERTS_FILE,
     MANIFEST_FILE,
     ExpertSpec,
@@ -41,10 +44,7 @@ from connito.checkpoint import (
     tensors_digest,
     write_checkpoint,
 )
-from connito.config import DomainConfig, config_digest, load_domain_config, parse_domain_config
-from connito.errors import CommitmentDecodeError, ConfigError, InvalidSubmission
-from connito.moe import expert_key
-from connito.protocol import (
+from connito.protocol.phases import (
     CommitPayload,
     GlobalPayload,
     RevealPayload,
@@ -57,7 +57,7 @@ FUZZ = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
-# Every reason the strict loader documents (connito/checkpoint.py module docstring).
+# Every reason the strict loader documents (connito/protocol/checkpoint.py module docstring).
 LOADER_REASONS = {
     "missing_file",
     "extra_file",

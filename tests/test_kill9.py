@@ -24,8 +24,8 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 from connito.chain.local import LocalChain
-from connito.protocol import GlobalPayload, decode_commitment, phase_bounds
-from connito.validator_state import ValidatorState
+from connito.node.validator_state import ValidatorState
+from connito.protocol.phases import GlobalPayload, decode_commitment, phase_bounds
 
 pytestmark = pytest.mark.slow
 

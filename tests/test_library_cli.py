@@ -12,7 +12,7 @@ from test_library_index import draft, experts
 from connito.cli import main
 from connito.library import Library
 from connito.localnet.runner import _neuron_flags
-from connito.neuron_cli import parse_args
+from connito.node.neuron_cli import parse_args
 
 
 @pytest.fixture

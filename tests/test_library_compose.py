@@ -11,8 +11,8 @@ from connito.config import parse_domain_config
 from connito.errors import ConfigError, LibraryError
 from connito.library import Library, VersionDraft, compose
 from connito.library.composition import library_base_revision
-from connito.moe import read_experts
-from connito.owner import load_base_model
+from connito.ml.moe import read_experts
+from connito.owner.bootstrap import load_base_model
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ import pytest
 from e2e_harness import build_subnet, domain_config
 
 from connito.library import Library, rebuild_library
-from connito.merge import record_digest
-from connito.protocol import phase_bounds
+from connito.protocol.merge import record_digest
+from connito.protocol.phases import phase_bounds
 
 # what only the moment of recording decides; every other field must match a rebuild exactly
 _WHEN = {"recorded_at"}
@@ -88,7 +88,15 @@ def test_a_library_failure_never_stops_the_validator(run, tmp_path, caplog):
     broken = Library(tmp_path / "broken")
     (broken.root / "index.sqlite").write_bytes(b"not a database")
     result = record_global(
-        broken, lead.global_state, lead.ctx, ref=None, block=None, losses=lambda e, s: (1.0, 2.0)
+        broken,
+        lead.global_state,
+        config=lead.ctx.config,
+        selection=lead.ctx.selection,
+        chain=lead.ctx.chain,
+        base_dir=lead.ctx.base_dir,
+        ref=None,
+        block=None,
+        losses=lambda e, s: (1.0, 2.0),
     )
     assert result is None
     assert "library record failed" in caplog.text

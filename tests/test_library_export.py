@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from connito.cli import main
 from connito.errors import LibraryError
 from connito.library.export import EXPORT_FILE, expert_param_count, keep_count, prune_model, rank_experts
-from connito.moe import RoutingStats, moe_layers, read_expert, read_experts
+from connito.ml.moe import RoutingStats, moe_layers, read_expert, read_experts
 
 
 @pytest.mark.parametrize(

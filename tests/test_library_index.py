@@ -8,11 +8,11 @@ import threading
 import pytest
 import torch
 
-from connito.checkpoint import tensors_digest
 from connito.errors import LibraryError
 from connito.library import Contributor, Library, StoreLocation, VersionDraft, parse_version
 from connito.library.index import INDEX_FILE
-from connito.moe import expert_key
+from connito.ml.moe import expert_key
+from connito.protocol.checkpoint import tensors_digest
 
 GENESIS = "0" * 64
 

@@ -20,13 +20,13 @@ from connito.errors import ConfigError, StoreError
 from connito.hub import LocalStore, StoreRef
 from connito.hub.metered import MeteredStore
 from connito.localnet.runner import _neuron_flags, _plan
-from connito.metrics import NodeMetrics, open_wandb
-from connito.neuron_cli import parse_args
-from connito.neuron_main import open_metrics
-from connito.node import PhaseLoop, guarded_tick
-from connito.protocol import phase, phase_bounds
-from connito.training import TrainResult
-from connito.validator_state import CycleResult, ScoreRow
+from connito.ml.training import TrainResult
+from connito.node.context import PhaseLoop, guarded_tick
+from connito.node.main import open_metrics
+from connito.node.metrics import NodeMetrics, open_wandb
+from connito.node.neuron_cli import parse_args
+from connito.node.validator_state import CycleResult, ScoreRow
+from connito.protocol.phases import phase, phase_bounds
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "metrics.md"
 HOTKEY = Keypair.create_from_uri("//metrics").ss58_address

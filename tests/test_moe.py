@@ -8,7 +8,7 @@ from conftest import MODEL_TYPES, random_batch, tiny_config, tiny_model
 from transformers import AutoModelForCausalLM
 
 from connito.errors import UnsupportedModelError
-from connito.moe import (
+from connito.ml.moe import (
     capture_routing,
     expert_key,
     moe_layers,

@@ -13,7 +13,7 @@ import pytest
 from connito.chain.local import GenesisNeuron, LocalChain
 from connito.config import load_domain_config
 from connito.errors import ConfigError
-from connito.neuron_cli import build_parser, open_chain, parse_args, resolve_args
+from connito.node.neuron_cli import build_parser, open_chain, parse_args, resolve_args
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DOMAIN = REPO_ROOT / "configs" / "domains" / "tiny-math.yaml"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from e2e_harness import build_subnet, domain_config
 
-from connito.protocol import phase_bounds
+from connito.protocol.phases import phase_bounds
 
 
 def test_two_cycles_merge_and_adopt(tmp_path):

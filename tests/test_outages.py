@@ -9,9 +9,9 @@ import pytest
 from e2e_harness import build_subnet, domain_config
 
 from connito.errors import ChainError, StoreError
-from connito.miner import Miner
-from connito.protocol import phase_bounds
-from connito.validator import Validator
+from connito.node.miner import Miner
+from connito.node.validator import Validator
+from connito.protocol.phases import phase_bounds
 
 
 class _Switch:

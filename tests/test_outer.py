@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from connito.errors import InvalidSubmission, StateError
-from connito.moe import expert_key
-from connito.outer import OuterOptimizer, clip_pseudo_gradients
+from connito.ml.moe import expert_key
+from connito.ml.outer import OuterOptimizer, clip_pseudo_gradients
 
 KEYS = [expert_key(0, 1, "gate_proj"), expert_key(0, 1, "down_proj"), expert_key(1, 4, "up_proj")]
 SHAPES = {KEYS[0]: (4, 6), KEYS[1]: (6, 4), KEYS[2]: (4, 6)}

@@ -23,10 +23,10 @@ from transformers import PreTrainedTokenizerFast
 
 from connito.cli import main
 from connito.config import load_domain_config
-from connito.global_state import genesis_global, save_global
-from connito.modeling import build_model, load_model
-from connito.moe import read_experts
-from connito.selection_record import save_selection
+from connito.ml.modeling import build_model, load_model
+from connito.ml.moe import read_experts
+from connito.ml.selection_record import save_selection
+from connito.protocol.global_state import genesis_global, save_global
 
 SELECTED = {0: [1, 5], 1: [2]}
 
@@ -192,8 +192,8 @@ def test_a_library_version_is_evaluated_on_its_base(world, monkeypatch, tmp_path
     """--library LIB --version V: the real library composes V onto its base; that model is evaluated."""
     from connito.config import config_digest
     from connito.library import Contributor, Library, VersionDraft
-    from connito.merge import state_revision
-    from connito.selection_record import load_selection
+    from connito.ml.selection_record import load_selection
+    from connito.protocol.merge import state_revision
 
     fake = FakeHarness()
     fake.install(monkeypatch)

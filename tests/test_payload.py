@@ -10,7 +10,12 @@ import safetensors.torch
 import torch
 from conftest import make_selection, random_batch, tiny_model
 
-from connito.checkpoint import (
+from connito.config import ScoringConfig, TrainingConfig
+from connito.errors import InvalidSubmission
+from connito.ml.moe import read_experts
+from connito.ml.selection_record import save_selection
+from connito.ml.training import SparseTrainer
+from connito.protocol.checkpoint import (
     EXPERTS_FILE,
     MANIFEST_FILE,
     ExpertSpec,
@@ -22,13 +27,8 @@ from connito.checkpoint import (
     verify_checkpoint_cli,
     write_checkpoint,
 )
-from connito.config import ScoringConfig, TrainingConfig
-from connito.errors import InvalidSubmission
-from connito.moe import read_experts
-from connito.payload import INT8_MAX, decode_int8_delta, encode_int8_delta, scale_key
-from connito.scoring import Candidate, score_submissions
-from connito.selection_record import save_selection
-from connito.training import SparseTrainer
+from connito.protocol.payload import INT8_MAX, decode_int8_delta, encode_int8_delta, scale_key
+from connito.protocol.scoring import Candidate, score_submissions
 
 SELECTION = make_selection({0: (1, 3), 1: (5,)})
 BY_LAYER = SELECTION.experts_by_layer
@@ -252,12 +252,12 @@ def test_int8_miners_are_scored_merged_and_the_merge_recomputed(tmp_path, caplog
     validator decodes the same bits and adopts the merge only after recomputing it digest for digest."""
     from e2e_harness import build_subnet, domain_config
 
-    from connito.protocol import phase_bounds
+    from connito.protocol.phases import phase_bounds
 
     config = domain_config(training__payload="int8")
     subnet = build_subnet(tmp_path, config, miners=2, validators=2)
     _, end = phase_bounds(0, "merge", config.cycle)
-    with caplog.at_level("INFO", logger="connito.validator"):
+    with caplog.at_level("INFO", logger="connito.node.validator"):
         subnet.run_until(end)
     lead, other = subnet.nodes["v0"], subnet.nodes["v1"]
     manifest = json.loads((tmp_path / "nodes" / "m0" / "checkpoints" / "0" / MANIFEST_FILE).read_bytes())

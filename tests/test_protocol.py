@@ -13,7 +13,7 @@ from pydantic import ValidationError
 
 from connito.config import CycleConfig
 from connito.errors import CommitmentDecodeError, ConfigError
-from connito.protocol import (
+from connito.protocol.phases import (
     COMMITMENT_PREFIX,
     COMMITMENT_VERSION,
     MAX_COMMITMENT_BYTES,

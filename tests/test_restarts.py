@@ -11,9 +11,9 @@ from e2e_harness import build_subnet, domain_config
 from safetensors.torch import load_file
 
 from connito.errors import ChainError
-from connito.miner import Miner
-from connito.protocol import CommitPayload, GlobalPayload, decode_commitment, phase, phase_bounds
-from connito.validator import Validator
+from connito.node.miner import Miner
+from connito.node.validator import Validator
+from connito.protocol.phases import CommitPayload, GlobalPayload, decode_commitment, phase, phase_bounds
 
 
 def _payloads(subnet, name, kind):

@@ -7,8 +7,8 @@ import torch
 from conftest import random_batch, tiny_model
 
 from connito.config import ScoringConfig
-from connito.moe import moe_layers, read_experts
-from connito.scoring import (
+from connito.ml.moe import moe_layers, read_experts
+from connito.protocol.scoring import (
     Candidate,
     SubmissionScore,
     chain_weights,
@@ -40,7 +40,7 @@ def _grad_step(
             p -= lr * g
     after = read_experts(model, SELECTION)
     with torch.no_grad():
-        from connito.moe import write_experts
+        from connito.ml.moe import write_experts
 
         write_experts(model, before)
         # unselected experts were also stepped: restore every expert row from a clean copy

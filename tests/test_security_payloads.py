@@ -35,16 +35,6 @@ from e2e_harness import domain_config
 from hub_server import HubServer, running_hub
 
 from connito.chain.local import GenesisNeuron, LocalChain
-from connito.checkpoint import (
-    EXPERTS_FILE,
-    MANIFEST_FILE,
-    ExpertSpec,
-    Manifest,
-    load_checkpoint,
-    tensors_digest,
-    verify_checkpoint_cli,
-    write_checkpoint,
-)
 from connito.config import DataConfig, DataSource, DomainConfig, MergeConfig, TokenizerConfig
 from connito.data import (
     DomainData,
@@ -56,11 +46,23 @@ from connito.data import (
 from connito.errors import ChainError, InvalidSubmission, StoreError
 from connito.hub import CHECKPOINT_FILES, LocalStore, StoreRef
 from connito.hub.hf import HfHubStore
-from connito.merge import apply_merge, initial_outer_state
-from connito.modeling import build_model, load_model
-from connito.moe import moe_layers, read_experts, write_experts
-from connito.node import NodeContext
-from connito.protocol import (
+from connito.ml.modeling import build_model, load_model
+from connito.ml.moe import moe_layers, read_experts, write_experts
+from connito.ml.selection_record import ExpertSelection, save_selection
+from connito.node.context import NodeContext
+from connito.node.validator import Validator
+from connito.protocol.checkpoint import (
+    EXPERTS_FILE,
+    MANIFEST_FILE,
+    ExpertSpec,
+    Manifest,
+    load_checkpoint,
+    tensors_digest,
+    verify_checkpoint_cli,
+    write_checkpoint,
+)
+from connito.protocol.merge import apply_merge, initial_outer_state
+from connito.protocol.phases import (
     CommitPayload,
     RevealPayload,
     commit_deadline,
@@ -71,10 +73,8 @@ from connito.protocol import (
     seed_block,
     short_digest,
 )
-from connito.scoring import Candidate, batch_losses, pseudo_gradient, score_submissions
-from connito.selection_record import ExpertSelection, save_selection
-from connito.submissions import Observation, fetch_and_verify
-from connito.validator import Validator
+from connito.protocol.scoring import Candidate, batch_losses, pseudo_gradient, score_submissions
+from connito.protocol.submissions import Observation, fetch_and_verify
 
 PAYLOAD_CAP = 160 * 1024  # honest checkpoint ~50 KB; the full embedding (64 KB) still fits
 MANIFEST_CAP = 4096

@@ -31,10 +31,11 @@ from connito.chain.local import LocalChain
 from connito.config import ScoringConfig
 from connito.errors import InvalidSubmission
 from connito.hub import LocalStore
-from connito.modeling import load_model
-from connito.moe import moe_layers, read_experts, write_experts
-from connito.protocol import CommitPayload, encode_commitment, phase, phase_bounds
-from connito.scoring import (
+from connito.ml.modeling import load_model
+from connito.ml.moe import moe_layers, read_experts, write_experts
+from connito.node.validator_state import CycleResult
+from connito.protocol.phases import CommitPayload, encode_commitment, phase, phase_bounds
+from connito.protocol.scoring import (
     Candidate,
     SubmissionScore,
     chain_weights,
@@ -45,8 +46,7 @@ from connito.scoring import (
     score_submissions,
     update_ema,
 )
-from connito.submissions import Observation, fetch_and_verify, observe_commitments, precheck
-from connito.validator_state import CycleResult
+from connito.protocol.submissions import Observation, fetch_and_verify, observe_commitments, precheck
 
 CYCLE = 2  # a cycle away from genesis, so "one block before" any window is a real block
 HONEST, COPIER = hotkey_of("honest"), hotkey_of("copier")
@@ -686,7 +686,7 @@ def _descended(
 
 
 def _candidate(hotkey: str, state: dict[str, torch.Tensor], *, block: int) -> Candidate:
-    from connito.checkpoint import tensors_digest
+    from connito.protocol.checkpoint import tensors_digest
 
     return Candidate(
         hotkey=hotkey, uid=0, commit_block=block, tensors_sha256=tensors_digest(state), state=state
@@ -717,7 +717,7 @@ def _with_chain(net, chain):
     """Swap the first validator's chain for a fault-injecting wrapper around the same ledger."""
     from dataclasses import replace
 
-    from connito.validator import Validator
+    from connito.node.validator import Validator
 
     validator = Validator(replace(net.nodes["v0"].ctx, chain=chain))
     net.nodes["v0"] = validator

@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 
 from connito.config import SelectionConfig
 from connito.errors import ConfigError
-from connito.moe import RoutingStats, moe_layers
-from connito.selection import (
+from connito.ml.moe import RoutingStats, moe_layers
+from connito.ml.selection import (
     SHARE_TOLERANCE,
     compute_differential_scores,
     compute_gate_scores,
@@ -22,7 +22,7 @@ from connito.selection import (
     select_experts,
     select_layer,
 )
-from connito.selection_record import load_selection, save_selection
+from connito.ml.selection_record import load_selection, save_selection
 
 FORCED_EXPERT = 3
 

@@ -13,11 +13,10 @@ from torch.nn.utils import parametrize
 
 from connito.config import TrainingConfig, load_domain_config
 from connito.errors import ConfigError
-from connito.moe import moe_layers, read_experts
-from connito.node import load_node_selection
-from connito.selection_record import save_selection
-from connito.subset import extract_subset, write_back
-from connito.training import SparseTrainer
+from connito.ml.moe import moe_layers, read_experts
+from connito.ml.selection_record import load_domain_selection, save_selection
+from connito.ml.subset import extract_subset, write_back
+from connito.ml.training import SparseTrainer
 
 SELECTION = {0: [1, 5], 1: [3]}
 CFG = TrainingConfig(lr=1e-2, weight_decay=0.1, batch_size=2, grad_clip=1.0)
@@ -243,7 +242,7 @@ def test_optimizer_moments_carry_into_the_next_cycles_trainer():
     carried = load(save(first.state_dict()))
     first.finish()
     new_global = {k: v + 0.01 for k, v in read_experts(model, SELECTION).items()}
-    from connito.moe import write_experts
+    from connito.ml.moe import write_experts
 
     write_experts(model, new_global)
     second = SparseTrainer(model, SELECTION, CFG)
@@ -350,9 +349,9 @@ def test_a_neuron_refuses_pools_larger_than_the_model_at_startup(tmp_path):
     )
     path = tmp_path / "selection.json"
     save_selection(make_selection({0: (1,)}, num_experts=8, domain=config.name), path)
-    assert load_node_selection(path, config).domain == config.name  # tiny-math's pools fit 8 experts
+    assert load_domain_selection(path, config).domain == config.name  # tiny-math's pools fit 8 experts
     too_large = config.model_copy(
         update={"training": config.training.model_copy(update={"document_pools": (2, 16)})}
     )
     with pytest.raises(ConfigError, match="training.document_pools: pool size 16 exceeds the model's 8"):
-        load_node_selection(path, too_large)
+        load_domain_selection(path, too_large)

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from connito.config import TrainingConfig
-from connito.update_bound import adam_ratio_bound, max_weight_change, moments_may_carry
+from connito.ml.update_bound import adam_ratio_bound, max_weight_change, moments_may_carry
 
 
 def test_ratio_bound_is_exact_at_the_first_step_and_grows_to_its_limit():

@@ -224,10 +224,10 @@ def _rebuild(library, args: argparse.Namespace) -> int:  # noqa: ANN001
     from connito.data import build_domain_data
     from connito.hub import LocalStore
     from connito.library.recorder import rebuild_library
-    from connito.node import load_node_selection
+    from connito.ml.selection_record import load_domain_selection
 
     config = load_domain_config(args.config)
-    selection = load_node_selection(args.selection, config)
+    selection = load_domain_selection(args.selection, config)
     data = build_domain_data(
         config.data, cache_dir=args.cache_dir or library.root / "cache", model=config.model
     )

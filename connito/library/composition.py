@@ -21,8 +21,8 @@ from connito.errors import ConfigError, LibraryError
 from connito.fsutil import atomic_write
 from connito.library.index import Library
 from connito.library.records import LATEST, VersionRecord, parse_version
-from connito.modeling import load_model
-from connito.moe import expert_key, read_experts, write_experts
+from connito.ml.modeling import load_model
+from connito.ml.moe import expert_key, read_experts, write_experts
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ __all__ = [
 ]
 
 COMPOSITION_FILE = "connito_composition.json"
-PRETRAIN_MARKER = "connito_pretrain.json"  # written by connito.owner.pretrain_base
+PRETRAIN_MARKER = "connito_pretrain.json"  # written by connito.owner.bootstrap.pretrain_base
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -26,10 +26,10 @@ from connito.fsutil import atomic_write
 from connito.library.composition import compose
 from connito.library.index import Library
 from connito.library.records import LATEST
-from connito.modeling import heldout_loss
-from connito.moe import RoutingStats, moe_layers
-from connito.selection import probe_routing
-from connito.subset import extract_subset
+from connito.ml.modeling import heldout_loss
+from connito.ml.moe import RoutingStats, moe_layers
+from connito.ml.selection import probe_routing
+from connito.ml.subset import extract_subset
 
 logger = logging.getLogger(__name__)
 

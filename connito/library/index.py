@@ -28,7 +28,6 @@ from pathlib import Path
 import safetensors.torch
 import torch
 
-from connito.checkpoint import tensors_digest
 from connito.config import DomainConfig, config_digest
 from connito.errors import LibraryError
 from connito.fsutil import atomic_write
@@ -42,7 +41,8 @@ from connito.library.rows import (
     expert_sort_key,
     to_record,
 )
-from connito.selection_record import ExpertSelection
+from connito.ml.selection_record import ExpertSelection
+from connito.protocol.checkpoint import tensors_digest
 
 logger = logging.getLogger(__name__)
 

@@ -20,21 +20,20 @@ from torch import nn
 
 from connito.chain.base import Chain, Commitment, lead_validator
 from connito.chain.local import LocalChain
-from connito.checkpoint import ExpertSpec
 from connito.config import DomainConfig, config_digest
 from connito.data import DomainData
 from connito.errors import CommitmentDecodeError, ConnitoError, InvalidSubmission, LibraryError, StoreError
-from connito.global_state import GlobalState, fetch_global, find_global_payload
 from connito.hub.base import CheckpointStore, StoreRef
 from connito.library.index import Library
 from connito.library.records import Contributor, StoreLocation, VersionDraft, VersionRecord
-from connito.merge import record_digest
-from connito.modeling import load_model
-from connito.moe import read_experts, write_experts
-from connito.node import NodeContext
-from connito.protocol import GlobalPayload, decode_commitment, phase_bounds
-from connito.scoring import batch_losses
-from connito.selection_record import ExpertSelection
+from connito.ml.modeling import load_model
+from connito.ml.moe import read_experts, write_experts
+from connito.ml.selection_record import ExpertSelection
+from connito.protocol.checkpoint import ExpertSpec
+from connito.protocol.global_state import GlobalState, fetch_global, find_global_payload
+from connito.protocol.merge import record_digest
+from connito.protocol.phases import GlobalPayload, decode_commitment, phase_bounds
+from connito.protocol.scoring import batch_losses
 
 logger = logging.getLogger(__name__)
 
@@ -120,8 +119,11 @@ def measure_losses(
 def record_global(
     library: Library,
     state: GlobalState,
-    ctx: NodeContext,
     *,
+    config: DomainConfig,
+    selection: ExpertSelection,
+    chain: Chain,
+    base_dir: Path,
     ref: StoreRef | None,
     block: int | None,
     losses: LossFn,
@@ -135,7 +137,7 @@ def record_global(
     if state.record is None:
         return None
     try:
-        existing = library.find_revision(ctx.config.name, state.record.cycle, state.revision)
+        existing = library.find_revision(config.name, state.record.cycle, state.revision)
         if (
             existing is not None
             and existing.domain_loss is not None
@@ -143,14 +145,12 @@ def record_global(
         ):
             return existing
         if block is None:
-            block = _commit_block(ctx.chain, state)
+            block = _commit_block(chain, state)
         measured = losses(state.experts, LIBRARY_EVAL_SEED)
-        library.put_domain(ctx.config, ctx.selection)
-        library.put_base(
-            ctx.selection.model_id, ctx.selection.model_revision, str(Path(ctx.base_dir).resolve())
-        )
+        library.put_domain(config, selection)
+        library.put_base(selection.model_id, selection.model_revision, str(Path(base_dir).resolve()))
         draft = version_draft(
-            state, config=ctx.config, selection=ctx.selection, ref=ref, block=block, losses=measured
+            state, config=config, selection=selection, ref=ref, block=block, losses=measured
         )
         record, _ = library.record(draft, state.experts)
         return record

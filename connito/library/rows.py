@@ -22,7 +22,7 @@ from connito.library.records import (
     VersionRecord,
     version_name,
 )
-from connito.moe import parse_expert_key
+from connito.ml.moe import parse_expert_key
 
 __all__ = ["SCHEMA", "FILLABLE", "SELECT", "draft_columns", "to_record", "expert_id", "expert_sort_key"]
 

@@ -19,12 +19,12 @@ import torch
 from safetensors.torch import load_file
 
 from connito.chain.base import Commitment
-from connito.checkpoint import EXPERTS_FILE
 from connito.errors import CommitmentDecodeError
-from connito.global_state import GlobalState
-from connito.merge import state_revision
-from connito.miner import Miner
-from connito.protocol import CommitPayload, decode_commitment
+from connito.node.miner import Miner
+from connito.protocol.checkpoint import EXPERTS_FILE
+from connito.protocol.global_state import GlobalState
+from connito.protocol.merge import state_revision
+from connito.protocol.phases import CommitPayload, decode_commitment
 
 logger = logging.getLogger(__name__)
 

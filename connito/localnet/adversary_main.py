@@ -9,8 +9,8 @@ from pathlib import Path
 from connito.config import load_domain_config
 from connito.errors import ChainError, ConfigError, StoreError
 from connito.localnet.adversary import ADVERSARY_KINDS, AdversaryMiner
-from connito.neuron_cli import configure_logging, open_chain, parse_args, resolve_args
-from connito.neuron_main import build_context
+from connito.node.main import build_context
+from connito.node.neuron_cli import configure_logging, open_chain, parse_args, resolve_args
 
 __all__ = ["main"]
 

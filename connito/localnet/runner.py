@@ -34,10 +34,10 @@ logger = logging.getLogger(__name__)
 __all__ = ["LocalnetPlan", "run_localnet"]
 
 
-# document_pools: EMO-style pools (connito.document_pools) so the experts group by domain and
+# document_pools: EMO-style pools (connito.ml.document_pools) so the experts group by domain and
 # `connito export` can keep a domain's quarter of them (+62% domain loss without, -0.4% with)
 class PretrainRecipe(TypedDict):
-    """The keyword arguments of ``connito.owner.pretrain_base`` that fix the localnet's base."""
+    """The keyword arguments of ``connito.owner.bootstrap.pretrain_base`` that fix the localnet's base."""
 
     steps: int
     batch_size: int
@@ -138,8 +138,8 @@ def run_localnet(args: argparse.Namespace) -> int:
 def _bootstrap(config: DomainConfig, workdir: Path) -> tuple[Path, Path]:
     """Owner: data + tokenizer, a briefly pretrained base, and the expert selection (all cached)."""
     from connito.data import build_domain_data
-    from connito.owner import PRETRAIN_MARKER, build_selection, pretrain_base
-    from connito.selection_record import load_selection, save_selection
+    from connito.ml.selection_record import load_selection, save_selection
+    from connito.owner.bootstrap import PRETRAIN_MARKER, build_selection, pretrain_base
 
     base_dir = workdir / "base"
     selection_path = workdir / "selection.json"
@@ -248,7 +248,7 @@ def _spawn(workdir, config_path, base_dir, selection_path, roles, hotkeys, plan)
         port = plan.metrics_base_port + index if plan.metrics_base_port else None
         flags = _neuron_flags(workdir, config_path, base_dir, selection_path, name, plan, metrics_port=port)
         if kind in ("validator", "miner"):
-            command = [sys.executable, "-m", "connito.neuron_main", kind, *flags]
+            command = [sys.executable, "-m", "connito.node.main", kind, *flags]
         else:
             victim = "m0"
             command = [sys.executable, "-m", "connito.localnet.adversary_main", "--kind", kind,
@@ -265,7 +265,7 @@ def _spawn(workdir, config_path, base_dir, selection_path, roles, hotkeys, plan)
 
 def _wait(workdir: Path, config: DomainConfig, plan: LocalnetPlan, processes: dict[str, _Process]) -> None:
     from connito.chain.local import LocalChain
-    from connito.protocol import phase, phase_bounds
+    from connito.protocol.phases import phase, phase_bounds
 
     chain = LocalChain.open(workdir / "chain.sqlite")
     _, last_block = phase_bounds(plan.cycles - 1, "merge", config.cycle)

@@ -12,14 +12,14 @@ from pathlib import Path
 
 import torch
 
-from connito.checkpoint import EXPERTS_FILE
 from connito.config import DomainConfig
 from connito.data import build_domain_data
 from connito.localnet.report import CycleReport, LocalnetReport, LossPair
-from connito.merge import state_revision
-from connito.modeling import heldout_loss, load_model
-from connito.moe import read_experts, write_experts
-from connito.selection_record import load_selection
+from connito.ml.modeling import heldout_loss, load_model
+from connito.ml.moe import read_experts, write_experts
+from connito.ml.selection_record import load_selection
+from connito.protocol.checkpoint import EXPERTS_FILE
+from connito.protocol.merge import state_revision
 
 __all__ = ["build_report", "REPORT_SEED"]
 

@@ -4,7 +4,7 @@ A miner launched with ``accelerate launch --num_processes K neurons/miner.py ...
 runs K copies of itself, one per GPU. accelerate's ``PartialState`` reads the launcher's
 environment, opens the process group (NCCL on GPUs, gloo on CPUs) and picks each rank's device.
 Every rank then holds the same trainable fp32 masters of the selected experts (the trainer in
-``connito.training`` keeps them) and sees its own share of each optimizer step's micro-batches;
+``connito.ml.training`` keeps them) and sees its own share of each optimizer step's micro-batches;
 this module supplies the collectives that keep the ranks one trainer:
 
 - ``ddp``: the model is replicated; after the backward of a step the masters' gradients are

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from connito.errors import UnsupportedModelError
-from connito.moe import MoELayer, moe_layers
+from connito.ml.moe import MoELayer, moe_layers
 
 __all__ = ["DocumentPools", "pool_mask"]
 

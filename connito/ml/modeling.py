@@ -17,7 +17,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from connito.config import ModelConfig
 from connito.errors import ConfigError, UnsupportedModelError
-from connito.moe import SUPPORTED_MODEL_TYPES
+from connito.ml.moe import SUPPORTED_MODEL_TYPES
 
 logger = logging.getLogger(__name__)
 

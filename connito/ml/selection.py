@@ -20,8 +20,8 @@ from tqdm.auto import tqdm
 
 from connito.config import SelectionConfig
 from connito.errors import ConfigError
-from connito.moe import RoutingStats, capture_routing
-from connito.selection_record import ExpertSelection, LayerSelection
+from connito.ml.moe import RoutingStats, capture_routing
+from connito.ml.selection_record import ExpertSelection, LayerSelection
 
 __all__ = [
     "Batch",

@@ -13,10 +13,11 @@ from typing import Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from connito.config import DomainConfig
 from connito.errors import ConfigError
 from connito.fsutil import atomic_write
 
-__all__ = ["LayerSelection", "ExpertSelection", "load_selection", "save_selection"]
+__all__ = ["LayerSelection", "ExpertSelection", "load_selection", "load_domain_selection", "save_selection"]
 
 SELECTION_SCHEMA_VERSION: Final = 1
 
@@ -102,4 +103,26 @@ def load_selection(path: str | Path) -> ExpertSelection:
         raise ConfigError(err["msg"], path=path_str, field=field) from None
     if selection.digest != selection.content_digest():
         raise ConfigError("digest does not match the content", path=path_str, field="digest")
+    return selection
+
+
+def load_domain_selection(path: Path, config: DomainConfig) -> ExpertSelection:
+    """The owner's selection for ``config``'s domain, checked against the config when a node starts.
+
+    Raises:
+        ConfigError: unreadable, tampered, for another domain, or the config's document pools are
+            larger than the model's expert count (caught here, not at the first training step).
+    """
+    selection = load_selection(path)
+    if selection.domain != config.name:
+        raise ConfigError(
+            f"selection is for domain {selection.domain!r}, config is {config.name!r}", path=str(path)
+        )
+    pools = config.training.document_pools
+    num_experts = len(selection.layers[0].scores) if selection.layers else 0
+    if pools and num_experts and max(pools) > num_experts:
+        raise ConfigError(
+            f"pool size {max(pools)} exceeds the model's {num_experts} experts per layer",
+            field="training.document_pools",
+        )
     return selection

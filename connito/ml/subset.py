@@ -36,7 +36,7 @@ from transformers.initialization import no_init_weights
 
 from connito.config import ModelConfig
 from connito.errors import ConfigError
-from connito.moe import PROJECTIONS, MoELayer, expert_key, moe_layers, read_expert, write_experts
+from connito.ml.moe import PROJECTIONS, MoELayer, expert_key, moe_layers, read_expert, write_experts
 
 logger = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ an fp32 master ``nn.Parameter`` that is the only thing the optimizer sees:
 The same code serves both residencies: on a ``SubsetModel`` every resident expert is selected.
 After ``finish`` the parametrizations are gone and the model is a plain transformers model again.
 
-With a ``Distributed`` group (``connito.distributed``) every rank keeps identical masters and
+With a ``Distributed`` group (``connito.ml.distributed``) every rank keeps identical masters and
 trains on its share of each step's micro-batches; the masters' gradients are summed across ranks
 before the optimizer step, so the ranks stay bit-identical and a step equals the single-process
 step over the whole global batch. Under ``fsdp`` the frozen model is sharded and consumed: build
@@ -42,7 +42,8 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from connito.config import TrainingConfig
-from connito.distributed import (
+from connito.errors import ConfigError
+from connito.ml.distributed import (
     Distributed,
     all_reduce_sum_,
     broadcast_,
@@ -50,10 +51,9 @@ from connito.distributed import (
     shard_model,
     write_rows_,
 )
-from connito.document_pools import DocumentPools
-from connito.errors import ConfigError
-from connito.moe import MoELayer, expert_key, moe_layers
-from connito.subset import SubsetModel, check_selection
+from connito.ml.document_pools import DocumentPools
+from connito.ml.moe import MoELayer, expert_key, moe_layers
+from connito.ml.subset import SubsetModel, check_selection
 
 logger = logging.getLogger(__name__)
 

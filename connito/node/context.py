@@ -18,13 +18,13 @@ from connito.config import DomainConfig
 from connito.data import DomainData, build_domain_data
 from connito.errors import ChainError, ConfigError
 from connito.hub.base import CheckpointStore
-from connito.metrics import NodeMetrics
-from connito.protocol import PhaseInfo, phase
-from connito.selection_record import ExpertSelection, load_selection
+from connito.ml.selection_record import ExpertSelection
+from connito.node.metrics import NodeMetrics
+from connito.protocol.phases import PhaseInfo, phase
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["NodeContext", "open_store", "load_node_selection", "PhaseLoop", "guarded_tick"]
+__all__ = ["NodeContext", "open_store", "load_node_data", "uid_of", "PhaseLoop", "guarded_tick"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -55,28 +55,6 @@ def open_store(kind: str, path: Path | None, *, private: bool = False) -> Checkp
     from connito.hub import HfHubStore
 
     return HfHubStore.from_env(private=private)
-
-
-def load_node_selection(path: Path, config: DomainConfig) -> ExpertSelection:
-    """The owner's selection for this domain.
-
-    Raises:
-        ConfigError: unreadable, tampered, for another domain, or the config's document pools are
-            larger than the model's expert count (caught here, not at the first training step).
-    """
-    selection = load_selection(path)
-    if selection.domain != config.name:
-        raise ConfigError(
-            f"selection is for domain {selection.domain!r}, config is {config.name!r}", path=str(path)
-        )
-    pools = config.training.document_pools
-    num_experts = len(selection.layers[0].scores) if selection.layers else 0
-    if pools and num_experts and max(pools) > num_experts:
-        raise ConfigError(
-            f"pool size {max(pools)} exceeds the model's {num_experts} experts per layer",
-            field="training.document_pools",
-        )
-    return selection
 
 
 def load_node_data(config: DomainConfig, cache_dir: Path) -> DomainData:

@@ -15,16 +15,17 @@ from typing import TYPE_CHECKING
 import torch
 
 from connito.config import DomainConfig, config_digest, load_domain_config
-from connito.distributed import Distributed, barrier, init_distributed
 from connito.errors import ChainError, ConfigError, ConnitoError, StoreError
 from connito.hub.metered import MeteredStore
-from connito.metrics import NodeMetrics, open_wandb
-from connito.neuron_cli import NeuronArgs, Role, configure_logging, open_chain, parse_args, resolve_args
-from connito.node import NodeContext, load_node_data, load_node_selection, open_store
+from connito.ml.distributed import Distributed, barrier, init_distributed
+from connito.ml.selection_record import load_domain_selection
+from connito.node.context import NodeContext, load_node_data, open_store
+from connito.node.metrics import NodeMetrics, open_wandb
+from connito.node.neuron_cli import NeuronArgs, Role, configure_logging, open_chain, parse_args, resolve_args
 
 if TYPE_CHECKING:  # imported where used: a miner does not load the validator's modules
-    from connito.miner import Miner
-    from connito.validator import Validator
+    from connito.node.miner import Miner
+    from connito.node.validator import Validator
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ def build_context(args: NeuronArgs, config: DomainConfig, chain) -> NodeContext:
     assert args.workdir is not None and chain.hotkey is not None
     if args.selection is None:
         raise ConfigError("--selection is required (the owner's SELECTION.json)", field="--selection")
-    selection = load_node_selection(args.selection, config)
+    selection = load_domain_selection(args.selection, config)
     metrics = open_metrics(args, config, chain.hotkey)
     cache = args.data_cache or args.workdir / "cache"
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -142,12 +143,12 @@ def main(role: Role, argv: list[str] | None = None) -> int:
         return 1
     node: Miner | Validator
     if role == "miner":
-        from connito.miner import Miner
+        from connito.node.miner import Miner
 
         node = Miner(ctx, poll_s=args.poll_s, progress_bars=args.progress and dist.is_main, dist=dist)
     else:
         from connito.library import Library
-        from connito.validator import Validator
+        from connito.node.validator import Validator
 
         try:
             library = Library(args.library) if args.library is not None else None

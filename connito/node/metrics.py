@@ -31,13 +31,13 @@ from prometheus_client import (
 )
 
 from connito.errors import ConfigError
-from connito.protocol import PENDING, PHASES, PhaseInfo
+from connito.protocol.phases import PENDING, PHASES, PhaseInfo
 
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
 
-    from connito.training import TrainResult
-    from connito.validator_state import CycleResult
+    from connito.ml.training import TrainResult
+    from connito.node.validator_state import CycleResult
 
 logger = logging.getLogger(__name__)
 

@@ -18,15 +18,18 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from safetensors.torch import load_file, save_file
 
-from connito.checkpoint import MANIFEST_FILE, write_checkpoint
-from connito.distributed import Distributed, broadcast_object, main_decides
 from connito.errors import ChainError, ConfigError, InvalidSubmission, StoreError
 from connito.fsutil import atomic_write, sweep_temp_files
-from connito.global_state import GlobalState, adoptable_global, fetch_global, genesis_global
-from connito.modeling import load_model
-from connito.moe import moe_layers, parse_expert_key, read_experts, write_expert, write_experts
-from connito.node import NodeContext, PhaseLoop, uid_of
-from connito.protocol import (
+from connito.ml.distributed import Distributed, broadcast_object, main_decides
+from connito.ml.modeling import load_model
+from connito.ml.moe import moe_layers, parse_expert_key, read_experts, write_expert, write_experts
+from connito.ml.subset import SubsetModel, load_subset_model, subset_expert_state
+from connito.ml.training import SparseTrainer
+from connito.ml.update_bound import moments_may_carry
+from connito.node.context import NodeContext, PhaseLoop, uid_of
+from connito.protocol.checkpoint import MANIFEST_FILE, write_checkpoint
+from connito.protocol.global_state import GlobalState, adoptable_global, fetch_global, genesis_global
+from connito.protocol.phases import (
     CommitPayload,
     PhaseInfo,
     RevealPayload,
@@ -36,9 +39,6 @@ from connito.protocol import (
     phase_bounds,
     short_digest,
 )
-from connito.subset import SubsetModel, load_subset_model, subset_expert_state
-from connito.training import SparseTrainer
-from connito.update_bound import moments_may_carry
 
 logger = logging.getLogger(__name__)
 
@@ -287,7 +287,7 @@ class Miner:
         return self.ctx.selection.experts_by_layer
 
     def _expected(self):
-        from connito.checkpoint import ExpertSpec
+        from connito.protocol.checkpoint import ExpertSpec
 
         specs = {}
         for key, tensor in self.global_state.experts.items() if self.global_state else []:

@@ -20,11 +20,19 @@ import torch
 from tqdm.auto import tqdm
 
 from connito.chain.base import Neuron, lead_validator
-from connito.checkpoint import ExpertSpec
 from connito.errors import ChainError, InvalidSubmission, StoreError
-from connito.eval_pool import EvalPool
 from connito.fsutil import atomic_write, sweep_temp_files
-from connito.global_state import (
+from connito.hub.base import StoreRef
+from connito.library.index import Library
+from connito.library.recorder import record_global
+from connito.ml.eval_pool import EvalPool
+from connito.ml.modeling import load_model
+from connito.ml.moe import read_experts, write_experts
+from connito.ml.update_bound import max_weight_change
+from connito.node.context import NodeContext, PhaseLoop
+from connito.node.validator_state import CycleResult, ScoreRow, ValidatorState, score_row, submission_scores
+from connito.protocol.checkpoint import ExpertSpec
+from connito.protocol.global_state import (
     GLOBAL_FILES,
     GlobalState,
     adoptable_global,
@@ -33,9 +41,7 @@ from connito.global_state import (
     genesis_global,
     save_global,
 )
-from connito.library.index import Library
-from connito.library.recorder import record_global
-from connito.merge import (
+from connito.protocol.merge import (
     MergeInput,
     MergeRecord,
     OuterParams,
@@ -44,10 +50,7 @@ from connito.merge import (
     record_digest,
     state_revision,
 )
-from connito.modeling import load_model
-from connito.moe import read_experts, write_experts
-from connito.node import NodeContext, PhaseLoop
-from connito.protocol import (
+from connito.protocol.phases import (
     GlobalPayload,
     PhaseInfo,
     StoreKind,
@@ -56,7 +59,7 @@ from connito.protocol import (
     seed_block,
     short_digest,
 )
-from connito.scoring import (
+from connito.protocol.scoring import (
     Candidate,
     batch_losses,
     chain_weights,
@@ -65,9 +68,7 @@ from connito.scoring import (
     score_submissions,
     update_ema,
 )
-from connito.submissions import Observation, fetch_and_verify, observe_commitments, precheck
-from connito.update_bound import max_weight_change
-from connito.validator_state import CycleResult, ScoreRow, ValidatorState, score_row, submission_scores
+from connito.protocol.submissions import Observation, fetch_and_verify, observe_commitments, precheck
 
 logger = logging.getLogger(__name__)
 
@@ -574,7 +575,7 @@ class Validator:
         self, cycle: int, *, hotkey: str, uid: int, commit_block: int, tensors_sha256: str
     ) -> Candidate:
         """A candidate whose experts are read from its verified download folder each time they are used."""
-        from connito.checkpoint import load_checkpoint
+        from connito.protocol.checkpoint import load_checkpoint
 
         assert self.global_state is not None
         folder = self.ctx.workdir / "downloads" / str(cycle) / hotkey
@@ -655,10 +656,7 @@ class Validator:
         logger.info(
             "cycle=%d global published rev=%s repo=%s", new_global.cycle, new_global.revision[:12], ref.repo
         )
-        if self.library is not None:
-            record_global(
-                self.library, new_global, self.ctx, ref=ref, block=block, losses=self._heldout_losses
-            )
+        self._record_in_library(new_global, ref=ref, block=block)
 
     def _published(self, cycle: int) -> bool:
         """True when our own publication for ``cycle`` is already on chain (a restart after commit)."""
@@ -701,15 +699,23 @@ class Validator:
             write_experts(self._model, new_global.experts)
         self._save()
         logger.info("global adopted cycle=%d rev=%s", new_global.cycle, new_global.revision[:12])
-        if self.library is not None:  # non-leads record too: every validator's library is complete
-            record_global(
-                self.library,
-                new_global,
-                self.ctx,
-                ref=new_global.ref,
-                block=None,
-                losses=self._heldout_losses,
-            )
+        # non-leads record too: every validator's library is complete
+        self._record_in_library(new_global, ref=new_global.ref, block=None)
+
+    def _record_in_library(self, new_global: GlobalState, *, ref: StoreRef | None, block: int | None) -> None:
+        if self.library is None:
+            return
+        record_global(
+            self.library,
+            new_global,
+            config=self.ctx.config,
+            selection=self.ctx.selection,
+            chain=self.ctx.chain,
+            base_dir=self.ctx.base_dir,
+            ref=ref,
+            block=block,
+            losses=self._heldout_losses,
+        )
 
     # -- helpers: model and state ------------------------------------------------------------
 
@@ -730,7 +736,7 @@ class Validator:
         self._base_state = base.experts
         if self.state.global_cycle < 0:
             return base
-        from connito.global_state import load_global
+        from connito.protocol.global_state import load_global
 
         folder = self.ctx.workdir / "global" / str(self.state.global_cycle)
         expected = {k: ExpertSpec(tuple(v.shape), v.dtype) for k, v in base.experts.items()}

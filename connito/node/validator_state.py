@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from connito.scoring import SubmissionScore
-from connito.submissions import Observation
+from connito.protocol.scoring import SubmissionScore
+from connito.protocol.submissions import Observation
 
 __all__ = ["CycleResult", "ScoreRow", "ValidatorState", "score_row", "submission_scores"]
 

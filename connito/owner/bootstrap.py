@@ -17,11 +17,11 @@ from transformers import PreTrainedModel
 
 from connito.config import DomainConfig, load_domain_config
 from connito.data import DomainData, build_domain_data
-from connito.document_pools import DocumentPools
 from connito.fsutil import atomic_write_json
-from connito.modeling import build_model, heldout_loss, load_model
-from connito.selection import probe_routing, select_experts
-from connito.selection_record import ExpertSelection, save_selection
+from connito.ml.document_pools import DocumentPools
+from connito.ml.modeling import build_model, heldout_loss, load_model
+from connito.ml.selection import probe_routing, select_experts
+from connito.ml.selection_record import ExpertSelection, save_selection
 
 logger = logging.getLogger(__name__)
 
@@ -148,7 +148,7 @@ def pretrain_base(
     A real subnet starts from a pretrained Hub model; the localnet has none offline, so it makes a
     small one whose experts have specialised enough for selection to mean something. With
     ``document_pools`` (pool sizes) each row's tokens route inside one pool of experts
-    (``connito.document_pools``, EMO), so the experts group by domain and a domain's share of them
+    (``connito.ml.document_pools``, EMO), so the experts group by domain and a domain's share of them
     can be exported alone. Cached by config digest and recipe, so a second run reuses it.
     """
     from tqdm import tqdm

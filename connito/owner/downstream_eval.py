@@ -168,12 +168,12 @@ def load_global_model(
         ConfigError: a missing input (selection, library support) or an unreadable model.
         InvalidSubmission: the global state's files fail the strict checks.
     """
-    from connito.checkpoint import MANIFEST_FILE
+    from connito.protocol.checkpoint import MANIFEST_FILE
 
     if model_dir is not None and (model_dir / MANIFEST_FILE).is_file():
         return _from_global_state(config, model_dir, base_dir=base_dir, selection_path=selection_path)
     if model_dir is not None:
-        from connito.modeling import load_model
+        from connito.ml.modeling import load_model
 
         if not (model_dir / "config.json").is_file():
             raise ConfigError(
@@ -193,11 +193,11 @@ def load_global_model(
 def _from_global_state(
     config: DomainConfig, folder: Path, *, base_dir: Path | None, selection_path: Path | None
 ) -> GlobalModel:
-    from connito.checkpoint import ExpertSpec
-    from connito.global_state import load_global
-    from connito.moe import read_experts, write_experts
-    from connito.owner import load_base_model
-    from connito.selection_record import load_selection
+    from connito.ml.moe import read_experts, write_experts
+    from connito.ml.selection_record import load_selection
+    from connito.owner.bootstrap import load_base_model
+    from connito.protocol.checkpoint import ExpertSpec
+    from connito.protocol.global_state import load_global
 
     if selection_path is None:
         raise ConfigError(

@@ -12,7 +12,7 @@ bytes, and rejects the first violation with ``InvalidSubmission`` and a stable `
 ``not_safetensors`` ``extra_key`` ``missing_key`` ``shape`` ``dtype`` ``digest_mismatch``
 ``non_finite`` ``out_of_range`` ``no_base`` ``stale``
 
-A submission's manifest may say ``encoding: int8`` (``connito.payload``): the file then holds an
+A submission's manifest may say ``encoding: int8`` (``connito.protocol.payload``): the file then holds an
 int8 delta against the global the miner started from (schema version 2). Its q and scale tensors
 are held to the same rules (keys, shapes, dtypes, digest, finiteness) and to the encoder's bounds
 before the loader decodes them against that global; the digest covers the bytes uploaded.
@@ -43,8 +43,9 @@ from torch import nn
 
 from connito.errors import ConfigError, InvalidSubmission, UnsupportedModelError
 from connito.fsutil import atomic_write, fsync_dir
-from connito.moe import PROJECTIONS, expert_key, expert_shapes, moe_layers, parse_expert_key
-from connito.payload import (
+from connito.ml.moe import PROJECTIONS, expert_key, expert_shapes, moe_layers, parse_expert_key
+from connito.ml.selection_record import ExpertSelection, load_selection
+from connito.protocol.payload import (
     Encoding,
     check_int8_payload,
     decode_int8_delta,
@@ -52,7 +53,6 @@ from connito.payload import (
     int8_specs,
     scale_key,
 )
-from connito.selection_record import ExpertSelection, load_selection
 
 logger = logging.getLogger(__name__)
 

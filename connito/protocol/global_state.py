@@ -15,12 +15,20 @@ from pathlib import Path
 import torch
 
 from connito.chain.base import Chain, lead_validator
-from connito.checkpoint import EXPERTS_FILE, MANIFEST_FILE, ExpertSpec, load_checkpoint, write_checkpoint
 from connito.config import CycleConfig, DomainConfig
 from connito.errors import CommitmentDecodeError, InvalidSubmission
 from connito.fsutil import atomic_write
 from connito.hub.base import CheckpointStore, StoreRef
-from connito.merge import (
+from connito.ml.outer import OuterOptimizer, OuterState
+from connito.ml.selection_record import ExpertSelection
+from connito.protocol.checkpoint import (
+    EXPERTS_FILE,
+    MANIFEST_FILE,
+    ExpertSpec,
+    load_checkpoint,
+    write_checkpoint,
+)
+from connito.protocol.merge import (
     MERGE_RECORD_FILE,
     OUTER_STATE_FILE,
     MergeRecord,
@@ -28,9 +36,7 @@ from connito.merge import (
     record_digest,
     state_revision,
 )
-from connito.outer import OuterOptimizer, OuterState
-from connito.protocol import GlobalPayload, decode_commitment, phase_bounds, short_digest
-from connito.selection_record import ExpertSelection
+from connito.protocol.phases import GlobalPayload, decode_commitment, phase_bounds, short_digest
 
 logger = logging.getLogger(__name__)
 

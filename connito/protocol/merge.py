@@ -15,9 +15,9 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from connito.checkpoint import tensors_digest
 from connito.config import MergeConfig
-from connito.outer import OuterOptimizer, OuterState
+from connito.ml.outer import OuterOptimizer, OuterState
+from connito.protocol.checkpoint import tensors_digest
 
 __all__ = [
     "MERGE_RECORD_FILE",

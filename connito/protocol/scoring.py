@@ -21,10 +21,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from connito.config import ScoringConfig
-from connito.delta_sketch import DeltaSketch, cosine_upper_bound, sketch_delta
-from connito.eval_pool import EvalPool
-from connito.modeling import token_loss
-from connito.moe import write_experts
+from connito.ml.delta_sketch import DeltaSketch, cosine_upper_bound, sketch_delta
+from connito.ml.eval_pool import EvalPool
+from connito.ml.modeling import token_loss
+from connito.ml.moe import write_experts
 
 logger = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ def _screen_copies(
 ) -> tuple[list[tuple[Candidate, DeltaSketch]], list[SubmissionScore]]:
     """Drop lazy, oversized and copied submissions before any evaluation; earliest commitment wins ties.
 
-    ``max_change`` bounds how far any weight may have moved (``connito.update_bound``): a larger
+    ``max_change`` bounds how far any weight may have moved (``connito.ml.update_bound``): a larger
     move is a rescaled or foreign update, never merged or published, however good its loss.
 
     Candidates are visited in ``(commit_block, hotkey)`` order, so copies committed in the same

@@ -20,11 +20,12 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from connito.chain.base import Commitment
-from connito.checkpoint import MANIFEST_FILE, ExpertSpec, load_checkpoint
 from connito.config import DomainConfig
 from connito.errors import CommitmentDecodeError, InvalidSubmission
 from connito.hub.base import CheckpointStore, StoreRef
-from connito.protocol import (
+from connito.ml.selection_record import ExpertSelection
+from connito.protocol.checkpoint import MANIFEST_FILE, ExpertSpec, load_checkpoint
+from connito.protocol.phases import (
     CommitPayload,
     RevealPayload,
     commit_digest,
@@ -33,8 +34,7 @@ from connito.protocol import (
     phase_bounds,
     short_digest,
 )
-from connito.scoring import Candidate
-from connito.selection_record import ExpertSelection
+from connito.protocol.scoring import Candidate
 
 logger = logging.getLogger(__name__)
 
