@@ -58,7 +58,8 @@ from connito.data import build_domain_data
 from connito.ml.modeling import heldout_loss, load_model
 from connito.ml.moe import expert_key, parse_expert_key, read_experts, write_experts
 from connito.ml.outer import OuterOptimizer
-from connito.ml.subset import SubsetModel, load_subset_model, subset_expert_state
+from connito.ml.subset import SubsetModel, subset_expert_state
+from connito.ml.subset_loading import load_subset_model
 from connito.ml.training import SparseTrainer
 from connito.ml.update_bound import moments_may_carry
 

@@ -47,14 +47,9 @@ from connito.data import build_domain_data
 from connito.ml.moe import read_experts, write_experts
 from connito.ml.selection_record import ExpertSelection
 from connito.ml.training import SparseTrainer
-from connito.protocol.checkpoint import (
-    EXPERTS_FILE,
-    ExpertSpec,
-    load_checkpoint,
-    tensors_digest,
-    write_checkpoint,
-)
+from connito.protocol.checkpoint import EXPERTS_FILE, ExpertSpec, tensors_digest, write_checkpoint
 from connito.protocol.scoring import Candidate, SubmissionScore, score_submissions
+from connito.protocol.strict_loader import load_checkpoint
 
 ENCODINGS = ("fp", "int8")
 

@@ -141,7 +141,7 @@ def _build(mode: str, args: argparse.Namespace, selection: dict[int, list[int]],
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from connito.ml.moe import read_experts
-    from connito.ml.subset import load_subset_model
+    from connito.ml.subset_loading import load_subset_model
     from connito.ml.training import SparseTrainer
 
     if mode == "sparse_subset":
@@ -165,7 +165,7 @@ def _run_child(args: argparse.Namespace) -> dict:
     # Import everything the mode will use before the baseline: libraries are not the model.
     import transformers.models.qwen3_moe.modeling_qwen3_moe  # noqa: F401
 
-    import connito.ml.subset  # noqa: F401
+    import connito.ml.subset_loading  # noqa: F401
     import connito.ml.training  # noqa: F401
     from connito.config import TrainingConfig
 

@@ -276,7 +276,8 @@ def _build_subnet(
     """Genesis with one staked validator and N miners, a LocalStore, and a real Validator."""
     from bittensor.sp_core import Keypair
 
-    from connito.chain.local import GenesisNeuron, LocalChain
+    from connito.chain.local import LocalChain
+    from connito.chain.local_ledger import GenesisNeuron
     from connito.hub import LocalStore
     from connito.ml.selection_record import load_selection
     from connito.node.context import NodeContext
@@ -353,14 +354,14 @@ def _write_submissions(
 def _commit_and_reveal(subnet: _Subnet, submissions: list[tuple[str, Path, Manifest]], cycle: int) -> None:
     """As ``connito.node.miner`` does: commit the digest in the commit phase, upload and reveal after it."""
     from connito.protocol.checkpoint import MANIFEST_FILE
-    from connito.protocol.phases import (
+    from connito.protocol.commitments import (
         CommitPayload,
         RevealPayload,
         commit_digest,
         encode_commitment,
-        phase_bounds,
         short_digest,
     )
+    from connito.protocol.phases import phase_bounds
 
     config = subnet.config
     commit_first, _ = phase_bounds(cycle, "commit", config.cycle)

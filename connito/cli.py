@@ -106,7 +106,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             library=args.library,
         )
     if args.command == "verify-checkpoint":
-        from connito.protocol.checkpoint import verify_checkpoint_cli
+        from connito.protocol.strict_loader import verify_checkpoint_cli
 
         return verify_checkpoint_cli(
             args.path, args.selection, model_dir=args.model, max_bytes=args.max_bytes

@@ -3,7 +3,7 @@
 - ``docs/owner.md``: every domain config field (path, type, default, constraints, description),
   walked from the pydantic schema in ``connito/config.py``;
 - ``docs/miner.md`` and ``docs/validator.md``: every neuron flag, walked from the argparse parser
-  in ``connito/node/neuron_cli.py``.
+  in ``connito/node/neuron_flags.py``.
 
 Each block sits between ``<!-- BEGIN GENERATED: NAME -->`` and ``<!-- END GENERATED: NAME -->``;
 the hand-written text around it is never touched. ``tests/test_docs.py`` fails when a committed
@@ -32,7 +32,7 @@ if str(REPO) not in sys.path:  # run as a script from a checkout: import the che
 
 from connito.config import DomainConfig  # noqa: E402
 from connito.fsutil import atomic_write  # noqa: E402
-from connito.node.neuron_cli import build_parser  # noqa: E402
+from connito.node.neuron_flags import build_parser  # noqa: E402
 
 __all__ = [
     "BLOCKS",

@@ -12,7 +12,8 @@ import torch
 import yaml
 from bittensor.sp_core import Keypair
 
-from connito.chain.local import GenesisNeuron, LocalChain
+from connito.chain.local import LocalChain
+from connito.chain.local_ledger import GenesisNeuron
 from connito.config import DomainConfig, parse_domain_config
 from connito.data import build_domain_data
 from connito.hub import LocalStore

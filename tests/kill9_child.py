@@ -31,6 +31,7 @@ from e2e_harness import domain_config, node_context  # noqa: E402
 import connito.chain.local  # noqa: E402
 import connito.hub.local  # noqa: E402
 import connito.node.validator  # noqa: E402
+import connito.node.validator_merge  # noqa: E402
 import connito.protocol.merge  # noqa: E402
 import connito.protocol.scoring  # noqa: E402
 from connito.data import build_domain_data  # noqa: E402
@@ -43,11 +44,11 @@ from connito.protocol.phases import phase, phase_bounds  # noqa: E402
 HOOKS = {
     "os.replace": (os, "replace"),  # every atomic write and every store move, one by one
     "batch_losses": (connito.protocol.scoring, "batch_losses"),  # mid-evaluation, per scored model
-    "apply_merge": (connito.node.validator, "apply_merge"),
+    "apply_merge": (connito.node.validator_merge, "apply_merge"),
     "store.upload": (connito.hub.local.LocalStore, "upload"),
     "chain.commit": (connito.chain.local.LocalChain, "commit"),
     "chain.set_weights": (connito.chain.local.LocalChain, "set_weights"),
-    "save_global": (connito.node.validator, "save_global"),
+    "save_global": (connito.node.validator_merge, "save_global"),
 }
 
 

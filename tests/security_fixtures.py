@@ -16,7 +16,8 @@ from bittensor.sp_core import Keypair
 from e2e_harness import Subnet, domain_config
 
 from connito.chain.base import Commitment
-from connito.chain.local import GenesisNeuron, LocalChain
+from connito.chain.local import LocalChain
+from connito.chain.local_ledger import GenesisNeuron
 from connito.config import DomainConfig
 from connito.data import DomainData, build_domain_data
 from connito.errors import ChainError
@@ -30,14 +31,14 @@ from connito.node.miner import Miner
 from connito.node.validator import Validator
 from connito.owner.bootstrap import build_selection
 from connito.protocol.checkpoint import MANIFEST_FILE, ExpertSpec, Manifest, write_checkpoint
-from connito.protocol.merge import state_revision
-from connito.protocol.phases import (
+from connito.protocol.commitments import (
     CommitPayload,
     RevealPayload,
     commit_digest,
     encode_commitment,
     short_digest,
 )
+from connito.protocol.merge import state_revision
 
 __all__ = [
     "Domain",

@@ -15,7 +15,8 @@ from conftest import MODEL_TYPES, make_selection, tiny_config, tiny_model
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import connito.protocol.checkpoint as checkpoint_module
+import connito.protocol.safetensors_header as header_module
+import connito.protocol.strict_loader as loader_module
 from connito.errors import ConfigError, InvalidSubmission
 from connito.ml.moe import expert_key, read_experts
 from connito.ml.selection_record import LayerSelection, save_selection
@@ -25,13 +26,12 @@ from connito.protocol.checkpoint import (
     ExpertSpec,
     Manifest,
     expected_expert_specs,
-    load_checkpoint,
-    read_safetensors_header,
     selected_keys,
     tensors_digest,
-    verify_checkpoint_cli,
     write_checkpoint,
 )
+from connito.protocol.safetensors_header import read_safetensors_header
+from connito.protocol.strict_loader import load_checkpoint, verify_checkpoint_cli
 
 HIDDEN, INTER = 32, 16  # the tiny qwen3_moe of conftest
 MAX_BYTES = 1 << 20
@@ -239,8 +239,9 @@ def test_oversized_file_is_refused_before_reading(tmp_path, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError(f"read attempted: {args}")
 
-    monkeypatch.setattr(checkpoint_module, "open", refuse, raising=False)
-    monkeypatch.setattr(checkpoint_module, "safe_open", refuse)
+    monkeypatch.setattr(loader_module, "open", refuse, raising=False)
+    monkeypatch.setattr(header_module, "open", refuse, raising=False)
+    monkeypatch.setattr(loader_module, "safe_open", refuse)
     err = _reject(folder, "too_large", EXPERTS_FILE)
     assert str(10 * MAX_BYTES) in str(err)
 

@@ -7,6 +7,7 @@ what the code generates now, and name the command that fixes it.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import re
 from pathlib import Path
@@ -14,7 +15,7 @@ from types import ModuleType
 
 import pytest
 
-from connito.node.neuron_cli import build_parser
+from connito.node.neuron_flags import build_parser
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs"
@@ -76,6 +77,8 @@ _REASON_PATTERNS = (
 # classes are reported differently: as "global fetch failed" and as store_<reason>).
 _JUDGING = (
     "protocol/checkpoint.py",
+    "protocol/safetensors_header.py",
+    "protocol/strict_loader.py",
     "protocol/payload.py",
     "protocol/submissions.py",
     "protocol/scoring.py",
@@ -122,3 +125,44 @@ def test_readme_quickstart_is_two_commands() -> None:
     block = section.split("```bash", 1)[1].split("```", 1)[0]
     commands = [line for line in block.splitlines() if line.strip() and not line.lstrip().startswith("#")]
     assert len(commands) == 2, commands
+
+
+_CODE_PATH = re.compile(r"(?<![\w/.-])(connito/[\w/]*\w)(\.py)?")
+_MODULE_NAME = re.compile(r"(?<![\w./-])(connito(?:\.\w+)+)")
+
+
+def _resolves(dotted: str) -> bool:
+    """``connito.a.b`` is a module, or a module's attribute (``connito.owner.bootstrap.pretrain_base``)."""
+    parts = dotted.split(".")
+    for cut in range(len(parts), 0, -1):
+        module_name = ".".join(parts[:cut])
+        try:
+            spec = importlib.util.find_spec(module_name)
+        except ModuleNotFoundError:  # a parent is a module, not a package: the name is an attribute
+            spec = None
+        if spec is None:
+            continue
+        module = importlib.import_module(module_name)
+        rest = parts[cut:]
+        return len(rest) <= 1 and all(hasattr(module, name) for name in rest)
+    return False
+
+
+@pytest.mark.parametrize("doc", ["README.md", *sorted(f"docs/{p.name}" for p in DOCS.glob("*.md"))])
+def test_code_references_in_docs_exist(doc: str) -> None:
+    """Every ``connito/...`` path and ``connito.x.y`` module or logger name a doc names is real."""
+    text = (REPO / doc).read_text()
+    missing = [m.group(0) for m in _CODE_PATH.finditer(text) if not (REPO / m.group(0)).exists()]
+    missing += [name for name in set(_MODULE_NAME.findall(text)) if not _resolves(name)]
+    assert not missing, f"{doc}: names code that is not there: {sorted(set(missing))}"
+
+
+def test_a_stale_code_reference_is_caught() -> None:
+    """The reference check knows a moved module, a missing attribute and a real one apart."""
+    assert not _resolves("connito.validator")  # moved to connito.node.validator
+    assert not _resolves("connito.node.validator.no_such_name")
+    assert _resolves("connito.node.validator") and _resolves("connito.owner.bootstrap.pretrain_base")
+    assert [m.group(0) for m in _CODE_PATH.finditer("see `connito/validator.py` and connito/ml/")] == [
+        "connito/validator.py",
+        "connito/ml",
+    ]

@@ -39,25 +39,25 @@ from connito.protocol.checkpoint import (
     MANIFEST_FILE,
     ExpertSpec,
     Manifest,
-    load_checkpoint,
     selected_keys,
     tensors_digest,
     write_checkpoint,
 )
-from connito.protocol.phases import (
+from connito.protocol.commitments import (
     CommitPayload,
     GlobalPayload,
     RevealPayload,
     decode_commitment,
     encode_commitment,
 )
+from connito.protocol.strict_loader import load_checkpoint
 
 FUZZ = settings(
     max_examples=150,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
-# Every reason the strict loader documents (connito/protocol/checkpoint.py module docstring).
+# Every reason the strict loader documents (connito/protocol/strict_loader.py module docstring).
 LOADER_REASONS = {
     "missing_file",
     "extra_file",

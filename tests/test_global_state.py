@@ -7,10 +7,12 @@ from pathlib import Path
 import pytest
 from bittensor.sp_core import Keypair
 
-from connito.chain.local import GenesisNeuron, LocalChain
+from connito.chain.local import LocalChain
+from connito.chain.local_ledger import GenesisNeuron
 from connito.config import CycleConfig
+from connito.protocol.commitments import GlobalPayload, encode_commitment
 from connito.protocol.global_state import adoptable_global
-from connito.protocol.phases import GlobalPayload, encode_commitment, phase_bounds
+from connito.protocol.phases import phase_bounds
 
 CYCLE = CycleConfig(train_blocks=4, commit_blocks=2, reveal_blocks=2, evaluate_blocks=2, merge_blocks=2)
 LEAD, OTHER = Keypair.create_from_uri("//Alice"), Keypair.create_from_uri("//Bob")

@@ -25,7 +25,8 @@ from safetensors.torch import load_file
 
 from connito.chain.local import LocalChain
 from connito.node.validator_state import ValidatorState
-from connito.protocol.phases import GlobalPayload, decode_commitment, phase_bounds
+from connito.protocol.commitments import GlobalPayload, decode_commitment
+from connito.protocol.phases import phase_bounds
 
 pytestmark = pytest.mark.slow
 

@@ -16,11 +16,13 @@ from hypothesis import strategies as st
 
 import connito.chain.local as local
 from connito.chain.base import Chain, ChainParams, Neuron
-from connito.chain.local import (
-    MAX_COMMITMENT_BYTES,
-    GenesisNeuron,
-    LocalChain,
+from connito.chain.local import MAX_COMMITMENT_BYTES, LocalChain
+from connito.chain.local_ledger import GenesisNeuron
+from connito.chain.local_signing import (
     create_wallet,
+    decode_weights,
+    encode_weights,
+    sign,
     signing_message,
     verify_signature,
 )
@@ -256,13 +258,11 @@ def test_verify_signature_accepts_the_real_signature_and_rejects_tampering() -> 
 def test_write_whose_signature_fails_verification_is_not_stored(
     ledger: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real_sign = local._sign
-
     def corrupt_sign(keypair: Keypair, message: bytes) -> bytes:
-        signature = real_sign(keypair, message)
+        signature = sign(keypair, message)
         return bytes([signature[0] ^ 1]) + signature[1:]
 
-    monkeypatch.setattr(local, "_sign", corrupt_sign)
+    monkeypatch.setattr(local, "sign", corrupt_sign)  # patched where LocalChain calls it
     charlie = _as(ledger, "//Charlie")
     with pytest.raises(ChainError, match="bad sr25519 signature"):
         charlie.commit(b"forged")
@@ -386,8 +386,8 @@ def test_set_weights_normalises_to_sum_one_keeping_proportions(ledger: Path) -> 
 
 @given(st.dictionaries(st.integers(0, 0xFFFF), st.floats(1e-6, 1e6), min_size=1, max_size=20))
 def test_weights_payload_round_trips_normalised_and_proportional(weights: dict[int, float]) -> None:
-    payload = local._encode_weights(weights, known_uids=set(weights), hotkey=ALICE)
-    decoded = local._decode_weights(payload)
+    payload = encode_weights(weights, known_uids=set(weights), hotkey=ALICE)
+    decoded = decode_weights(payload)
     total = math.fsum(weights.values())
     assert list(decoded) == sorted(weights)
     assert math.isclose(math.fsum(decoded.values()), 1.0, rel_tol=1e-9)

@@ -15,7 +15,8 @@ from bittensor.sp_core import Keypair
 from e2e_harness import build_subnet, domain_config
 from prometheus_client.parser import text_string_to_metric_families
 
-from connito.chain.local import GenesisNeuron, LocalChain
+from connito.chain.local import LocalChain
+from connito.chain.local_ledger import GenesisNeuron
 from connito.errors import ConfigError, StoreError
 from connito.hub import LocalStore, StoreRef
 from connito.hub.metered import MeteredStore

@@ -10,10 +10,12 @@ from pathlib import Path
 import bittensor as bt
 import pytest
 
-from connito.chain.local import GenesisNeuron, LocalChain
+from connito.chain.local import LocalChain
+from connito.chain.local_ledger import GenesisNeuron
 from connito.config import load_domain_config
 from connito.errors import ConfigError
-from connito.node.neuron_cli import build_parser, open_chain, parse_args, resolve_args
+from connito.node.neuron_cli import open_chain, parse_args, resolve_args
+from connito.node.neuron_flags import build_parser
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DOMAIN = REPO_ROOT / "configs" / "domains" / "tiny-math.yaml"

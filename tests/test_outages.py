@@ -8,9 +8,11 @@ import dataclasses
 import pytest
 from e2e_harness import build_subnet, domain_config
 
+import connito.node.validator
 from connito.errors import ChainError, StoreError
 from connito.node.miner import Miner
 from connito.node.validator import Validator
+from connito.node.validator_downloads import prune_downloads
 from connito.protocol.phases import phase_bounds
 
 
@@ -135,7 +137,7 @@ def test_validator_keeps_downloads_of_two_cycles_only(tmp_path):
     root = validator.ctx.workdir / "downloads"
     for name in ("0", "1", "global-0", "global-1", "2", "global-2", "notes"):
         (root / name / "x").mkdir(parents=True)
-    validator._prune_downloads(keep_from=1)
+    prune_downloads(validator.ctx, keep_from=1)
     assert sorted(p.name for p in root.iterdir()) == ["1", "2", "global-1", "global-2", "notes"]
     subnet.run_until(_cycle_end(config, 2))  # evaluations of cycles 0..2 prune as they go
     assert sorted(p.name for p in root.iterdir() if p.name[-1].isdigit()) == [
@@ -157,8 +159,8 @@ def test_general_drift_cap_is_the_base_loss_and_the_lead_publishes_nothing_above
     assert result.decision in ("merged", "best_single")  # the untrained base: training helps general too
 
     capped = build_subnet(tmp_path / "capped", config, miners=2, validators=1)
-    lowered = Validator._general_ceiling
-    monkeypatch.setattr(Validator, "_general_ceiling", lambda self, *a: 0.5 * lowered(self, *a))
+    lowered = connito.node.validator.general_ceiling
+    monkeypatch.setattr(connito.node.validator, "general_ceiling", lambda *a, **k: 0.5 * lowered(*a, **k))
     capped.run_until(_cycle_end(config, 0))
     result = capped.nodes["v0"].state.results[0]
     assert [row.accepted for row in result.scores] == [True, True]  # the cap does not touch scoring

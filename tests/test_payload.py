@@ -21,14 +21,13 @@ from connito.protocol.checkpoint import (
     ExpertSpec,
     Manifest,
     expected_expert_specs,
-    load_checkpoint,
     selected_keys,
     tensors_digest,
-    verify_checkpoint_cli,
     write_checkpoint,
 )
 from connito.protocol.payload import INT8_MAX, decode_int8_delta, encode_int8_delta, scale_key
 from connito.protocol.scoring import Candidate, score_submissions
+from connito.protocol.strict_loader import load_checkpoint, verify_checkpoint_cli
 
 SELECTION = make_selection({0: (1, 3), 1: (5,)})
 BY_LAYER = SELECTION.experts_by_layer
@@ -257,7 +256,7 @@ def test_int8_miners_are_scored_merged_and_the_merge_recomputed(tmp_path, caplog
     config = domain_config(training__payload="int8")
     subnet = build_subnet(tmp_path, config, miners=2, validators=2)
     _, end = phase_bounds(0, "merge", config.cycle)
-    with caplog.at_level("INFO", logger="connito.node.validator"):
+    with caplog.at_level("INFO", logger="connito.node"):
         subnet.run_until(end)
     lead, other = subnet.nodes["v0"], subnet.nodes["v1"]
     manifest = json.loads((tmp_path / "nodes" / "m0" / "checkpoints" / "0" / MANIFEST_FILE).read_bytes())

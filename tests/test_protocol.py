@@ -13,28 +13,30 @@ from pydantic import ValidationError
 
 from connito.config import CycleConfig
 from connito.errors import CommitmentDecodeError, ConfigError
-from connito.protocol.phases import (
+from connito.protocol.commitments import (
     COMMITMENT_PREFIX,
     COMMITMENT_VERSION,
     MAX_COMMITMENT_BYTES,
-    PENDING,
-    PHASES,
     CommitPayload,
     GlobalPayload,
-    PhaseInfo,
     RevealPayload,
-    commit_deadline,
     commit_digest,
-    cycle_start,
     decode_commitment,
     encode_commitment,
     eval_seed,
     eval_seed_bytes,
     max_repo_bytes,
+    short_digest,
+)
+from connito.protocol.phases import (
+    PENDING,
+    PHASES,
+    PhaseInfo,
+    commit_deadline,
+    cycle_start,
     phase,
     phase_bounds,
     seed_block,
-    short_digest,
 )
 
 # train 10, commit 2, reveal 3, evaluate 4, merge 1 -> 20 blocks per cycle, cycle 0 at block 100.

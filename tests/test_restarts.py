@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 from connito.errors import ChainError
 from connito.node.miner import Miner
 from connito.node.validator import Validator
-from connito.protocol.phases import CommitPayload, GlobalPayload, decode_commitment, phase, phase_bounds
+from connito.protocol.commitments import CommitPayload, GlobalPayload, decode_commitment
+from connito.protocol.phases import phase, phase_bounds
 
 
 def _payloads(subnet, name, kind):

@@ -34,7 +34,8 @@ from conftest import make_selection
 from e2e_harness import domain_config
 from hub_server import HubServer, running_hub
 
-from connito.chain.local import GenesisNeuron, LocalChain
+from connito.chain.local import LocalChain
+from connito.chain.local_ledger import GenesisNeuron
 from connito.config import DataConfig, DataSource, DomainConfig, MergeConfig, TokenizerConfig
 from connito.data import (
     DomainData,
@@ -56,24 +57,21 @@ from connito.protocol.checkpoint import (
     MANIFEST_FILE,
     ExpertSpec,
     Manifest,
-    load_checkpoint,
     tensors_digest,
-    verify_checkpoint_cli,
     write_checkpoint,
 )
-from connito.protocol.merge import apply_merge, initial_outer_state
-from connito.protocol.phases import (
+from connito.protocol.commitments import (
     CommitPayload,
     RevealPayload,
-    commit_deadline,
     commit_digest,
     encode_commitment,
     eval_seed,
-    phase_bounds,
-    seed_block,
     short_digest,
 )
+from connito.protocol.merge import apply_merge, initial_outer_state
+from connito.protocol.phases import commit_deadline, phase_bounds, seed_block
 from connito.protocol.scoring import Candidate, batch_losses, pseudo_gradient, score_submissions
+from connito.protocol.strict_loader import load_checkpoint, verify_checkpoint_cli
 from connito.protocol.submissions import Observation, fetch_and_verify
 
 PAYLOAD_CAP = 160 * 1024  # honest checkpoint ~50 KB; the full embedding (64 KB) still fits

@@ -34,7 +34,8 @@ from connito.hub import LocalStore
 from connito.ml.modeling import load_model
 from connito.ml.moe import moe_layers, read_experts, write_experts
 from connito.node.validator_state import CycleResult
-from connito.protocol.phases import CommitPayload, encode_commitment, phase, phase_bounds
+from connito.protocol.commitments import CommitPayload, encode_commitment
+from connito.protocol.phases import phase, phase_bounds
 from connito.protocol.scoring import (
     Candidate,
     SubmissionScore,

@@ -12,7 +12,8 @@ from safetensors.torch import load_file, save_file
 from connito.config import ModelConfig
 from connito.errors import ConfigError
 from connito.ml.moe import capture_routing, expert_key, moe_layers, read_experts
-from connito.ml.subset import extract_subset, load_subset_model, subset_expert_state, write_back
+from connito.ml.subset import extract_subset, subset_expert_state, write_back
+from connito.ml.subset_loading import load_subset_model
 
 SELECTION = {0: [1, 5], 1: [3]}
 

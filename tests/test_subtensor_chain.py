@@ -19,10 +19,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from connito.chain import Chain, ChainParams, Commitment, Neuron
-from connito.chain.subtensor import (
+from connito.chain.subtensor import RetryPolicy, SubtensorChain
+from connito.chain.subtensor_commitments import (
     MAX_COMMITMENT_BYTES,
-    RetryPolicy,
-    SubtensorChain,
     commit_spacing_blocks,
     commitment_info,
     decode_commitment_fields,

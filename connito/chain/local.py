@@ -7,6 +7,11 @@ and verified before it is stored, commitments and weights are rate limited, and 
 replaces the old one. The rule it keeps: the ledger is only changed inside one ``BEGIN IMMEDIATE``
 transaction per write, so concurrent writers never lose an update and a crash never leaves half
 a write behind.
+
+The ledger file itself (schema, genesis, connection) lives in ``connito.chain.local_ledger``; the
+bytes a write signs and the weights payload in ``connito.chain.local_signing``.
+
+May import: connito.errors, connito.chain.base, connito.chain.local_ledger, connito.chain.local_signing.
 """
 
 from __future__ import annotations
@@ -15,132 +20,45 @@ import contextlib
 import hashlib
 import logging
 import math
-import numbers
-import os
 import sqlite3
 import struct
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import bittensor as bt
-from bittensor.sp_core import Keypair, ss58_decode
-from bittensor.sp_core import verify as sr25519_verify
+from bittensor.sp_core import Keypair
 
 from connito.chain.base import ChainParams, Commitment, Neuron
+from connito.chain.local_ledger import (
+    MAX_UID,
+    SCHEMA_VERSION,
+    ChainRow,
+    GenesisNeuron,
+    check_genesis_limits,
+    check_genesis_params,
+    check_neuron,
+    connect_ledger,
+    read_chain_row,
+    write_new_ledger,
+)
+from connito.chain.local_signing import (
+    decode_weights,
+    encode_weights,
+    hotkey_keypair,
+    sign,
+    signing_message,
+    verify_signature,
+)
 from connito.errors import ChainError
 
-__all__ = [
-    "MAX_COMMITMENT_BYTES",
-    "GenesisNeuron",
-    "LocalChain",
-    "create_wallet",
-    "signing_message",
-    "verify_signature",
-]
+__all__ = ["MAX_COMMITMENT_BYTES", "LocalChain"]
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
 MAX_COMMITMENT_BYTES = 128  # the chain's Raw field budget; protocol commitments fit in it
-BUSY_TIMEOUT_S = 60.0  # how long a writer waits for another process's transaction to finish
-SIGNING_DOMAIN = b"connito-localchain-v1"  # a local-chain signature is useless anywhere else
 BLOCK_HASH_DOMAIN = b"connito-localchain-block-v1"
-MAX_UID = 0xFFFF  # uids are u16 on chain and in the weights payload
 _OPERATION = {"commitment": "commit", "weights": "set_weights"}  # write kind -> method name
-_WEIGHT_ENTRY = struct.Struct(">Hd")  # (uid u16, weight f64): exact, canonical, sorted by uid
-
-_SCHEMA = """
-CREATE TABLE chain (
-    id INTEGER PRIMARY KEY CHECK (id = 0),
-    schema_version INTEGER NOT NULL,
-    netuid INTEGER NOT NULL,
-    seed INTEGER NOT NULL,
-    block_time_s REAL,                      -- NULL: manual clock, blocks move only by advance
-    genesis_time REAL NOT NULL,             -- unix seconds of block 0
-    block_offset INTEGER NOT NULL,          -- blocks added by advance_blocks
-    tempo INTEGER NOT NULL,
-    weights_rate_limit INTEGER NOT NULL,
-    commitment_rate_limit INTEGER NOT NULL
-);
-CREATE TABLE neurons (
-    uid INTEGER PRIMARY KEY,
-    hotkey TEXT NOT NULL UNIQUE,
-    stake REAL NOT NULL,
-    validator_permit INTEGER NOT NULL,
-    registered_block INTEGER NOT NULL
-);
-CREATE TABLE writes (                       -- every signed write ever accepted, in order
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    kind TEXT NOT NULL CHECK (kind IN ('commitment', 'weights')),
-    hotkey TEXT NOT NULL,
-    uid INTEGER NOT NULL,
-    block INTEGER NOT NULL,
-    payload BLOB NOT NULL,
-    signature BLOB NOT NULL
-);
-CREATE INDEX writes_by_hotkey ON writes (kind, hotkey, seq);
-"""
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class GenesisNeuron:
-    """A neuron registered at block 0; uids follow the order of the genesis list."""
-
-    hotkey: str
-    stake: float = 0.0
-    validator_permit: bool = False
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class _ChainRow:
-    netuid: int
-    seed: int
-    block_time_s: float | None
-    genesis_time: float
-    block_offset: int
-    params: ChainParams
-
-
-def signing_message(*, netuid: int, kind: str, block: int, payload: bytes) -> bytes:
-    """The canonical bytes a hotkey signs for one write.
-
-    Fixed-width, length-prefixed fields under a domain tag: no two writes (other subnet, other
-    kind, other block, other payload) share a message, so a signature cannot be replayed.
-    """
-    kind_bytes = kind.encode("ascii")
-    header = struct.pack(">HQB", netuid, block, len(kind_bytes))
-    return SIGNING_DOMAIN + header + kind_bytes + struct.pack(">I", len(payload)) + payload
-
-
-def verify_signature(*, hotkey: str, message: bytes, signature: bytes) -> None:
-    """Check an sr25519 signature against the hotkey's ss58 address, like the chain's runtime.
-
-    Raises:
-        ChainError: the signature is malformed or was not made by ``hotkey`` over ``message``.
-    """
-    try:
-        is_valid = bool(sr25519_verify(message, signature, hotkey))
-    except ValueError as e:  # wrong length, bad ss58: malformed, so invalid
-        raise ChainError(f"write refused hotkey={hotkey}: malformed signature: {e}") from e
-    if not is_valid:
-        raise ChainError(f"write refused hotkey={hotkey}: bad sr25519 signature over the write")
-
-
-def create_wallet(wallets_dir: str | Path, name: str, *, hotkey: str = "default") -> bt.Wallet:
-    """Create (or load, if its files exist) an unencrypted bittensor wallet, offline and silent.
-
-    For localnet and tests: no password prompt (there is no stdin) and the mnemonic is never
-    printed or logged. A second hotkey under an existing coldkey is added without touching it.
-    """
-    wallet = bt.Wallet(name=name, hotkey=hotkey, path=str(wallets_dir))
-    discard_mnemonic: Callable[[str], None] = lambda _mnemonic: None  # noqa: E731
-    if not wallet.coldkeypub_file.exists_on_device():
-        wallet.create_new_coldkey(use_password=False, on_mnemonic=discard_mnemonic)
-    if not wallet.hotkey_file.exists_on_device():
-        wallet.create_new_hotkey(use_password=False, on_mnemonic=discard_mnemonic)
-    return wallet
 
 
 class LocalChain:
@@ -159,7 +77,7 @@ class LocalChain:
     ) -> None:
         self._path = Path(path)
         self._clock = clock if clock is not None else time.time
-        self._keypair = _hotkey_keypair(wallet)
+        self._keypair = hotkey_keypair(wallet)
         self._chain_row()  # fail now, not at the first read, if the ledger is missing or foreign
 
     def __repr__(self) -> str:
@@ -206,14 +124,14 @@ class LocalChain:
             ChainError: the path exists, or a parameter or neuron is invalid.
         """
         target = Path(path)
-        _check_genesis_params(target, netuid=netuid, seed=seed, neurons=neurons)
-        _check_genesis_limits(target, tempo, weights_rate_limit, commitment_rate_limit, block_time_s)
+        check_genesis_params(target, netuid=netuid, seed=seed, neurons=neurons)
+        check_genesis_limits(target, tempo, weights_rate_limit, commitment_rate_limit, block_time_s)
         start = genesis_time if genesis_time is not None else (clock or time.time)()
         row = (SCHEMA_VERSION, netuid, seed, block_time_s or None, start, 0, tempo) + (
             weights_rate_limit,
             commitment_rate_limit,
         )
-        _write_new_ledger(target, row, neurons)
+        write_new_ledger(target, row, neurons)
         logger.info("chain=local genesis path=%s netuid=%s neurons=%s", target, netuid, len(neurons))
         return cls(target, clock=clock)
 
@@ -287,7 +205,7 @@ class LocalChain:
                 " WHERE w.seq = (SELECT MAX(seq) FROM writes WHERE kind = 'weights'"
                 " AND hotkey = w.hotkey) ORDER BY n.uid"
             ).fetchall()
-        return {uid: _decode_weights(bytes(payload)) for uid, payload in rows}
+        return {uid: decode_weights(bytes(payload)) for uid, payload in rows}
 
     def audit(self) -> int:
         """Re-verify the signature of every stored write; returns how many were checked.
@@ -335,7 +253,7 @@ class LocalChain:
                     f"set_weights refused hotkey={neuron.hotkey} uid={neuron.uid}: no validator permit"
                 )
             known_uids = {n.uid for n in _neurons(conn)}
-            return _encode_weights(weights, known_uids=known_uids, hotkey=neuron.hotkey)
+            return encode_weights(weights, known_uids=known_uids, hotkey=neuron.hotkey)
 
         return self._signed_write("weights", payload)
 
@@ -354,7 +272,7 @@ class LocalChain:
             )
             _check_rate_limit(conn, kind=kind, hotkey=hotkey, block=block, limit_blocks=limit_blocks)
             message = signing_message(netuid=row.netuid, kind=kind, block=block, payload=payload)
-            signature = _sign(keypair, message)
+            signature = sign(keypair, message)
             verify_signature(hotkey=hotkey, message=message, signature=signature)
             conn.execute(
                 "INSERT INTO writes (kind, hotkey, uid, block, payload, signature) VALUES (?, ?, ?, ?, ?, ?)",
@@ -392,7 +310,7 @@ class LocalChain:
         Raises:
             ChainError: the hotkey is invalid or registered, the uid is taken, or stake is bad.
         """
-        _check_neuron(GenesisNeuron(hotkey=hotkey, stake=stake, validator_permit=validator_permit))
+        check_neuron(GenesisNeuron(hotkey=hotkey, stake=stake, validator_permit=validator_permit))
         with self._transaction(write=True) as conn:
             taken = {n.uid: n.hotkey for n in _neurons(conn)}
             if hotkey in taken.values():
@@ -432,33 +350,17 @@ class LocalChain:
             raise ChainError(f"{operation} refused ledger={self._path}: chain opened read-only (no wallet)")
         return self._keypair
 
-    def _block_of(self, row: _ChainRow) -> int:
+    def _block_of(self, row: ChainRow) -> int:
         if row.block_time_s is None:
             return row.block_offset
         elapsed_s = max(0.0, self._clock() - row.genesis_time)
         return row.block_offset + math.floor(elapsed_s / row.block_time_s)
 
-    def _chain_row(self, conn: sqlite3.Connection | None = None) -> _ChainRow:
+    def _chain_row(self, conn: sqlite3.Connection | None = None) -> ChainRow:
         if conn is None:
             with self._transaction(write=False) as own:
                 return self._chain_row(own)
-        try:
-            fields = conn.execute("SELECT * FROM chain WHERE id = 0").fetchone()
-        except sqlite3.Error as e:
-            raise ChainError(f"ledger {self._path}: not a connito local chain ledger: {e}") from e
-        if fields is None or fields[1] != SCHEMA_VERSION:
-            found = None if fields is None else fields[1]
-            raise ChainError(f"ledger {self._path}: schema_version={found}, expected {SCHEMA_VERSION}")
-        _, _, netuid, seed, block_time_s, genesis_time, offset, tempo, wrl, crl = fields
-        params = ChainParams(tempo=tempo, weights_rate_limit=wrl, commitment_rate_limit=crl)
-        return _ChainRow(
-            netuid=netuid,
-            seed=seed,
-            block_time_s=block_time_s,
-            genesis_time=genesis_time,
-            block_offset=offset,
-            params=params,
-        )
+        return read_chain_row(conn, self._path)
 
     @contextlib.contextmanager
     def _transaction(self, *, write: bool) -> Iterator[sqlite3.Connection]:
@@ -467,7 +369,7 @@ class LocalChain:
         if not self._path.is_file():
             raise ChainError(f"ledger {self._path}: not found; create it with LocalChain.genesis")
         try:
-            conn = _connect(self._path)
+            conn = connect_ledger(self._path)
         except sqlite3.Error as e:
             raise ChainError(f"ledger {self._path}: cannot open: {e}") from e
         try:
@@ -483,95 +385,6 @@ class LocalChain:
             raise ChainError(f"ledger {self._path}: {'write' if write else 'read'} failed: {e}") from e
         finally:
             conn.close()
-
-
-def _connect(path: Path) -> sqlite3.Connection:
-    # mode=rw: never create an empty database by accident; isolation_level=None: we issue BEGIN.
-    uri = path.resolve().as_uri() + "?mode=rw"
-    conn = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_S, isolation_level=None)
-    conn.execute("PRAGMA synchronous=FULL")  # an accepted write survives power loss
-    return conn
-
-
-def _write_new_ledger(target: Path, chain_row: tuple[object, ...], neurons: list[GenesisNeuron]) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.genesis-{os.getpid()}.tmp")
-    tmp.unlink(missing_ok=True)
-    try:
-        conn = sqlite3.connect(tmp, isolation_level=None)
-        try:
-            conn.execute("PRAGMA journal_mode=WAL")  # persistent in the file: readers never block writers
-            conn.executescript("BEGIN;" + _SCHEMA)
-            conn.execute("INSERT INTO chain VALUES (0, ?, ?, ?, ?, ?, ?, ?, ?, ?)", chain_row)
-            conn.executemany(
-                "INSERT INTO neurons VALUES (?, ?, ?, ?, 0)",
-                [(uid, n.hotkey, n.stake, int(n.validator_permit)) for uid, n in enumerate(neurons)],
-            )
-            conn.execute("COMMIT")
-        finally:
-            conn.close()
-        os.link(tmp, target)  # atomic and refuses to replace: two racing geneses cannot both win
-    except FileExistsError as e:
-        raise ChainError(f"genesis refused {target}: ledger already exists") from e
-    except (sqlite3.Error, OSError) as e:
-        raise ChainError(f"genesis {target}: cannot write ledger: {e}") from e
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _check_genesis_params(target: Path, *, netuid: int, seed: int, neurons: list[GenesisNeuron]) -> None:
-    if target.exists():
-        raise ChainError(f"genesis refused {target}: ledger already exists")
-    if not 0 <= netuid <= 0xFFFF:
-        raise ChainError(f"genesis {target}: netuid: must be in [0, 65535], got {netuid}")
-    if not 0 <= seed < 2**63:
-        raise ChainError(f"genesis {target}: seed: must be in [0, 2**63), got {seed}")
-    if len(neurons) > MAX_UID + 1:
-        raise ChainError(f"genesis {target}: neurons: {len(neurons)} given, max {MAX_UID + 1}")
-    hotkeys = [n.hotkey for n in neurons]
-    if len(set(hotkeys)) != len(hotkeys):
-        raise ChainError(f"genesis {target}: neurons: duplicate hotkey")
-    for neuron in neurons:
-        _check_neuron(neuron)
-
-
-def _check_genesis_limits(
-    target: Path, tempo: int, weights_rate_limit: int, commitment_rate_limit: int, block_time_s: float | None
-) -> None:
-    for name, value, low in (
-        ("tempo", tempo, 1),
-        ("weights_rate_limit", weights_rate_limit, 0),
-        ("commitment_rate_limit", commitment_rate_limit, 0),
-    ):
-        if value < low:
-            raise ChainError(f"genesis {target}: {name}: must be >= {low}, got {value}")
-    if block_time_s is not None and not (math.isfinite(block_time_s) and block_time_s >= 0):
-        raise ChainError(f"genesis {target}: block_time_s: must be None or >= 0, got {block_time_s}")
-
-
-def _check_neuron(neuron: GenesisNeuron) -> None:
-    try:
-        ss58_decode(neuron.hotkey)
-    except ValueError as e:
-        raise ChainError(f"neuron hotkey={neuron.hotkey!r}: not an ss58 address: {e}") from e
-    if not (math.isfinite(neuron.stake) and neuron.stake >= 0):
-        raise ChainError(f"neuron hotkey={neuron.hotkey}: stake: must be finite and >= 0, got {neuron.stake}")
-
-
-def _hotkey_keypair(wallet: bt.Wallet | Keypair | None) -> Keypair | None:
-    if wallet is None or isinstance(wallet, Keypair):
-        return wallet
-    try:
-        return wallet.hotkey
-    except Exception as e:  # the SDK raises KeyfileError, OSError or ValueError for a bad keyfile
-        raise ChainError(f"wallet {wallet.name}/{wallet.hotkey_str}: cannot load hotkey: {e}") from e
-
-
-def _sign(keypair: Keypair, message: bytes) -> bytes:
-    try:
-        return bytes(keypair.sign(message))
-    except Exception as e:  # a public-only keypair cannot sign; the binding raises its own types
-        raise ChainError(f"write refused hotkey={keypair.ss58_address}: cannot sign: {e}") from e
 
 
 def _block_hash(seed: int, block: int) -> str:
@@ -609,25 +422,3 @@ def _check_rate_limit(
         f"{_OPERATION[kind]} refused hotkey={hotkey} block={block}: {kind} rate limit {limit_blocks} blocks, "
         f"last {kind} at block {last[0]}, {remaining} blocks remain"
     )
-
-
-def _encode_weights(weights: dict[int, float], *, known_uids: set[int], hotkey: str) -> bytes:
-    """Validate and normalise weights into the canonical payload; never repairs bad values."""
-    where = f"set_weights refused hotkey={hotkey}"
-    if not weights:
-        raise ChainError(f"{where}: weights: empty")
-    for uid, value in weights.items():
-        if isinstance(uid, bool) or not isinstance(uid, int) or uid not in known_uids:
-            raise ChainError(f"{where}: uid={uid!r}: not a registered uid")
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-            raise ChainError(f"{where}: uid={uid}: weight {value!r} is not a finite number")
-        if value < 0:
-            raise ChainError(f"{where}: uid={uid}: weight {value} is negative")
-    total = math.fsum(float(v) for v in weights.values())
-    if total <= 0:
-        raise ChainError(f"{where}: weights sum to {total}, must be > 0")
-    return b"".join(_WEIGHT_ENTRY.pack(uid, float(weights[uid]) / total) for uid in sorted(weights))
-
-
-def _decode_weights(payload: bytes) -> dict[int, float]:
-    return {uid: weight for uid, weight in _WEIGHT_ENTRY.iter_unpack(payload)}

@@ -11,44 +11,37 @@ Rules it keeps:
 Reads go through the SDK's typed namespaces (``subnets.metagraph``, ``subnets.commitments``,
 ``hyperparameters``), weights through the ``SetWeights`` intent (the path ``bt.set_weights`` takes,
 which picks plaintext or timelocked commit-reveal itself), and commitments through the raw
-``Commitments.set_commitment`` call signed by the hotkey (v11 has no commitment intent).
+``Commitments.set_commitment`` call signed by the hotkey (v11 has no commitment intent). The
+pallet's field encoding and byte budget live in ``connito.chain.subtensor_commitments``.
+
+May import: connito.errors, connito.chain.base, connito.chain.subtensor_commitments.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import bittensor as bt
 from bittensor import calls, storage
 from bittensor.intents.weights import SetWeights
 
 from connito.chain.base import ChainParams, Commitment, Neuron
+from connito.chain.subtensor_commitments import (
+    DEFAULT_MAX_SPACE_BYTES,
+    MAX_COMMITMENT_BYTES,
+    commit_spacing_blocks,
+    commitment_info,
+    decode_commitment_fields,
+)
 from connito.errors import ChainError, ConfigError
 
-__all__ = [
-    "SubtensorChain",
-    "RetryPolicy",
-    "MAX_COMMITMENT_BYTES",
-    "DEFAULT_MAX_SPACE_BYTES",
-    "commitment_info",
-    "decode_commitment_fields",
-    "commit_spacing_blocks",
-]
+__all__ = ["SubtensorChain", "RetryPolicy"]
 
 logger = logging.getLogger(__name__)
-
-MAX_COMMITMENT_BYTES = 128  # the Commitments pallet's largest Raw{n} Data variant is Raw128
-# pallet-commitments charges each write max(100, payload bytes) of a per-hotkey byte budget
-# (MaxSpace) that resets every subnet epoch (tempo + 1 blocks); see commit_spacing_blocks.
-_MIN_COMMIT_SPACE_BYTES = 100
-_COMMIT_SPACE_BYTES = max(_MIN_COMMIT_SPACE_BYTES, MAX_COMMITMENT_BYTES)
-# The pallet's documented DefaultMaxSpace; used only when the runtime exposes no MaxSpace.
-DEFAULT_MAX_SPACE_BYTES = 3100
 
 _CONNECT_PREFIX = "could not connect to any endpoint: "
 # Transport-level failures: worth a fresh connection. RpcPolicyError (HTTP 403/429) is excluded
@@ -75,51 +68,6 @@ class RetryPolicy:
     max_attempts: int = 3
     backoff_s: float = 0.5  # first sleep; doubles after every failure
     budget_s: float = 20.0
-
-
-def commitment_info(data: bytes) -> dict[str, Any]:
-    """The ``info`` argument of ``Commitments.set_commitment`` for one raw payload.
-
-    One ``Raw{n}`` field whose variant name states the byte count (the pallet's ``Data`` enum runs
-    Raw0..Raw128) and whose value is the bytes themselves (a hex string risks being encoded as
-    text, doubling the length). The field list is flat, the shape v11's codec decodes
-    ``CommitmentOf`` into; v10 wrapped it (``[[...]]``) for py-scale-codec's BoundedVec.
-    """
-    return {"fields": [{f"Raw{len(data)}": bytes(data)}]}
-
-
-def decode_commitment_fields(fields: Any) -> bytes | None:
-    """Concatenate the ``Raw*`` fields of a decoded commitment back into bytes.
-
-    Returns None when the commitment carries no raw field (a hash, a sealed timelock payload, a
-    record of another protocol): it is not ours to read. Accepts the value as 0x-hex, bytes or a
-    list of ints, and tolerates the tuple-wrapped field list older codecs produced.
-    """
-    raw = bytearray()
-    found = False
-    for entry in _flatten_fields(fields):
-        for variant, value in entry.items():
-            if not str(variant).startswith("Raw"):
-                continue
-            chunk = _field_bytes(value)
-            if chunk is None:
-                return None
-            raw += chunk
-            found = True
-    return bytes(raw) if found else None
-
-
-def commit_spacing_blocks(*, tempo: int, max_space_bytes: int) -> int:
-    """Blocks to leave between two commitments so the pallet's byte budget can never run out.
-
-    The chain has no block-based commitment rate limit any more: each write costs
-    ``max(100, len)`` bytes of a ``MaxSpace`` budget per hotkey per epoch. Spacing our (at most
-    128-byte) writes ``ceil((tempo + 1) / (MaxSpace // 128))`` blocks apart fits at most
-    ``MaxSpace // 128`` of them into any window of one epoch. Mainnet (tempo 360, MaxSpace 3100):
-    16 blocks.
-    """
-    writes_per_epoch = max(1, max_space_bytes // _COMMIT_SPACE_BYTES)
-    return math.ceil((tempo + 1) / writes_per_epoch)
 
 
 class SubtensorChain:
@@ -451,32 +399,6 @@ def _hotkey_ss58(wallet: bt.Wallet) -> str:
             f"cannot load hotkey {wallet.hotkey_str!r} of wallet {wallet.name!r} under {wallet.path}: {_one_line(exc)}",
             field="wallet.hotkey",
         ) from None
-
-
-def _flatten_fields(fields: Any) -> list[Mapping[str, Any]]:
-    """The field variants as one-key mappings, unwrapping list/tuple nesting."""
-    if isinstance(fields, Mapping):
-        return [fields]
-    if isinstance(fields, (list, tuple)):
-        return [entry for item in fields for entry in _flatten_fields(item)]
-    return []  # unit variants (e.g. "ResetBondsFlag") carry no bytes
-
-
-def _field_bytes(value: Any) -> bytes | None:
-    """A Raw field's payload as bytes, or None if it is not a byte string."""
-    if isinstance(value, (bytes, bytearray)):
-        return bytes(value)
-    if isinstance(value, str):
-        try:
-            return bytes.fromhex(value.removeprefix("0x"))
-        except ValueError:
-            return None
-    if isinstance(value, (list, tuple)):
-        if len(value) == 1 and not isinstance(value[0], int):
-            return _field_bytes(value[0])  # tuple-wrapped [u8; N]
-        if all(isinstance(b, int) and 0 <= b < 256 for b in value):
-            return bytes(value)
-    return None
 
 
 def _one_line(value: object) -> str:

@@ -16,7 +16,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from connito.chain.base import Chain, Commitment, lead_validator
 from connito.chain.local import LocalChain
@@ -27,13 +26,14 @@ from connito.hub.base import CheckpointStore, StoreRef
 from connito.library.index import Library
 from connito.library.records import Contributor, StoreLocation, VersionDraft, VersionRecord
 from connito.ml.modeling import load_model
-from connito.ml.moe import read_experts, write_experts
+from connito.ml.moe import read_experts
 from connito.ml.selection_record import ExpertSelection
 from connito.protocol.checkpoint import ExpertSpec
+from connito.protocol.commitments import GlobalPayload, decode_commitment
 from connito.protocol.global_state import GlobalState, fetch_global, find_global_payload
 from connito.protocol.merge import record_digest
-from connito.protocol.phases import GlobalPayload, decode_commitment, phase_bounds
-from connito.protocol.scoring import batch_losses
+from connito.protocol.phases import phase_bounds
+from connito.protocol.scoring import heldout_losses
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +41,6 @@ __all__ = [
     "LIBRARY_EVAL_SEED",
     "LossFn",
     "version_draft",
-    "measure_losses",
     "record_global",
     "rebuild_library",
 ]
@@ -84,36 +83,6 @@ def version_draft(
         lead_hotkey=record.lead_hotkey,
         block=block,
     )
-
-
-def measure_losses(
-    model: nn.Module,
-    experts: dict[str, torch.Tensor],
-    *,
-    restore: dict[str, torch.Tensor],
-    data: DomainData,
-    config: DomainConfig,
-    seed: int = LIBRARY_EVAL_SEED,
-) -> tuple[float, float]:
-    """Mean (domain, general) held-out loss of ``experts`` in ``model``; ``restore`` is written back.
-
-    The same arithmetic as the validator's own re-check (per-batch means, then their mean), so a
-    rebuild gives the numbers the lead recorded.
-    """
-    scoring = config.scoring
-    domain = data.heldout_sample(seed, scoring.eval_batches, scoring.eval_batch_size)
-    general = (
-        data.general_sample(seed, scoring.general_batches, scoring.eval_batch_size)
-        if scoring.general_batches
-        else []
-    )
-    try:
-        write_experts(model, experts)
-        domain_losses, general_losses = batch_losses(model, domain), batch_losses(model, general)
-    finally:
-        write_experts(model, restore)
-    mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
-    return mean(domain_losses), mean(general_losses)
 
 
 def record_global(
@@ -232,7 +201,9 @@ def rebuild_library(
             except (StoreError, InvalidSubmission) as exc:
                 logger.warning("rebuild skipped cycle=%d block=%d: %s", payload.cycle, commitment.block, exc)
                 continue
-            losses = measure_losses(model, state.experts, restore=base_experts, data=data, config=config)
+            losses = heldout_losses(
+                model, state.experts, restore=base_experts, data=data, config=config, seed=LIBRARY_EVAL_SEED
+            )
             draft = version_draft(
                 state,
                 config=config,

@@ -22,9 +22,9 @@ from connito.chain.base import Commitment
 from connito.errors import CommitmentDecodeError
 from connito.node.miner import Miner
 from connito.protocol.checkpoint import EXPERTS_FILE
+from connito.protocol.commitments import CommitPayload, decode_commitment
 from connito.protocol.global_state import GlobalState
 from connito.protocol.merge import state_revision
-from connito.protocol.phases import CommitPayload, decode_commitment
 
 logger = logging.getLogger(__name__)
 

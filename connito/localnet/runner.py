@@ -169,7 +169,7 @@ def _roles(plan: LocalnetPlan) -> dict[str, str]:
 
 
 def _wallets(workdir: Path, roles: dict[str, str]) -> dict[str, str]:
-    from connito.chain.local import create_wallet
+    from connito.chain.local_signing import create_wallet
 
     return {name: create_wallet(workdir / "wallets", name).hotkey.ss58_address for name in roles}
 
@@ -185,7 +185,8 @@ def _write_run_config(config: DomainConfig, workdir: Path, plan: LocalnetPlan) -
 
 
 def _genesis(workdir: Path, config: DomainConfig, roles, hotkeys, plan: LocalnetPlan) -> None:
-    from connito.chain.local import GenesisNeuron, LocalChain
+    from connito.chain.local import LocalChain
+    from connito.chain.local_ledger import GenesisNeuron
 
     for stale in ("nodes", "hub", "logs", "library"):  # a fresh subnet each run; base, selection, cache kept
         shutil.rmtree(workdir / stale, ignore_errors=True)

@@ -1,17 +1,10 @@
 """The sparse inner trainer: AdamW on the selected experts only, everything else byte-identical.
 
-transformers 5 fuses each layer's experts into one ``(E, 2*I, H)`` / ``(E, H, I)`` tensor, and
-``requires_grad`` is per tensor, so "train experts 3 and 7" cannot be said with the tensor
-itself. Masking the gradient is wrong: AdamW's decoupled weight decay and its state would touch
-every expert (ml-methods §4.4). Instead the whole model is frozen, and each selected slice gets
-an fp32 master ``nn.Parameter`` that is the only thing the optimizer sees:
-
-- the fused tensor's selected rows always hold ``master.to(model dtype)`` (written after every
-  optimizer step, outside any autograd graph);
-- a parametrization hands the expert kernel the fused tensor itself, through ``_RowsToMaster``,
-  whose backward sends the selected rows of the weight gradient to the master. So the forward is
-  the frozen model's own, no spliced copy of the fused tensor is kept for backward, and the full
-  weight gradient lives only for one layer's backward.
+The whole model is frozen; each selected slice of a fused expert tensor gets an fp32 master
+``nn.Parameter``, the only thing the optimizer sees, spliced into the model so that its rows'
+gradient reaches the master (``connito.ml.expert_slices`` says how and why). This room runs the
+steps: micro-batches, the token loss, document-pool draws, the distributed gradient sum, and
+resume (the state's format is ``connito.ml.trainer_state``'s).
 
 The same code serves both residencies: on a ``SubsetModel`` every resident expert is selected.
 After ``finish`` the parametrizations are gone and the model is a plain transformers model again.
@@ -21,6 +14,9 @@ trains on its share of each step's micro-batches; the masters' gradients are sum
 before the optimizer step, so the ranks stay bit-identical and a step equals the single-process
 step over the whole global batch. Under ``fsdp`` the frozen model is sharded and consumed: build
 a fresh one for the next trainer.
+
+May import: connito.config, connito.errors, connito.ml.distributed, connito.ml.document_pools,
+connito.ml.expert_slices, connito.ml.subset, connito.ml.trainer_state.
 """
 
 from __future__ import annotations
@@ -31,13 +27,12 @@ import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from accelerate.utils import send_to_device
 from torch import nn
-from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
@@ -49,17 +44,23 @@ from connito.ml.distributed import (
     broadcast_,
     broadcast_object,
     shard_model,
-    write_rows_,
 )
 from connito.ml.document_pools import DocumentPools
-from connito.ml.moe import MoELayer, expert_key, moe_layers
-from connito.ml.subset import SubsetModel, check_selection
+from connito.ml.expert_slices import (
+    FUSED_TENSORS,
+    make_slices,
+    splice,
+    trained_experts,
+    unsplice,
+    write_masters,
+)
+from connito.ml.subset import SubsetModel
+from connito.ml.trainer_state import load_slice_state, moments_fit, restore_rng, trainer_state
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["Batch", "TrainResult", "SparseTrainer"]
 
-FUSED_TENSORS: tuple[str, ...] = ("gate_up_proj", "down_proj")
 IGNORE_INDEX = -100
 
 # A micro-batch: token ids (B, T), or a mapping with "input_ids" and optional "attention_mask".
@@ -78,61 +79,6 @@ class TrainResult:
     @property
     def mean_loss(self) -> float:
         return sum(self.losses) / max(len(self.losses), 1)
-
-
-class _RowsToMaster(torch.autograd.Function):
-    """Identity on the fused tensor; the gradient of rows ``index`` goes to ``master``.
-
-    Valid because the fused tensor's rows ``index`` equal ``master`` cast to its dtype (the trainer
-    keeps it so), which makes this the derivative of ``fused.index_put((index,), master.to(dtype))``.
-    """
-
-    @staticmethod
-    def forward(ctx, master: torch.Tensor, fused: torch.Tensor, index: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
-        ctx.save_for_backward(index)
-        ctx.master_dtype = master.dtype
-        return fused.view_as(fused)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # noqa: ANN001
-        (index,) = ctx.saved_tensors
-        return grad.index_select(0, index).to(ctx.master_dtype), None, None
-
-
-class _Splice(nn.Module):
-    """Parametrization of one fused expert tensor: trainable master rows ``index`` of it."""
-
-    def __init__(self, index: torch.Tensor, master: nn.Parameter) -> None:
-        super().__init__()
-        self.register_buffer("index", index, persistent=False)
-        self.master = master  # (n, 2*I, H) or (n, H, I), fp32
-
-    def forward(self, fused: torch.Tensor) -> torch.Tensor:
-        return _RowsToMaster.apply(self.master, fused, self.index)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class _Slice:
-    """One trained slice: rows ``slots`` of ``experts.<tensor>`` of MoE layer ``layer``."""
-
-    layer: int
-    tensor: str  # "gate_up_proj" | "down_proj"
-    experts: nn.Module
-    slots: tuple[int, ...]  # rows in the fused tensor
-    expert_ids: tuple[int, ...]  # original expert ids of those rows (== slots in full residency)
-    master: nn.Parameter
-
-    @property
-    def name(self) -> str:
-        return f"{self.layer}.{self.tensor}"
-
-    @property
-    def fused(self) -> torch.Tensor:
-        """The fused parameter itself (under the parametrization while training)."""
-        experts: Any = self.experts  # parametrizations is added at run time
-        if parametrize.is_parametrized(experts, self.tensor):
-            return cast(torch.Tensor, experts.parametrizations[self.tensor].original)
-        return cast(torch.Tensor, getattr(experts, self.tensor))
 
 
 def _batch_parts(batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -183,11 +129,8 @@ class SparseTrainer:
         self._replicas_synced = not self.dist.is_distributed
         self._requires_grad = {name: p.requires_grad for name, p in self.model.named_parameters()}
         self.model.requires_grad_(False)
-        self.slices = self._make_slices(selection)
-        for item in self.slices:
-            parametrize.register_parametrization(
-                item.experts, item.tensor, _Splice(self._index(item), item.master)
-            )
+        self.slices = make_slices(self.model, selection, subset=self.subset, device=self.device)
+        splice(self.slices)
         if self.dist.shards_model:
             shard_model(self.model, self.dist, replicated={item.master for item in self.slices})
         self.optimizer = torch.optim.AdamW(
@@ -212,40 +155,6 @@ class SparseTrainer:
 
     # -- setup -------------------------------------------------------------------------------
 
-    def _make_slices(self, selection: dict[int, list[int]] | None) -> list[_Slice]:
-        layers = {layer.index: layer for layer in moe_layers(self.model)}
-        if self.subset is not None:
-            chosen = check_selection(
-                selection if selection is not None else self.subset.selection, self.subset.full_num_experts
-            )
-            slots = {
-                layer: tuple(self.subset.slot_of(layer, e) for e in ids) for layer, ids in chosen.items()
-            }
-        else:
-            if selection is None:
-                raise ConfigError("full residency needs a selection", field="selection")
-            chosen = check_selection(selection, {i: layer.num_experts for i, layer in layers.items()})
-            slots = chosen
-        slices = []
-        for layer_index in sorted(chosen):
-            layer: MoELayer = layers[layer_index]
-            for tensor in FUSED_TENSORS:
-                fused = getattr(layer.experts, tensor)
-                index = torch.tensor(slots[layer_index], device=fused.device)
-                rows = fused.detach().index_select(0, index)
-                master = nn.Parameter(rows.to(device=self.device, dtype=torch.float32))
-                slices.append(
-                    _Slice(
-                        layer=layer_index,
-                        tensor=tensor,
-                        experts=layer.experts,
-                        slots=slots[layer_index],
-                        expert_ids=chosen[layer_index],
-                        master=master,
-                    )
-                )
-        return slices
-
     def _make_pools(self, cfg: TrainingConfig) -> DocumentPools | None:
         if cfg.document_pools is None:
             return None
@@ -264,10 +173,6 @@ class SparseTrainer:
         """
         key = hashlib.sha256(f"{self.cfg.seed}:{self.step_count}:{position}".encode()).digest()
         return torch.Generator().manual_seed(int.from_bytes(key[:8], "little"))
-
-    @staticmethod
-    def _index(item: _Slice) -> torch.Tensor:
-        return torch.tensor(item.slots, device=item.master.device)
 
     @property
     def micro_batches_per_step(self) -> int:
@@ -290,11 +195,6 @@ class SparseTrainer:
         )
 
     # -- training ----------------------------------------------------------------------------
-
-    def _sync_model(self) -> None:
-        """Write each master, in the model dtype, into its rows of the fused tensor (or its shard)."""
-        for item in self.slices:
-            write_rows_(item.fused, self._index(item), item.master.detach())
 
     def sync_replicas(self) -> int:
         """Give every rank rank 0's masters, optimizer state and step count; return that step.
@@ -325,7 +225,7 @@ class SparseTrainer:
                 tensors.append(item.master)
             broadcast_(tensors, self.dist)
             self.step_count = int(step_count)
-            self._sync_model()
+            write_masters(self.slices)
         self._replicas_synced = True
         return self.step_count
 
@@ -393,7 +293,7 @@ class SparseTrainer:
             torch.nn.utils.clip_grad_norm_(masters, self.cfg.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self._sync_model()
+        write_masters(self.slices)
         self.step_count += 1
         loss = loss_total / max(tokens, 1)
         logger.debug("inner step=%d loss=%.4f tokens=%d", self.step_count, loss, tokens)
@@ -454,16 +354,7 @@ class SparseTrainer:
         Keys: ``step``, ``rng.cpu`` (and ``rng.cuda``), and per slice ``L.tensor``:
         ``index.*`` (original expert ids), ``master.*``, ``optim.<state>.*`` (AdamW state).
         """
-        state: dict[str, torch.Tensor] = {"step": torch.tensor(self.step_count, dtype=torch.int64)}
-        state["rng.cpu"] = torch.get_rng_state()
-        if self.device.type == "cuda":
-            state["rng.cuda"] = torch.cuda.get_rng_state(self.device)
-        for item in self.slices:
-            state[f"index.{item.name}"] = torch.tensor(item.expert_ids, dtype=torch.int64)
-            state[f"master.{item.name}"] = item.master.detach().cpu().clone()
-            for key, value in self.optimizer.state.get(item.master, {}).items():
-                state[f"optim.{key}.{item.name}"] = value.detach().cpu().clone()
-        return state
+        return trainer_state(self.slices, self.optimizer, step=self.step_count, device=self.device)
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         """Resume from ``state_dict()`` output taken by a trainer with the same selection.
@@ -471,42 +362,11 @@ class SparseTrainer:
         Raises:
             ConfigError: the state is for another selection or has missing or misshapen tensors.
         """
-        expected = {"step", "rng.cpu", *(f"{p}.{s.name}" for s in self.slices for p in ("index", "master"))}
-        missing = sorted(expected - set(state))
-        if missing:
-            raise ConfigError(f"missing {missing[0]}", field="trainer_state")
-        optim_state: dict[int, dict[str, torch.Tensor]] = {}
-        for position, item in enumerate(self.slices):
-            if state[f"index.{item.name}"].tolist() != list(item.expert_ids):
-                raise ConfigError(
-                    f"{item.name}: experts {state[f'index.{item.name}'].tolist()}, expected {list(item.expert_ids)}",
-                    field="trainer_state",
-                )
-            master = state[f"master.{item.name}"]
-            if master.shape != item.master.shape:
-                raise ConfigError(
-                    f"master.{item.name}: shape {tuple(master.shape)}, expected {tuple(item.master.shape)}",
-                    field="trainer_state",
-                )
-            with torch.no_grad():
-                item.master.copy_(master)
-            prefix, suffix = "optim.", f".{item.name}"
-            entries = {
-                k[len(prefix) : -len(suffix)]: v
-                for k, v in state.items()
-                if k.startswith(prefix) and k.endswith(suffix)
-            }
-            if entries:
-                optim_state[position] = entries
-        self.optimizer.load_state_dict(
-            {"state": optim_state, "param_groups": self.optimizer.state_dict()["param_groups"]}
-        )
-        self._sync_model()
+        load_slice_state(self.slices, self.optimizer, state)
+        write_masters(self.slices)
         self.step_count = int(state["step"])
         self._replicas_synced = not self.dist.is_distributed
-        torch.set_rng_state(state["rng.cpu"])
-        if "rng.cuda" in state and self.device.type == "cuda":
-            torch.cuda.set_rng_state(state["rng.cuda"], self.device)
+        restore_rng(state, self.device)
 
     def load_optimizer_moments(self, state: Mapping[str, torch.Tensor]) -> bool:
         """Take the AdamW moments (``optim.*``) of an earlier ``state_dict()``; keep weights and step.
@@ -515,13 +375,8 @@ class SparseTrainer:
         its weights restart from the new global. Returns False, changing nothing, when the state was
         taken over other experts or holds no moments.
         """
-        for item in self.slices:
-            index = state.get(f"index.{item.name}")
-            if index is None or index.tolist() != list(item.expert_ids):
-                return False
-            moments = [v for k, v in state.items() if k.startswith("optim.") and k.endswith(f".{item.name}")]
-            if not moments or any(v.dim() and v.shape != item.master.shape for v in moments):
-                return False
+        if not moments_fit(self.slices, state):
+            return False
         current = self.state_dict()
         current.update({key: value for key, value in state.items() if key.startswith("optim.")})
         self.load_state_dict(current)
@@ -541,9 +396,8 @@ class SparseTrainer:
             self.optimizer.state.clear()
             self._finished = True
         if not self._finished:
-            self._sync_model()
-            for item in self.slices:
-                parametrize.remove_parametrizations(item.experts, item.tensor, leave_parametrized=False)
+            write_masters(self.slices)
+            unsplice(self.slices)
             if self.cfg.gradient_checkpointing and not self._checkpointing_was_on:
                 self.model.activation_checkpointing_disable()
                 self.model.disable_input_require_grads()
@@ -552,18 +406,4 @@ class SparseTrainer:
             self.model.eval()
             self.optimizer.state.clear()
             self._finished = True
-        return self._trained_experts()
-
-    def _trained_experts(self) -> dict[str, torch.Tensor]:
-        """Each expert from its masters cast to the model dtype: the bits its fused rows hold."""
-        state: dict[str, torch.Tensor] = {}
-        for item in self.slices:
-            rows = item.master.detach().to(item.fused.dtype)  # (n, 2*I, H) or (n, H, I)
-            for row, expert in zip(rows, item.expert_ids, strict=True):
-                if item.tensor == "down_proj":
-                    state[expert_key(item.layer, expert, "down_proj")] = row.clone()
-                else:  # gate rows first (transformers 5 fused layout)
-                    gate, up = row.chunk(2, dim=0)
-                    state[expert_key(item.layer, expert, "gate_proj")] = gate.clone()
-                    state[expert_key(item.layer, expert, "up_proj")] = up.clone()
-        return dict(sorted(state.items()))
+        return trained_experts(self.slices)

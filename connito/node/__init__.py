@@ -12,6 +12,7 @@ __all__ = [
     "metrics",
     "miner",
     "neuron_cli",
+    "neuron_flags",
     "validator",
     "validator_state",
 ]

@@ -21,7 +21,8 @@ from connito.ml.distributed import Distributed, barrier, init_distributed
 from connito.ml.selection_record import load_domain_selection
 from connito.node.context import NodeContext, load_node_data, open_store
 from connito.node.metrics import NodeMetrics, open_wandb
-from connito.node.neuron_cli import NeuronArgs, Role, configure_logging, open_chain, parse_args, resolve_args
+from connito.node.neuron_cli import NeuronArgs, configure_logging, open_chain, parse_args, resolve_args
+from connito.node.neuron_flags import Role
 
 if TYPE_CHECKING:  # imported where used: a miner does not load the validator's modules
     from connito.node.miner import Miner

@@ -18,27 +18,28 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from safetensors.torch import load_file, save_file
 
-from connito.errors import ChainError, ConfigError, InvalidSubmission, StoreError
+from connito.errors import ChainError, ConfigError, StoreError
 from connito.fsutil import atomic_write, sweep_temp_files
 from connito.ml.distributed import Distributed, broadcast_object, main_decides
 from connito.ml.modeling import load_model
 from connito.ml.moe import moe_layers, parse_expert_key, read_experts, write_expert, write_experts
-from connito.ml.subset import SubsetModel, load_subset_model, subset_expert_state
+from connito.ml.subset import SubsetModel, subset_expert_state
+from connito.ml.subset_loading import load_subset_model
 from connito.ml.training import SparseTrainer
 from connito.ml.update_bound import moments_may_carry
 from connito.node.context import NodeContext, PhaseLoop, uid_of
+from connito.node.global_sync import pull_global
 from connito.protocol.checkpoint import MANIFEST_FILE, write_checkpoint
-from connito.protocol.global_state import GlobalState, adoptable_global, fetch_global, genesis_global
-from connito.protocol.phases import (
+from connito.protocol.commitments import (
     CommitPayload,
-    PhaseInfo,
     RevealPayload,
     StoreKind,
     commit_digest,
     encode_commitment,
-    phase_bounds,
     short_digest,
 )
+from connito.protocol.global_state import GlobalState, genesis_global
+from connito.protocol.phases import PhaseInfo, phase_bounds
 
 logger = logging.getLogger(__name__)
 
@@ -123,24 +124,12 @@ class Miner:
             self.global_state = genesis_global(self._base_experts())
         if not self.dist.is_main:
             return  # rank 0's global reaches the other ranks through the trainer's broadcast
-        found = adoptable_global(
-            self.ctx.chain, self.ctx.config.cycle, newer_than=self.global_state.cycle, before=cycle
+        global_folder = self.ctx.workdir / "global"
+        pulled = pull_global(
+            self.ctx, self.global_state, before=cycle, folder=lambda c: global_folder / str(c)
         )
-        if found is None:
-            return
-        lead, payload = found
-        try:
-            self.global_state = fetch_global(
-                self.ctx.store,
-                lead,
-                payload,
-                self.ctx.workdir / "global" / str(payload.cycle),
-                selection=self.ctx.selection,
-                expected=self._expected(),
-                max_bytes=self.ctx.config.scoring.max_payload_bytes * 4,
-            )
-        except (StoreError, InvalidSubmission) as exc:
-            logger.warning("global fetch failed cycle=%d: %s", payload.cycle, exc)
+        if pulled is not None:
+            self.global_state = pulled[1]
 
     def produce_experts(self, cycle: int) -> dict[str, torch.Tensor] | None:
         """Train the selected experts from the global state; None when out of time."""
@@ -285,14 +274,6 @@ class Miner:
 
     def _selection(self) -> dict[int, list[int]]:
         return self.ctx.selection.experts_by_layer
-
-    def _expected(self):
-        from connito.protocol.checkpoint import ExpertSpec
-
-        specs = {}
-        for key, tensor in self.global_state.experts.items() if self.global_state else []:
-            specs[key] = ExpertSpec(tuple(tensor.shape), tensor.dtype)
-        return specs
 
     def _base_experts(self) -> dict[str, torch.Tensor]:
         model = self._model_or_load()

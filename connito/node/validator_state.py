@@ -67,6 +67,21 @@ class ValidatorState(BaseModel):
     registered_at: dict[str, int] = Field(default_factory=dict)  # registration block behind each EMA
     global_cycle: int = -1  # cycle of the adopted global state (-1: genesis)
 
+    def forget_reregistered(self, registered: dict[str, int]) -> list[str]:
+        """Reset the EMA of each hotkey registered anew since it was earned; returns those hotkeys.
+
+        ``registered`` maps each registered hotkey to its registration block. Deregistration
+        frees the uid, so a returning hotkey is a new participant: carrying its old EMA would pay
+        it for a previous life. (Unregistered hotkeys are dropped by ``update_ema``; an EMA with no
+        recorded registration, from an older state file, is kept.)
+        """
+        known = self.registered_at
+        stale = [h for h in self.ema if h in known and h in registered and known[h] != registered[h]]
+        for hotkey in stale:
+            del self.ema[hotkey]
+        self.registered_at = dict(registered)
+        return stale
+
 
 def score_row(score: SubmissionScore, pre: ScoreRow | None) -> ScoreRow:
     """``score`` as a persisted row, keeping what verification recorded in ``pre`` (store, revision)."""

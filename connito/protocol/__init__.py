@@ -10,10 +10,13 @@ library or the localnet. It may use the ML core, the data, and the ``Chain`` and
 
 __all__ = [
     "checkpoint",
+    "commitments",
     "global_state",
     "merge",
     "payload",
     "phases",
+    "safetensors_header",
     "scoring",
+    "strict_loader",
     "submissions",
 ]

@@ -21,13 +21,8 @@ from connito.fsutil import atomic_write
 from connito.hub.base import CheckpointStore, StoreRef
 from connito.ml.outer import OuterOptimizer, OuterState
 from connito.ml.selection_record import ExpertSelection
-from connito.protocol.checkpoint import (
-    EXPERTS_FILE,
-    MANIFEST_FILE,
-    ExpertSpec,
-    load_checkpoint,
-    write_checkpoint,
-)
+from connito.protocol.checkpoint import EXPERTS_FILE, MANIFEST_FILE, ExpertSpec, write_checkpoint
+from connito.protocol.commitments import GlobalPayload, decode_commitment, short_digest
 from connito.protocol.merge import (
     MERGE_RECORD_FILE,
     OUTER_STATE_FILE,
@@ -36,7 +31,8 @@ from connito.protocol.merge import (
     record_digest,
     state_revision,
 )
-from connito.protocol.phases import GlobalPayload, decode_commitment, phase_bounds, short_digest
+from connito.protocol.phases import phase_bounds
+from connito.protocol.strict_loader import load_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +40,7 @@ __all__ = [
     "GLOBAL_FILES",
     "GlobalState",
     "genesis_global",
+    "expected_specs",
     "find_global_payload",
     "adoptable_global",
     "fetch_global",
@@ -72,6 +69,11 @@ def genesis_global(experts: dict[str, torch.Tensor]) -> GlobalState:
     return GlobalState(
         cycle=-1, revision=state_revision(experts), experts=experts, outer=initial_outer_state(experts)
     )
+
+
+def expected_specs(state: GlobalState) -> dict[str, ExpertSpec]:
+    """The key, shape and dtype that every payload against ``state`` must have."""
+    return {key: ExpertSpec(tuple(tensor.shape), tensor.dtype) for key, tensor in state.experts.items()}
 
 
 def find_global_payload(chain: Chain) -> tuple[str, int, GlobalPayload] | None:

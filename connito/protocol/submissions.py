@@ -24,17 +24,17 @@ from connito.config import DomainConfig
 from connito.errors import CommitmentDecodeError, InvalidSubmission
 from connito.hub.base import CheckpointStore, StoreRef
 from connito.ml.selection_record import ExpertSelection
-from connito.protocol.checkpoint import MANIFEST_FILE, ExpertSpec, load_checkpoint
-from connito.protocol.phases import (
+from connito.protocol.checkpoint import MANIFEST_FILE, ExpertSpec
+from connito.protocol.commitments import (
     CommitPayload,
     RevealPayload,
     commit_digest,
     decode_commitment,
-    phase,
-    phase_bounds,
     short_digest,
 )
+from connito.protocol.phases import phase, phase_bounds
 from connito.protocol.scoring import Candidate
+from connito.protocol.strict_loader import load_checkpoint
 
 logger = logging.getLogger(__name__)
 

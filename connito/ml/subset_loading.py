@@ -1,0 +1,242 @@
+"""Loading a subset model from a ``save_pretrained`` folder, reading only the selected experts.
+
+The skeleton (``connito.ml.subset_skeleton``) gets every non-expert tensor from the checkpoint,
+and each MoE layer gets the selected experts' rows and router rows, read lazily through
+``safetensors.safe_open``: the unselected experts never reach memory. Both checkpoint layouts
+are read: per-expert tensors (``save_pretrained``'s default, Mixtral's ``w1/w3/w2`` too) and
+fused ``gate_up_proj`` / ``down_proj``, in one file or sharded with an index.
+
+May import: connito.config, connito.errors, connito.ml.moe, connito.ml.subset,
+connito.ml.subset_skeleton.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Iterable, KeysView
+from contextlib import ExitStack
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
+
+from connito.config import ModelConfig
+from connito.errors import ConfigError
+from connito.ml.modeling import TORCH_DTYPES
+from connito.ml.moe import PROJECTIONS, MoELayer, expert_key, moe_layers
+from connito.ml.subset import SubsetModel, check_covers_every_layer, check_selection
+from connito.ml.subset_skeleton import (
+    EXPERT_COUNT_FIELDS,
+    build_skeleton,
+    copy_into,
+    install_layer,
+    router_row_names,
+    subset_keys,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["load_subset_model"]
+
+# Checkpoint names save_pretrained writes for one expert (Mixtral keeps its original w1/w3/w2).
+_DISK_EXPERT_RE = re.compile(
+    r"^model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w3|w2)\.weight$"
+)
+_DISK_PROJECTION = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+
+
+class _Checkpoint:
+    """Lazy reader over a ``save_pretrained`` folder (single file or sharded with an index)."""
+
+    def __init__(self, folder: Path, stack: ExitStack) -> None:
+        self.folder = folder
+        index_path = folder / "model.safetensors.index.json"
+        if index_path.exists():
+            weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
+        elif (folder / "model.safetensors").exists():
+            with safe_open(folder / "model.safetensors", framework="pt") as handle:
+                weight_map = dict.fromkeys(handle.keys(), "model.safetensors")
+        else:
+            raise ConfigError("no model.safetensors or model.safetensors.index.json", path=str(folder))
+        self._files = {
+            name: stack.enter_context(safe_open(folder / name, framework="pt"))
+            for name in set(weight_map.values())
+        }
+        self._where = {key: self._files[name] for key, name in weight_map.items()}
+        self.expert_keys = _disk_experts(self._where)
+
+    def keys(self) -> KeysView[str]:
+        return self._where.keys()
+
+    def get(self, key: str) -> torch.Tensor:
+        return self._where[key].get_tensor(key)
+
+    def rows(self, key: str, index: tuple[int, ...]) -> torch.Tensor:
+        """Rows ``index`` of a tensor, reading only those rows from disk."""
+        part = self._where[key].get_slice(key)
+        return torch.cat([part[e : e + 1] for e in index], dim=0)
+
+
+def _model_key(disk_key: str) -> str:
+    """The in-memory name of a checkpoint tensor (Mixtral's checkpoint says ``block_sparse_moe``)."""
+    return re.sub(r"^(model\.layers\.\d+)\.block_sparse_moe\.", r"\1.mlp.", disk_key)
+
+
+def _disk_experts(keys: Iterable[str]) -> dict[tuple[int, int, str], str]:
+    """``(layer, expert, projection) -> checkpoint key`` for per-expert checkpoints."""
+    found: dict[tuple[int, int, str], str] = {}
+    for key in keys:
+        match = _DISK_EXPERT_RE.match(key)
+        if match is not None:
+            projection = _DISK_PROJECTION.get(match.group(3), match.group(3))
+            found[(int(match.group(1)), int(match.group(2)), projection)] = key
+    return found
+
+
+def _read_expert_rows(
+    checkpoint: _Checkpoint, layer: int, experts: tuple[int, ...]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(gate_up (n, 2*I, H), down (n, H, I))`` of the given experts, read from disk."""
+    fused_gate_up = f"model.layers.{layer}.mlp.experts.gate_up_proj"
+    if fused_gate_up in checkpoint.keys():  # saved with save_original_format=False
+        down_key = f"model.layers.{layer}.mlp.experts.down_proj"
+        return checkpoint.rows(fused_gate_up, experts), checkpoint.rows(down_key, experts)
+    gate_up, down = [], []
+    for expert in experts:
+        try:
+            gate, up, dn = (checkpoint.get(checkpoint.expert_keys[(layer, expert, p)]) for p in PROJECTIONS)
+        except KeyError:
+            key = expert_key(layer, expert, "gate_proj")
+            raise ConfigError(
+                "expert tensors not in the checkpoint", path=str(checkpoint.folder), field=key
+            ) from None
+        gate_up.append(torch.cat([gate, up], dim=0))
+        down.append(dn)
+    return torch.stack(gate_up), torch.stack(down)
+
+
+def _resolve_config(
+    model_dir: Path, model_cfg: ModelConfig | PretrainedConfig | None, dtype: torch.dtype | None
+) -> tuple[PretrainedConfig, torch.dtype]:
+    """The transformers config and weights dtype: explicit ``dtype``, then ModelConfig, then config.json."""
+    if isinstance(model_cfg, PretrainedConfig):
+        hf_config = model_cfg
+    else:
+        hf_config = AutoConfig.from_pretrained(str(model_dir))
+    if isinstance(model_cfg, ModelConfig):
+        if model_cfg.experts_implementation is not None:
+            hf_config._experts_implementation = model_cfg.experts_implementation
+        return hf_config, dtype or TORCH_DTYPES[model_cfg.dtype]
+    config_dtype = getattr(hf_config, "dtype", None)
+    return hf_config, dtype or (config_dtype if isinstance(config_dtype, torch.dtype) else torch.float32)
+
+
+def _expert_count(hf_config: PretrainedConfig) -> int:
+    for name in EXPERT_COUNT_FIELDS:
+        value = getattr(hf_config, name, None)
+        if isinstance(value, int):
+            return value
+    raise ConfigError(f"config has none of {EXPERT_COUNT_FIELDS}", field="model")
+
+
+def _check_all_filled(model: nn.Module, filled: set[str], *, where: str) -> None:
+    """Every skeleton tensor was written (tied weights count through their twin)."""
+    state = model.state_dict(keep_vars=True)
+    filled_ptrs = {state[k].data_ptr() for k in filled}
+    missing = sorted(k for k, t in state.items() if k not in filled and t.data_ptr() not in filled_ptrs)
+    if missing:
+        raise ConfigError(f"{len(missing)} tensors missing, first {missing[0]}", path=where, field=missing[0])
+
+
+def _router_disk_key(checkpoint: _Checkpoint, layer: int, name: str) -> str:
+    for block in ("mlp", "block_sparse_moe"):
+        key = f"model.layers.{layer}.{block}.gate.{name}"
+        if key in checkpoint.keys():
+            return key
+    key = f"model.layers.{layer}.mlp.gate.{name}"
+    raise ConfigError("router tensor not in the checkpoint", path=str(checkpoint.folder), field=key)
+
+
+def _load_non_experts(subset: PreTrainedModel, checkpoint: _Checkpoint) -> None:
+    """Copy every tensor but the experts and router rows from disk; fail if one is missing."""
+    owned = subset_keys(subset)
+    targets = {k: t for k, t in subset.state_dict(keep_vars=True).items() if k not in owned}
+    filled = set(owned)
+    for disk_key in checkpoint.keys():
+        key = _model_key(disk_key)
+        if key in targets:
+            copy_into(targets[key], checkpoint.get(disk_key), key=key, where=str(checkpoint.folder))
+            filled.add(key)
+    _check_all_filled(subset, filled, where=str(checkpoint.folder))
+
+
+def _load_layer(checkpoint: _Checkpoint, layer: MoELayer, experts: tuple[int, ...], *, top_k: int) -> None:
+    """Install the experts ``experts`` of ``layer`` and their router rows, read from disk."""
+    gate_up, down = _read_expert_rows(checkpoint, layer.index, experts)
+    like = layer.gate_up_proj  # (1, 2*I, H) in the skeleton
+    expected = {
+        "gate_up_proj": (len(experts), *like.shape[1:]),
+        "down_proj": (len(experts), *layer.down_proj.shape[1:]),
+    }
+    for name, tensor in (("gate_up_proj", gate_up), ("down_proj", down)):
+        if tuple(tensor.shape) != expected[name]:
+            field = f"model.layers.{layer.index}.mlp.experts.{name}"
+            raise ConfigError(
+                f"shape {tuple(tensor.shape)}, expected {expected[name]}",
+                path=str(checkpoint.folder),
+                field=field,
+            )
+    router_rows = {}
+    for name in router_row_names(layer.router, 1):
+        rows = checkpoint.rows(_router_disk_key(checkpoint, layer.index, name), experts)
+        reference = getattr(layer.router, name)
+        router_rows[name] = rows.to(device=reference.device, dtype=reference.dtype)
+    install_layer(
+        layer,
+        gate_up=gate_up.to(device=like.device, dtype=like.dtype),
+        down=down.to(device=like.device, dtype=like.dtype),
+        router_rows=router_rows,
+        top_k=top_k,
+    )
+
+
+def load_subset_model(
+    model_dir: str | Path,
+    model_cfg: ModelConfig | PretrainedConfig | None,
+    selection: dict[int, list[int]],
+    *,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+) -> SubsetModel:
+    """The subset model of a ``save_pretrained`` folder, reading only the selected experts.
+
+    Unselected experts are never read into memory: the skeleton is built with one expert per
+    layer, every non-expert tensor is copied in, and each layer's fused tensors are replaced by
+    the selected rows read lazily through ``safetensors.safe_open``. ``model_cfg`` is connito's
+    ``ModelConfig`` (dtype and experts kernel; the architecture comes from ``config.json``), a
+    transformers config, or None (everything from the folder).
+
+    Raises:
+        ConfigError: the folder has no safetensors weights, lacks a tensor, has a wrong shape, or
+            the selection does not fit the model.
+    """
+    folder = Path(model_dir)
+    hf_config, resolved_dtype = _resolve_config(folder, model_cfg, dtype)
+    subset = build_skeleton(hf_config, dtype=resolved_dtype, device=torch.device(device))
+    layers = moe_layers(subset)
+    num_experts = {layer.index: _expert_count(hf_config) for layer in layers}
+    chosen = check_selection(selection, num_experts)
+    check_covers_every_layer(chosen, num_experts)
+    with ExitStack() as stack:
+        checkpoint = _Checkpoint(folder, stack)
+        _load_non_experts(subset, checkpoint)
+        for layer in layers:
+            _load_layer(checkpoint, layer, chosen[layer.index], top_k=layer.top_k)
+    logger.info(
+        "subset loaded path=%s experts=%d layers=%d", folder, sum(map(len, chosen.values())), len(chosen)
+    )
+    return SubsetModel(model=subset, expert_ids=chosen, full_num_experts=num_experts)

@@ -1,0 +1,53 @@
+"""Pulling the lead's newest global state: the one step miners and validators share.
+
+A node adopts only a publication that ``adoptable_global`` allows (newer than its own, from
+before this cycle, committed inside its merge phase), fetched from the store at its pinned
+revision and checked by the strict loader. A failed fetch is one WARNING line: the node keeps
+its global and tries again at the next block.
+
+May import: the protocol (global state) and ``connito.node.context``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+from connito.errors import InvalidSubmission, StoreError
+from connito.node.context import NodeContext
+from connito.protocol.global_state import GlobalState, adoptable_global, expected_specs, fetch_global
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["pull_global"]
+
+GLOBAL_SIZE_FACTOR = 4  # a global carries experts, outer master and momentum: a few payloads' bytes
+
+
+def pull_global(
+    ctx: NodeContext, current: GlobalState, *, before: int, folder: Callable[[int], Path]
+) -> tuple[str, GlobalState] | None:
+    """The lead's hotkey and its adoptable global from before cycle ``before``, or None.
+
+    ``folder(cycle)`` is where the download lands. Nothing is adopted here: the caller decides
+    (a validator recomputes the merge first).
+    """
+    found = adoptable_global(ctx.chain, ctx.config.cycle, newer_than=current.cycle, before=before)
+    if found is None:
+        return None
+    lead, payload = found
+    try:
+        fetched = fetch_global(
+            ctx.store,
+            lead,
+            payload,
+            folder(payload.cycle),
+            selection=ctx.selection,
+            expected=expected_specs(current),
+            max_bytes=ctx.config.scoring.max_payload_bytes * GLOBAL_SIZE_FACTOR,
+        )
+    except (StoreError, InvalidSubmission) as exc:
+        logger.warning("global fetch failed cycle=%d: %s", payload.cycle, exc)
+        return None
+    return lead, fetched
