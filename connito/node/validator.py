@@ -40,6 +40,7 @@ from connito.node.validator_merge import (
     publish_global,
     recompute_merge,
     save_global_folder,
+    with_merge,
 )
 from connito.node.validator_state import CycleResult, ValidatorState, score_row, submission_scores
 from connito.protocol.commitments import eval_seed
@@ -290,16 +291,7 @@ class Validator:
             return
         self._record_in_library(new_global, ref=ref, block=block)
         self._adopt(new_global)
-        self._record(
-            result.model_copy(
-                update={
-                    "decision": choice.decision,
-                    "merged": [s.hotkey for s in choice.inputs],
-                    "result_revision": record.result_revision,
-                    "result_domain_loss": choice.loss,
-                }
-            )
-        )
+        self._record(with_merge(result, record))
         logger.info(
             "cycle=%d phase=merge decision=%s inputs=%d loss=%.4f global=%.4f",
             cycle,
@@ -349,17 +341,7 @@ class Validator:
             and self.global_state.cycle == cycle
             and self.global_state.record is not None
         ):
-            record = self.global_state.record
-            self._record(
-                result.model_copy(
-                    update={
-                        "decision": record.decision,
-                        "merged": [i.hotkey for i in record.inputs],
-                        "result_revision": record.result_revision,
-                        "result_domain_loss": record.result_domain_loss,
-                    }
-                )
-            )
+            self._record(with_merge(result, self.global_state.record))
         return True
 
     def _adopt(self, new_global: GlobalState) -> None:

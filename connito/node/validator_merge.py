@@ -46,6 +46,7 @@ __all__ = [
     "save_global_folder",
     "publish_global",
     "recompute_merge",
+    "with_merge",
 ]
 
 LossFn = Callable[[dict[str, torch.Tensor], int], tuple[float, float]]  # (experts, seed) -> (domain, general)
@@ -140,6 +141,18 @@ def merge_record(
         result_domain_loss=choice.loss,
         eval_seed=result.eval_seed,
         lead_hotkey=ctx.hotkey,
+    )
+
+
+def with_merge(result: CycleResult, record: MergeRecord) -> CycleResult:
+    """``result`` with the published merge's decision, inputs, revision and loss."""
+    return result.model_copy(
+        update={
+            "decision": record.decision,
+            "merged": [i.hotkey for i in record.inputs],
+            "result_revision": record.result_revision,
+            "result_domain_loss": record.result_domain_loss,
+        }
     )
 
 
