@@ -12,10 +12,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
-
-import torch
 
 from connito.chain.base import Chain, Commitment, lead_validator
 from connito.chain.local import LocalChain
@@ -31,22 +28,20 @@ from connito.ml.selection_record import ExpertSelection
 from connito.protocol.checkpoint import ExpertSpec
 from connito.protocol.commitments import GlobalPayload, decode_commitment
 from connito.protocol.global_state import GlobalState, fetch_global, find_global_payload
+from connito.protocol.heldout import LossFn, heldout_losses
 from connito.protocol.merge import record_digest
 from connito.protocol.phases import phase_bounds
-from connito.protocol.scoring import heldout_losses
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "LIBRARY_EVAL_SEED",
-    "LossFn",
     "version_draft",
     "record_global",
     "rebuild_library",
 ]
 
 LIBRARY_EVAL_SEED = 0
-LossFn = Callable[[dict[str, torch.Tensor], int], tuple[float, float]]  # (experts, seed) -> (domain, general)
 
 
 def version_draft(
@@ -202,7 +197,12 @@ def rebuild_library(
                 logger.warning("rebuild skipped cycle=%d block=%d: %s", payload.cycle, commitment.block, exc)
                 continue
             losses = heldout_losses(
-                model, state.experts, restore=base_experts, data=data, config=config, seed=LIBRARY_EVAL_SEED
+                model,
+                state.experts,
+                restore=base_experts,
+                data=data,
+                scoring=config.scoring,
+                seed=LIBRARY_EVAL_SEED,
             )
             draft = version_draft(
                 state,

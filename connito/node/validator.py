@@ -50,12 +50,11 @@ from connito.protocol.global_state import (
     find_global_payload,
     genesis_global,
 )
+from connito.protocol.heldout import general_ceiling, heldout_losses, seeded_samples
 from connito.protocol.phases import PhaseInfo, seed_block
 from connito.protocol.scoring import (
     Candidate,
     chain_weights,
-    general_ceiling,
-    heldout_losses,
     rank_weights,
     ranked,
     score_submissions,
@@ -162,14 +161,7 @@ class Validator:
             self._record(result.model_copy(update={"skipped": True, "decision": "none"}))
             return
         model = self._resident_model()
-        domain_batches = self.ctx.data.heldout_sample(
-            seed, config.scoring.eval_batches, config.scoring.eval_batch_size
-        )
-        general_batches = (
-            self.ctx.data.general_sample(seed, config.scoring.general_batches, config.scoring.eval_batch_size)
-            if config.scoring.general_batches
-            else []
-        )
+        domain_batches, general_batches = seeded_samples(self.ctx.data, config.scoring, seed)
         assert self._base_state is not None
         ceiling = general_ceiling(  # guards what the lead publishes
             model,
@@ -420,7 +412,7 @@ class Validator:
             experts,
             restore=self.global_state.experts,
             data=self.ctx.data,
-            config=self.ctx.config,
+            scoring=self.ctx.config.scoring,
             seed=seed,
         )
 

@@ -26,6 +26,7 @@ from connito.node.context import NodeContext
 from connito.node.validator_state import CycleResult
 from connito.protocol.commitments import GlobalPayload, StoreKind, encode_commitment, short_digest
 from connito.protocol.global_state import GLOBAL_FILES, GlobalState, save_global
+from connito.protocol.heldout import LossFn
 from connito.protocol.merge import (
     MergeInput,
     MergeRecord,
@@ -48,8 +49,6 @@ __all__ = [
     "recompute_merge",
     "with_merge",
 ]
-
-LossFn = Callable[[dict[str, torch.Tensor], int], tuple[float, float]]  # (experts, seed) -> (domain, general)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -156,9 +155,13 @@ def with_merge(result: CycleResult, record: MergeRecord) -> CycleResult:
     )
 
 
+def _global_folder(ctx: NodeContext, cycle: int) -> Path:
+    return ctx.workdir / "global" / str(cycle)
+
+
 def save_global_folder(ctx: NodeContext, new_global: GlobalState) -> Path:
     """``WORKDIR/global/CYCLE``, written once (a restart finds it complete and leaves it)."""
-    folder = ctx.workdir / "global" / str(new_global.cycle)
+    folder = _global_folder(ctx, new_global.cycle)
     if not (folder / "outer_state.safetensors").exists():
         save_global(new_global, folder, config=ctx.config, selection=ctx.selection, hotkey=ctx.hotkey)
     return folder
@@ -171,7 +174,7 @@ def publish_global(ctx: NodeContext, new_global: GlobalState) -> tuple[StoreRef,
         StoreError, ChainError: nothing is adopted yet; the caller retries the same merge.
     """
     assert new_global.record is not None
-    folder = ctx.workdir / "global" / str(new_global.cycle)
+    folder = _global_folder(ctx, new_global.cycle)
     save_global(new_global, folder, config=ctx.config, selection=ctx.selection, hotkey=ctx.hotkey)
     ref = ctx.store.upload(
         folder, repo=ctx.hub_repo, files=GLOBAL_FILES, message=f"global cycle {new_global.cycle}"

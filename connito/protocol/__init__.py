@@ -12,6 +12,7 @@ __all__ = [
     "checkpoint",
     "commitments",
     "global_state",
+    "heldout",
     "merge",
     "payload",
     "phases",

@@ -20,8 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from connito.config import DomainConfig, ScoringConfig
-from connito.data import DomainData
+from connito.config import ScoringConfig
 from connito.ml.delta_sketch import DeltaSketch, cosine_upper_bound, sketch_delta
 from connito.ml.eval_pool import EvalPool
 from connito.ml.modeling import token_loss
@@ -34,8 +33,6 @@ __all__ = [
     "Candidate",
     "SubmissionScore",
     "batch_losses",
-    "heldout_losses",
-    "general_ceiling",
     "pseudo_gradient",
     "cosine_similarity",
     "score_submissions",
@@ -111,59 +108,6 @@ def batch_losses(model: nn.Module, batches: Sequence[torch.Tensor]) -> list[floa
             losses.append(loss_sum / max(count, 1))
     model.train(was_training)
     return losses
-
-
-def heldout_losses(
-    model: nn.Module,
-    experts: dict[str, torch.Tensor],
-    *,
-    restore: dict[str, torch.Tensor],
-    data: DomainData,
-    config: DomainConfig,
-    seed: int,
-) -> tuple[float, float]:
-    """Mean (domain, general) held-out loss of ``experts`` in ``model``; ``restore`` is written back.
-
-    Per-batch means, then their mean, on the seeded samples of ``config.scoring``: the lead's
-    re-check of a merge and the library's record use this one arithmetic, so a rebuild of the
-    library gives the numbers the lead recorded.
-    """
-    scoring = config.scoring
-    domain = data.heldout_sample(seed, scoring.eval_batches, scoring.eval_batch_size)
-    general = (
-        data.general_sample(seed, scoring.general_batches, scoring.eval_batch_size)
-        if scoring.general_batches
-        else []
-    )
-    try:
-        write_experts(model, experts)
-        domain_losses, general_losses = batch_losses(model, domain), batch_losses(model, general)
-    finally:
-        write_experts(model, restore)
-    return _mean(domain_losses), _mean(general_losses)
-
-
-def general_ceiling(
-    model: nn.Module,
-    general_batches: Sequence[torch.Tensor],
-    *,
-    base_experts: dict[str, torch.Tensor],
-    restore: dict[str, torch.Tensor],
-    limit: float | None,
-) -> float | None:
-    """The base experts' general loss on this cycle's sample x (1 + ``limit``); None when off.
-
-    Measured on the same batches as the submissions, so the cap moves with the sample but never
-    with the global: forgetting cannot add up over cycles. ``restore`` is written back.
-    """
-    if limit is None or not general_batches:
-        return None
-    try:
-        write_experts(model, base_experts)
-        base_general = sum(batch_losses(model, general_batches)) / len(general_batches)
-    finally:
-        write_experts(model, restore)
-    return base_general * (1 + limit)
 
 
 def _mean(values: Sequence[float]) -> float:
