@@ -240,6 +240,14 @@ class TrainingConfig(_Strict):
     gradient_checkpointing: bool = Field(
         False, description="recompute activations in backward: less memory, about a third more compute"
     )
+    assignment_fraction: float | None = Field(
+        1 / 128,
+        gt=0,
+        le=0.25,
+        description="share of the training documents assigned to each miner each cycle, and to nobody (the "
+        "control set), by (domain, cycle, hotkey): the data a miner must train on and its own-work evidence. "
+        "Size it so that H inner steps pass over it several times; None: fixed shards by uid, no own-work check",
+    )
     seed: int = Field(
         0, description="torch seed of the trainer; also mixed into each miner's per-cycle data order"
     )
@@ -326,6 +334,20 @@ class ScoringConfig(_Strict):
     max_payload_bytes: int = Field(512 * 2**20, ge=1, description="cap on a checkpoint's download size")
     max_manifest_bytes: int = Field(
         64 * 1024, ge=256, description="cap on manifest.json, checked before reading it"
+    )
+    own_work_margin: float | None = Field(
+        0.02,
+        description="an update must lower the loss on its assigned documents by this much more (relative) "
+        "than on the cycle's control documents; None: no own-work check",
+    )
+    own_work_batches: int = Field(3, ge=1, description="batches each of assigned and control data per check")
+    replay_cycles: int = Field(
+        3,
+        ge=0,
+        description="earlier cycles whose accepted pseudo-gradients and merge a submission may not repeat",
+    )
+    normalised_step: bool = Field(
+        True, description="score every update at the cycle's median update norm, so scaling one gains nothing"
     )
     update_bound_factor: float | None = Field(
         2.0,

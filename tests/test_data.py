@@ -345,14 +345,32 @@ def test_mixture_loader_draws_only_weighted_parts(domain):
         domain.mixture_loader(8, seed=0, weights={"poetry": 1.0})
 
 
-def test_explicit_and_private_validation_are_held_out(tmp_path, small_config):
-    """data.validation text is the held-out set, and it and private files never reach training."""
+def test_explicit_validation_is_held_out_and_private_files_are_the_evaluation_pool(tmp_path, small_config):
+    """data.validation text is the public held-out set and never trained on; a validator's private
+    files become its evaluation pool, minus any document a miner could read in a public source."""
     math = generate_math_documents(400)
+    fresh = [doc for doc in generate_math_documents(40, seed=7) if doc not in set(math)][:10]
     validation = tmp_path / "val.jsonl"
     validation.write_text("\n".join(json.dumps({"text": doc}) for doc in math[:30]) + "\n")
     private = tmp_path / "private.jsonl"
-    private.write_text(json.dumps({"text": math[100]}) + "\n")
+    private.write_text("\n".join(json.dumps({"text": doc}) for doc in [math[100], math[5], *fresh]) + "\n")
     config = small_config.model_copy(update={"validation": [DataSource(kind="files", name=str(validation))]})
     domain = build_domain_data(config, cache_dir=tmp_path, private_validation=[private])
-    assert domain.stats.heldout_documents == 31
-    assert domain.stats.train_documents == len(set(math)) - 31
+    assert domain.stats.heldout_documents == 30
+    assert domain.stats.train_documents == len(set(math)) - 30
+    assert domain.private_blocks is not None
+    public = build_domain_data(config, cache_dir=tmp_path)
+    assert public.private_blocks is None
+    fresh_only = tmp_path / "fresh.jsonl"
+    fresh_only.write_text("\n".join(json.dumps({"text": doc}) for doc in fresh) + "\n")
+    assert torch.equal(
+        build_domain_data(config, cache_dir=tmp_path, private_validation=[fresh_only]).private_blocks,
+        domain.private_blocks,
+    )  # math[100] (public train) and math[5] (public held-out) were dropped from the private pool
+    sample = domain.heldout_sample(seed=3, num_batches=2, batch_size=2)
+    pool = set(map(tuple, domain.private_blocks.tolist()))
+    assert all(tuple(row) in pool for batch in sample for row in batch.tolist())
+    leaked = tmp_path / "leaked.jsonl"
+    leaked.write_text(json.dumps({"text": math[100]}) + "\n")
+    with pytest.raises(ConfigError, match="no document outside the public sources"):
+        build_domain_data(config, cache_dir=tmp_path, private_validation=[leaked])

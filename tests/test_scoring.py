@@ -8,14 +8,8 @@ from conftest import random_batch, tiny_model
 
 from connito.config import ScoringConfig
 from connito.ml.moe import moe_layers, read_experts
-from connito.protocol.scoring import (
-    Candidate,
-    SubmissionScore,
-    chain_weights,
-    rank_weights,
-    score_submissions,
-    update_ema,
-)
+from connito.protocol.scoring import Candidate, SubmissionScore, score_submissions
+from connito.protocol.weights import chain_weights, rank_weights, update_ema
 
 SELECTION = {0: [1, 2], 1: [3]}
 DOMAIN = [random_batch(2, 16, seed=s) for s in range(3)]

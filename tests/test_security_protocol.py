@@ -39,15 +39,12 @@ from connito.protocol.phases import phase, phase_bounds
 from connito.protocol.scoring import (
     Candidate,
     SubmissionScore,
-    chain_weights,
     cosine_similarity,
     pseudo_gradient,
-    rank_weights,
-    ranked,
     score_submissions,
-    update_ema,
 )
 from connito.protocol.submissions import Observation, fetch_and_verify, observe_commitments, precheck
+from connito.protocol.weights import chain_weights, rank_weights, ranked, update_ema
 
 CYCLE = 2  # a cycle away from genesis, so "one block before" any window is a real block
 HONEST, COPIER = hotkey_of("honest"), hotkey_of("copier")

@@ -78,8 +78,15 @@ class Chain(Protocol):
         """
         ...
 
-    def commitments(self) -> list[Commitment]:
-        """The current commitment of every hotkey in the subnet that has one."""
+    def commitments(self, block: int | None = None) -> list[Commitment]:
+        """The commitment of every hotkey in the subnet that has one: now, or as it stood at ``block``.
+
+        A reveal replaces a commit, so a validator that was down during the commit window reads
+        the commits back at the window's last block.
+
+        Raises:
+            ChainError: the chain cannot serve state at ``block`` (pruned, or not yet produced).
+        """
         ...
 
     def set_weights(self, weights: dict[int, float]) -> int:

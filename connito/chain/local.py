@@ -177,13 +177,21 @@ class LocalChain:
         with self._transaction(write=False) as conn:
             return _neurons(conn)
 
-    def commitments(self) -> list[Commitment]:
-        """The latest commitment of every registered hotkey that has one, ordered by uid."""
+    def commitments(self, block: int | None = None) -> list[Commitment]:
+        """The latest commitment (at or before ``block``) of every registered hotkey, ordered by uid.
+
+        Raises:
+            ChainError: ``block`` is after the current block.
+        """
         with self._transaction(write=False) as conn:
+            if block is not None and block > self._block_of(self._chain_row(conn)):
+                raise ChainError(f"cannot read commitments at block {block}: the chain is not there yet")
+            limit = block if block is not None else 2**62
             rows = conn.execute(
                 "SELECT w.hotkey, w.block, w.payload FROM writes w JOIN neurons n ON n.hotkey = w.hotkey"
                 " WHERE w.seq = (SELECT MAX(seq) FROM writes WHERE kind = 'commitment'"
-                " AND hotkey = w.hotkey) ORDER BY n.uid"
+                " AND hotkey = w.hotkey AND block <= ?) ORDER BY n.uid",
+                (limit,),
             ).fetchall()
         return [Commitment(hotkey=h, block=b, data=bytes(d)) for h, b, d in rows]
 

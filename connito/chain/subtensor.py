@@ -160,13 +160,17 @@ class SubtensorChain:
             for n in sorted(graph.neurons, key=lambda n: n.uid)
         ]
 
-    def commitments(self) -> list[Commitment]:
-        """The current raw commitment of every registered hotkey that has one, sorted by hotkey.
+    def commitments(self, block: int | None = None) -> list[Commitment]:
+        """The raw commitment of every registered hotkey that has one (now, or at ``block``), by hotkey.
 
         Commitments left behind by deregistered hotkeys and commitments without a raw field
         (hashes, sealed timelock payloads) are skipped: they are not subnet members' raw bytes.
+        A past ``block`` is read from the node's state at that block (a pruning node keeps a few
+        hundred blocks; an archive node all).
         """
-        rows = self._call("commitments", lambda client: client.subnets.commitments(self.netuid))
+        rows = self._call(
+            "commitments", lambda client: client.subnets.commitments(self.netuid, block=block)
+        )
         out: list[Commitment] = []
         for hotkey, record in rows.items():
             if record.uid is None:

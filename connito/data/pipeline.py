@@ -24,6 +24,7 @@ import torch
 from transformers import PreTrainedTokenizerFast
 
 from connito.config import DataConfig, DataSource, ModelConfig
+from connito.data.assignment import assigned_mask, control_mask
 from connito.data.packing import TokenizedDocuments, concat_tokenized, pack_blocks, tokenize_documents
 from connito.data.sampling import cycle_batches, mixture_batches, sample_batches, seeded_rng
 from connito.data.sources import load_documents
@@ -70,10 +71,11 @@ class DomainData:
     sequence_length: int
     train: TokenizedDocuments  # every miner-visible domain document, all shards
     train_shard_keys: np.ndarray  # (len(train),) uint64: split.shard_key of each document
-    heldout_blocks: torch.Tensor  # (N_h, T) int64: domain held-out, never in a training stream
+    heldout_blocks: torch.Tensor  # (N_h, T) int64: public domain held-out, never in a training stream
     general_blocks: torch.Tensor  # (N_g, T) int64: held-out part of the general reference
     mixture: tuple[MixturePart, ...]  # training parts of every train and general source
     stats: DataStats
+    private_blocks: torch.Tensor | None = None  # (N_p, T): a validator's private evaluation documents
 
     @property
     def eos_token_id(self) -> int:
@@ -121,15 +123,52 @@ class DomainData:
         rng = seeded_rng("train", seed, shard_index, num_shards)
         return cycle_batches(blocks, batch_size=batch_size, rng=rng)
 
+    def assigned_blocks(self, *, domain: str, cycle: int, hotkey: str, fraction: float) -> torch.Tensor:
+        """Packed blocks of the documents ``hotkey`` must train on in ``cycle``; (N, T) int64."""
+        mask = assigned_mask(
+            self.train_shard_keys, domain=domain, cycle=cycle, hotkey=hotkey, fraction=fraction
+        )
+        return self._pack(np.flatnonzero(mask))
+
+    def control_blocks(self, *, domain: str, cycle: int, fraction: float) -> torch.Tensor:
+        """Packed blocks of ``cycle``'s control documents, assigned to no miner; (N, T) int64."""
+        mask = control_mask(self.train_shard_keys, domain=domain, cycle=cycle, fraction=fraction)
+        return self._pack(np.flatnonzero(mask))
+
+    def assigned_loader(
+        self, *, domain: str, cycle: int, hotkey: str, fraction: float, batch_size: int, seed: int
+    ) -> Iterator[torch.Tensor]:
+        """Endless ``(batch_size, T)`` batches of the miner's assigned blocks, reshuffled each pass.
+
+        Raises:
+            ConfigError: ``batch_size`` < 1, or an assignment too small for one block.
+        """
+        blocks = self.assigned_blocks(domain=domain, cycle=cycle, hotkey=hotkey, fraction=fraction)
+        if batch_size < 1:
+            raise ConfigError(f"must be >= 1, got {batch_size}", field="batch_size")
+        if len(blocks) == 0:
+            raise ConfigError(
+                f"the cycle {cycle} assignment of hotkey {hotkey} has no full block of {self.sequence_length}",
+                field="training.assignment_fraction",
+            )
+        return cycle_batches(blocks, batch_size=batch_size, rng=seeded_rng("assigned", seed, cycle))
+
+    def _pack(self, members: np.ndarray) -> torch.Tensor:
+        return pack_blocks(
+            self.train.select(members), eos_token_id=self.eos_token_id, sequence_length=self.sequence_length
+        )
+
     def heldout_sample(self, seed: int, num_batches: int, batch_size: int) -> list[torch.Tensor]:
-        """The validators' seeded sample of domain held-out blocks: same seed, same batches, anywhere.
+        """The validators' seeded sample of the evaluation pool: same seed, same batches, same pool.
+
+        The pool is this validator's private evaluation documents when it has them (no miner can
+        have trained on those), else the public held-out documents.
 
         Raises:
             ConfigError: no held-out blocks, or a count < 1.
         """
-        return sample_batches(
-            self.heldout_blocks, seed=seed, num_batches=num_batches, batch_size=batch_size, salt="heldout"
-        )
+        pool = self.private_blocks if self.private_blocks is not None else self.heldout_blocks
+        return sample_batches(pool, seed=seed, num_batches=num_batches, batch_size=batch_size, salt="heldout")
 
     def general_sample(self, seed: int, num_batches: int, batch_size: int) -> list[torch.Tensor]:
         """The seeded sample of general held-out blocks for the forgetting guard.
@@ -180,8 +219,9 @@ def build_domain_data(
 
     Held-out domain text is ``data.validation`` when given (train documents equal to one are
     dropped), else the ``heldout_fraction`` of train documents picked by hash. ``private_validation``
-    files (json/jsonl/txt/parquet with a ``text`` field, a validator's own) join the held-out set and
-    are dropped from training. General sources are split by the same hash rule. The tokenizer is
+    files (json/jsonl/txt/parquet with a ``text`` field, a validator's own) become the evaluation
+    pool (``DomainData.heldout_sample``); a private document that also appears in a public source
+    is dropped from it, since a miner could have trained on it. General sources are split by the same hash rule. The tokenizer is
     trained on public text only (train and general training parts), so every node derives the same
     one; with an inline model config its ids must fit ``vocab_size``.
 
@@ -215,7 +255,8 @@ class _Texts:
     """A domain's documents after the held-out split, before tokenization."""
 
     train: list[list[str]]  # per train source, what miners may see
-    heldout: list[str]  # domain held-out: hash split or data.validation, plus private files
+    heldout: list[str]  # public domain held-out: hash split or data.validation
+    private: list[str]  # a validator's private evaluation documents (never public, never trained on)
     general_train: list[list[str]]  # per general source
     general_heldout: list[str]
     corpus: list[str]  # public text the tokenizer trains on (no private files)
@@ -239,12 +280,19 @@ def _load_texts(
         split_documents(load_documents(source, cache_dir=cache_dir), heldout_fraction=data.heldout_fraction)
         for source in data.general
     ]
-    private_digests = {document_digest(doc) for doc in private}
-    train = [
-        [doc for doc in split.train if document_digest(doc) not in private_digests] for split in train_splits
-    ]
+    # a private document is evaluation data only if no miner can read it: not in any public source
+    public = {document_digest(doc) for split in train_splits for doc in split.train + split.heldout}
+    public |= {document_digest(doc) for doc in explicit}
+    private = [doc for doc in unique_documents(private) if document_digest(doc) not in public]
+    train = [split.train for split in train_splits]
     hashed_out = [doc for split in train_splits for doc in split.heldout]
-    heldout = unique_documents((explicit if data.validation else hashed_out) + private)
+    heldout = unique_documents(explicit if data.validation else hashed_out)
+    if private_validation and not private:
+        raise ConfigError(
+            f"private evaluation files {[str(p) for p in private_validation]} hold no document outside "
+            "the public sources",
+            field="eval.private_data",
+        )
     if not any(train) or not heldout:
         raise ConfigError(
             f"split left train_documents={sum(map(len, train))} heldout_documents={len(heldout)}",
@@ -253,6 +301,7 @@ def _load_texts(
     return _Texts(
         train=train,
         heldout=heldout,
+        private=private,
         general_train=[split.train for split in general_splits],
         general_heldout=unique_documents([doc for split in general_splits for doc in split.heldout]),
         corpus=[doc for split in train_splits + general_splits for doc in split.train],
@@ -280,6 +329,7 @@ def _assemble(
         for name, source, part in zip(_part_names(sources), sources, train_parts + general_parts, strict=True)
     )
     heldout_blocks, general_blocks = pack(heldout), pack(general_heldout)
+    private_blocks = pack(tokenize(texts.private)) if texts.private else None
     shard_keys = [shard_key(doc) for documents in texts.train for doc in documents]
     return DomainData(
         tokenizer=tokenizer,
@@ -288,6 +338,7 @@ def _assemble(
         train_shard_keys=np.asarray(shard_keys, dtype=np.uint64),
         heldout_blocks=heldout_blocks,
         general_blocks=general_blocks,
+        private_blocks=private_blocks,
         mixture=mixture,
         stats=DataStats(
             train_documents=len(train),

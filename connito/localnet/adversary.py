@@ -7,11 +7,22 @@
 - ``lazy``: the global experts re-uploaded unchanged.
 - ``stale``: trains from an old global revision (the one before the latest; in the first cycle a
   perturbed copy of the base experts) and says so in its manifest.
+- ``heldout``: trains honestly, but on the public held-out pool (what validators scored on before
+  they had private evaluation data) instead of its assigned documents.
+- ``sybil``: one of two hotkeys (``--noise`` apart) submitting the victim's update plus Gaussian
+  noise of that fraction of its norm, committed after the victim.
+- ``replay``: re-submits an update already paid for on this cycle's global, with no training: the
+  victim's update of the last cycle (odd cycles) or the last merge's step continued (even cycles
+  from 2 on); in cycle 0 there is nothing to replay and it sits out.
+- ``scaled``: trains honestly on its assignment, then multiplies its update by the largest factor
+  the update bound allows; writes the factor to ``scaled.json`` for the report.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +30,10 @@ import torch
 from safetensors.torch import load_file
 
 from connito.chain.base import Commitment
+from connito.data.sampling import cycle_batches, seeded_rng
 from connito.errors import CommitmentDecodeError
+from connito.fsutil import atomic_write
+from connito.ml.update_bound import max_weight_change
 from connito.node.miner import Miner
 from connito.protocol.checkpoint import EXPERTS_FILE
 from connito.protocol.commitments import CommitPayload, decode_commitment
@@ -28,9 +42,12 @@ from connito.protocol.merge import state_revision
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ADVERSARY_KINDS", "AdversaryMiner"]
+__all__ = ["ADVERSARY_KINDS", "SYBIL_NOISE", "AdversaryMiner"]
 
-ADVERSARY_KINDS = ("copy", "nan", "lazy", "stale")
+ADVERSARY_KINDS = ("copy", "nan", "lazy", "stale", "heldout", "sybil", "replay", "scaled")
+SYBIL_NOISE = (0.15, 0.5)  # the localnet's two sybils: noise norm / the victim's update norm
+# a honest-looking training stream, for the kinds that train
+_TRAINING_KINDS = frozenset({"heldout", "scaled"})
 
 
 @dataclass
@@ -38,6 +55,7 @@ class AdversaryMiner(Miner):
     kind: str = "lazy"
     victim_workdir: Path | None = None
     victim_hotkey: str | None = None
+    noise: float = 0.2  # sybil: noise norm as a fraction of the victim's update norm
     _previous_global: GlobalState | None = None
     _pending: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
 
@@ -62,7 +80,72 @@ class AdversaryMiner(Miner):
             return self._stale(cycle)
         if self.kind == "copy":
             return self._copy(cycle)
+        if self.kind == "sybil":
+            return self._sybil(cycle)
+        if self.kind == "replay":
+            return self._replay(cycle)
+        if self.kind in _TRAINING_KINDS:
+            trained = super().produce_experts(cycle)
+            return self._scale(cycle, trained) if trained is not None and self.kind == "scaled" else trained
         raise ValueError(f"unknown adversary kind {self.kind!r}")
+
+    def _train_loader(self, cycle: int, uid: int, shards: int) -> Iterator[torch.Tensor]:
+        if self.kind != "heldout":
+            return super()._train_loader(cycle, uid, shards)
+        blocks = self.ctx.data.heldout_blocks  # the public pool: an adversary has no private data
+        return cycle_batches(
+            blocks, batch_size=self.ctx.config.training.batch_size, rng=seeded_rng("heldout", cycle)
+        )
+
+    def _scale(self, cycle: int, trained: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The trained update times the largest factor the validators' update bound lets through."""
+        assert self.global_state is not None
+        scoring = self.ctx.config.scoring
+        moved = max(
+            float((self.global_state.experts[k].float() - v.float()).abs().max()) for k, v in trained.items()
+        )
+        bound = max_weight_change(
+            self.ctx.config.training, self.global_state.experts, factor=scoring.update_bound_factor or 2.0
+        )
+        factor = 0.98 * bound / moved if moved > 0 else 1.0
+        atomic_write(
+            self.ctx.workdir / "scaled" / f"{cycle}.json",
+            json.dumps({"cycle": cycle, "factor": factor}).encode(),
+        )
+        logger.info("cycle=%d scaled update by %.3f (bound %.3g, moved %.3g)", cycle, factor, bound, moved)
+        return _at(self.global_state.experts, trained, factor)
+
+    def _victim_experts(self, cycle: int) -> dict[str, torch.Tensor] | None:
+        if self.victim_workdir is None:
+            raise ValueError(f"{self.kind} adversary needs victim_workdir")
+        source = self.victim_workdir / "checkpoints" / str(cycle) / EXPERTS_FILE
+        return load_file(str(source)) if source.exists() else None
+
+    def _sybil(self, cycle: int) -> dict[str, torch.Tensor] | None:
+        """The victim's update plus noise of ``noise`` x its norm (a fresh draw per hotkey and cycle)."""
+        assert self.global_state is not None
+        victim = self._victim_experts(cycle)
+        if victim is None:
+            return None
+        glob = self.global_state.experts
+        norm = _norm({k: glob[k].float() - victim[k].float() for k in glob})
+        generator = torch.Generator().manual_seed(int(self.ctx.hotkey.encode().hex()[:12], 16) + cycle)
+        noise = {k: torch.randn(v.shape, generator=generator) for k, v in glob.items()}
+        unit = self.noise * norm / _norm(noise)
+        return {k: (victim[k].float() + unit * noise[k]).to(glob[k].dtype) for k in glob}
+
+    def _replay(self, cycle: int) -> dict[str, torch.Tensor] | None:
+        """An update already paid for, applied to this cycle's global: no training at all."""
+        assert self.global_state is not None
+        glob, before = self.global_state.experts, self._previous_global
+        if cycle >= 2 and cycle % 2 == 0 and before is not None:
+            step = {k: before.experts[k].float() - glob[k].float() for k in glob}  # last merge, continued
+        else:
+            old = self._victim_experts(cycle - 1) if cycle >= 1 else None
+            if old is None or before is None:
+                return None  # nothing accepted yet to replay
+            step = {k: before.experts[k].float() - old[k].float() for k in glob}
+        return {k: (glob[k].float() - step[k]).to(glob[k].dtype) for k in glob}
 
     def _stale(self, cycle: int) -> dict[str, torch.Tensor]:
         assert self.global_state is not None
@@ -82,15 +165,10 @@ class AdversaryMiner(Miner):
         return old
 
     def _copy(self, cycle: int) -> dict[str, torch.Tensor] | None:
-        if self.victim_workdir is None:
-            raise ValueError("copy adversary needs victim_workdir")
-        source = self.victim_workdir / "checkpoints" / str(cycle) / EXPERTS_FILE
-        if not source.exists():
-            return None  # the victim has not finished yet: try again next block
-        return load_file(str(source))
+        return self._victim_experts(cycle)  # None: the victim has not finished yet, try next block
 
     def commit(self, cycle: int) -> None:
-        if self.kind == "copy" and not self._victim_committed_before_now(cycle):
+        if self.kind in ("copy", "sybil") and not self._victim_committed_before_now(cycle):
             return
         super().commit(cycle)
 
@@ -108,3 +186,14 @@ def _is_commit(commitment: Commitment, cycle: int) -> bool:
     except CommitmentDecodeError:
         return False
     return isinstance(payload, CommitPayload) and payload.cycle == cycle
+
+
+def _norm(tensors: dict[str, torch.Tensor]) -> float:
+    return float(torch.sqrt(sum((t.float() ** 2).sum() for t in tensors.values())))
+
+
+def _at(
+    glob: dict[str, torch.Tensor], local: dict[str, torch.Tensor], factor: float
+) -> dict[str, torch.Tensor]:
+    """``glob - factor * (glob - local)``, in each global tensor's dtype."""
+    return {k: (v.float() - factor * (v.float() - local[k].float())).to(v.dtype) for k, v in glob.items()}

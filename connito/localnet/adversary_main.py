@@ -20,6 +20,9 @@ def main(argv: list[str] | None = None) -> int:
     extra.add_argument("--kind", choices=ADVERSARY_KINDS, required=True)
     extra.add_argument("--victim-workdir", type=Path, default=None)
     extra.add_argument("--victim-hotkey", default=None)
+    extra.add_argument(
+        "--noise", type=float, default=0.2, help="sybil: noise norm / the victim's update norm"
+    )
     known, rest = extra.parse_known_args(argv)
     args = parse_args("miner", rest)
     configure_logging(args)
@@ -37,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         kind=known.kind,
         victim_workdir=known.victim_workdir,
         victim_hotkey=known.victim_hotkey,
+        noise=known.noise,
     )
     return node.run(until_cycle=args.until_cycle)
 

@@ -34,10 +34,16 @@ class CycleReport(_Strict):
     weights: dict[int, float] = Field(description="uid -> weight the lead validator set this cycle")
     global_revision: str = Field(description="tensor digest of the global experts after this cycle")
     decision: str = Field("none", description="merged | best_single | none")
+    validator_agreement: float | None = Field(
+        None, description="smallest cosine between the lead's weight vector and another validator's"
+    )
+    scaled: dict[str, Any] | None = Field(
+        None, description="the scaled adversary: factor, rank, and the rank its unscaled update measures"
+    )
 
 
 class LocalnetReport(_Strict):
-    schema_version: int = 1
+    schema_version: int = 2
     baseline: LossPair
     cycles: list[CycleReport]
     adversaries: dict[str, str] = Field(description="hotkey -> adversary kind")

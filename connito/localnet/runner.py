@@ -25,7 +25,8 @@ import yaml
 
 from connito.config import DomainConfig, load_domain_config, parse_domain_config
 from connito.errors import ConfigError
-from connito.localnet.adversary import ADVERSARY_KINDS
+from connito.localnet.adversary import ADVERSARY_KINDS, SYBIL_NOISE
+from connito.localnet.private_eval import private_eval_file, write_private_eval
 from connito.localnet.report import LocalnetReport, format_cycle_row, render_plot, write_report
 from connito.localnet.summary import build_report
 
@@ -85,8 +86,10 @@ def _plan(args: argparse.Namespace) -> LocalnetPlan:
             f"must be 0 (off) or a TCP port with room for {neurons} neurons below 65536, got {args.metrics_base_port}",
             field="--metrics-base-port",
         )
-    if "copy" in adversaries and args.miners < 1:
-        raise ConfigError("the copy adversary needs an honest miner to copy", field="--adversaries")
+    if {"copy", "sybil", "replay"} & set(adversaries) and args.miners < 1:
+        raise ConfigError(
+            "the copy, sybil and replay adversaries need an honest miner", field="--adversaries"
+        )
     return LocalnetPlan(
         config_path=args.config,
         workdir=args.workdir,
@@ -111,7 +114,8 @@ def run_localnet(args: argparse.Namespace) -> int:
     config_path = _write_run_config(config, workdir, plan)
     run_config = load_domain_config(config_path)
     _genesis(workdir, run_config, roles, hotkeys, plan)
-    processes = _spawn(workdir, config_path, base_dir, selection_path, roles, hotkeys, plan)
+    private = write_private_eval(workdir, run_config, [n for n, k in roles.items() if k == "validator"])
+    processes = _spawn(workdir, config_path, base_dir, selection_path, roles, hotkeys, plan, private=private)
     try:
         _wait(workdir, run_config, plan, processes)
     finally:
@@ -164,7 +168,9 @@ def _roles(plan: LocalnetPlan) -> dict[str, str]:
     """Role name -> kind: v0.. (validator), m0.. (miner), adv-<kind> (adversary)."""
     roles = {f"v{i}": "validator" for i in range(plan.validators)}
     roles.update({f"m{i}": "miner" for i in range(plan.miners)})
-    roles.update({f"adv-{kind}": kind for kind in plan.adversaries})
+    for kind in plan.adversaries:
+        names = [f"adv-{kind}-{i}" for i in range(len(SYBIL_NOISE))] if kind == "sybil" else [f"adv-{kind}"]
+        roles.update({name: kind for name in names})
     return roles
 
 
@@ -219,6 +225,7 @@ def _neuron_flags(
     plan,
     *,
     metrics_port: int | None = None,
+    private: bool = False,
 ) -> list[str]:
     metrics = ["--metrics.port", str(metrics_port), "--metrics.addr", "127.0.0.1"] if metrics_port else []
     return [
@@ -237,22 +244,28 @@ def _neuron_flags(
         "--no-progress",
         *metrics,
         *(["--library", str(workdir / "library")] if name.startswith("v") else []),
+        *(["--eval.private-data", str(private_eval_file(workdir, name))] if private and name.startswith("v") else []),
     ]  # fmt: skip
 
 
-def _spawn(workdir, config_path, base_dir, selection_path, roles, hotkeys, plan) -> dict[str, _Process]:
+def _spawn(
+    workdir, config_path, base_dir, selection_path, roles, hotkeys, plan, *, private: bool
+) -> dict[str, _Process]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
            "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}  # fmt: skip
     (workdir / "logs").mkdir(exist_ok=True)
     processes: dict[str, _Process] = {}
     for index, (name, kind) in enumerate(sorted(roles.items(), key=lambda item: item[1] != "validator")):
         port = plan.metrics_base_port + index if plan.metrics_base_port else None
-        flags = _neuron_flags(workdir, config_path, base_dir, selection_path, name, plan, metrics_port=port)
+        flags = _neuron_flags(
+            workdir, config_path, base_dir, selection_path, name, plan, metrics_port=port, private=private
+        )
         if kind in ("validator", "miner"):
             command = [sys.executable, "-m", "connito.node.main", kind, *flags]
         else:
-            victim = "m0"
-            command = [sys.executable, "-m", "connito.localnet.adversary_main", "--kind", kind,
+            victim = "m1" if kind == "sybil" and plan.miners > 1 else "m0"
+            noise = SYBIL_NOISE[int(name.rsplit("-", 1)[1])] if kind == "sybil" else 0.0
+            command = [sys.executable, "-m", "connito.localnet.adversary_main", "--kind", kind, "--noise", str(noise),
                        "--victim-workdir", str(workdir / "nodes" / victim), "--victim-hotkey", hotkeys[victim], *flags]  # fmt: skip
         log = open(workdir / "logs" / f"{name}.log", "w")  # noqa: SIM115 - closed when the process ends
         process = subprocess.Popen(

@@ -14,12 +14,15 @@ import torch
 
 from connito.config import DomainConfig
 from connito.data import build_domain_data
+from connito.localnet.private_eval import private_eval_file
 from connito.localnet.report import CycleReport, LocalnetReport, LossPair
+from connito.localnet.scaled_check import scaled_rows
 from connito.ml.modeling import heldout_loss, load_model
 from connito.ml.moe import read_experts, write_experts
 from connito.ml.selection_record import load_selection
 from connito.protocol.checkpoint import EXPERTS_FILE
 from connito.protocol.merge import state_revision
+from connito.protocol.weights import weight_cosine
 
 __all__ = ["build_report", "REPORT_SEED"]
 
@@ -64,7 +67,18 @@ def build_report(
 
     baseline = measure(base_experts)
     lead_dir = workdir / "nodes" / "v0"
+    validators = [name for name, kind in roles.items() if kind == "validator"]
+    scaled = [name for name, kind in roles.items() if kind == "scaled"]
+    private = private_eval_file(workdir, "v0")
+    lead_data = (
+        build_domain_data(
+            config.data, cache_dir=workdir / "cache", model=config.model, private_validation=[private]
+        )
+        if scaled and private.exists()
+        else data
+    )
     rows = []
+    trained_from = base_experts
     for cycle in range(cycles):
         record_path = lead_dir / "cycles" / f"{cycle}.json"
         record = json.loads(record_path.read_text()) if record_path.exists() else None
@@ -72,6 +86,21 @@ def build_report(
         experts = load_file(str(folder / EXPERTS_FILE)) if folder else base_experts
         losses = measure(experts)
         scores = record["scores"] if record else []
+        scaled_row = (
+            scaled_rows(
+                workdir=workdir,
+                config=config,
+                lead_data=lead_data,
+                model=model,
+                record=record,
+                hotkey=hotkeys[scaled[0]],
+                node=scaled[0],
+                trained_from=trained_from,
+            )
+            if scaled and record
+            else None
+        )
+        trained_from = experts
         rows.append(
             CycleReport(
                 cycle=cycle,
@@ -84,6 +113,8 @@ def build_report(
                 weights={int(uid): w for uid, w in (record["weights"] if record else {}).items()},
                 global_revision=state_revision(experts),
                 decision=record["decision"] if record else "missing",
+                validator_agreement=_agreement(workdir, validators, cycle),
+                scaled=scaled_row,
             )
         )
     return LocalnetReport(
@@ -97,3 +128,17 @@ def build_report(
         uids={hotkeys[name]: uid for uid, name in enumerate(roles)},
         wall_s=wall_s,
     )
+
+
+def _agreement(workdir: Path, validators: list[str], cycle: int) -> float | None:
+    """The smallest cosine between the lead's weight vector and another validator's, this cycle."""
+    weights = {}
+    for name in validators:
+        path = workdir / "nodes" / name / "cycles" / f"{cycle}.json"
+        if path.exists():
+            record = json.loads(path.read_text())
+            if not record.get("skipped"):
+                weights[name] = {int(uid): w for uid, w in record["weights"].items()}
+    if "v0" not in weights or len(weights) < 2:
+        return None
+    return min(weight_cosine(weights["v0"], w) for name, w in weights.items() if name != "v0")

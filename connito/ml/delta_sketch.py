@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["SKETCH_BLOCK", "DeltaSketch", "sketch_delta", "cosine_upper_bound"]
+__all__ = ["SKETCH_BLOCK", "DeltaSketch", "sketch_delta", "cosine_upper_bound", "cosine_estimate"]
 
 # 127^2 * 1024 < 2^24: every partial sum of a block's int8 products is an integer an fp32
 # accumulator holds exactly, whatever order the reduction adds them in.
@@ -81,10 +81,27 @@ def cosine_upper_bound(a: DeltaSketch, b: DeltaSketch) -> float:
         raise ValueError(f"sketches of different lengths: {tuple(a.q.shape)} and {tuple(b.q.shape)}")
     if a.norm == 0.0 or b.norm == 0.0:
         return math.inf
-    sketch_dot = 0.0
+    sketch_dot = _sketch_dot(a, b)
+    slack = a.sketch_norm * b.error + a.error * b.sketch_norm + a.error * b.error
+    return (sketch_dot + slack) / (a.norm * b.norm)
+
+
+def cosine_estimate(a: DeltaSketch, b: DeltaSketch) -> float:
+    """The cosine of the two quantised deltas: within about ``error / norm`` of the real one.
+
+    For history checks (``connito.protocol.replay``), where only sketches of old deltas are kept.
+    Returns 0 for a zero delta and for sketches of different lengths (different selections).
+    """
+    if a.q.shape != b.q.shape or a.sketch_norm == 0.0 or b.sketch_norm == 0.0:
+        return 0.0
+    return _sketch_dot(a, b) / (a.sketch_norm * b.sketch_norm)
+
+
+def _sketch_dot(a: DeltaSketch, b: DeltaSketch) -> float:
+    """``ra . rb`` exactly: int8 block products summed in fp32 (exact below 2^24), scaled in fp64."""
+    dot = 0.0
     for first in range(0, a.q.shape[0], _CHUNK_BLOCKS):
         rows = slice(first, first + _CHUNK_BLOCKS)
         block_dots = (a.q[rows].to(torch.float32) * b.q[rows].to(torch.float32)).sum(dim=1)
-        sketch_dot += float((block_dots.to(torch.float64) * a.scales[rows] * b.scales[rows]).sum())
-    slack = a.sketch_norm * b.error + a.error * b.sketch_norm + a.error * b.error
-    return (sketch_dot + slack) / (a.norm * b.norm)
+        dot += float((block_dots.to(torch.float64) * a.scales[rows] * b.scales[rows]).sum())
+    return dot

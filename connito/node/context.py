@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,8 +57,9 @@ def open_store(kind: str, path: Path | None, *, private: bool = False) -> Checkp
     return HfHubStore.from_env(private=private)
 
 
-def load_node_data(config: DomainConfig, cache_dir: Path) -> DomainData:
-    return build_domain_data(config.data, cache_dir=cache_dir, model=config.model)
+def load_node_data(config: DomainConfig, cache_dir: Path, *, private: Sequence[Path] = ()) -> DomainData:
+    """The domain's data; ``private`` files (a validator's) become its evaluation pool."""
+    return build_domain_data(config.data, cache_dir=cache_dir, model=config.model, private_validation=private)
 
 
 def uid_of(neurons: list[Neuron], hotkey: str) -> int | None:

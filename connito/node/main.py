@@ -90,6 +90,10 @@ def build_context(args: NeuronArgs, config: DomainConfig, chain) -> NodeContext:
     metrics = open_metrics(args, config, chain.hotkey)
     cache = args.data_cache or args.workdir / "cache"
     args.workdir.mkdir(parents=True, exist_ok=True)
+    if args.role == "validator" and not args.eval_private_data:
+        logger.warning(
+            "no --eval.private-data: scoring on the public held-out split, which miners can train on"
+        )
     return NodeContext(
         config=config,
         selection=selection,
@@ -100,7 +104,7 @@ def build_context(args: NeuronArgs, config: DomainConfig, chain) -> NodeContext:
         hotkey=chain.hotkey,
         base_dir=_base_dir(args, config),
         workdir=args.workdir,
-        data=load_node_data(config, cache),
+        data=load_node_data(config, cache, private=args.eval_private_data),
         device=_device(args.device),
         hub_repo=_hub_repo(args, config, chain.hotkey),
         metrics=metrics,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
@@ -152,7 +153,7 @@ class Miner:
         )
         self._resume(trainer, cycle)
         start_step = trainer.sync_replicas()  # every rank continues from rank 0's state
-        loader = self.ctx.data.train_loader(uid, shards, cfg.training.batch_size, seed=self._seed(cycle))
+        loader = self._train_loader(cycle, uid, shards)
         for _ in range(start_step * trainer.micro_batches_per_step):
             next(loader)
         remaining = cfg.training.inner_steps - start_step
@@ -177,6 +178,20 @@ class Miner:
             self._model = None  # fsdp sharded it in place: the next cycle loads a fresh one
         logger.info("trained cycle=%d steps=%d", cycle, trainer.step_count)
         return experts
+
+    def _train_loader(self, cycle: int, uid: int, shards: int) -> Iterator[torch.Tensor]:
+        """This cycle's assigned documents (the own-work evidence), or the uid's fixed shard."""
+        cfg = self.ctx.config
+        if cfg.training.assignment_fraction is None:
+            return self.ctx.data.train_loader(uid, shards, cfg.training.batch_size, seed=self._seed(cycle))
+        return self.ctx.data.assigned_loader(
+            domain=cfg.name,
+            cycle=cycle,
+            hotkey=self.ctx.hotkey,
+            fraction=cfg.training.assignment_fraction,
+            batch_size=cfg.training.batch_size,
+            seed=self._seed(cycle),
+        )
 
     def _training_deadline(self, cycle: int) -> int:
         """The last block at which training may end and still leave time to commit."""

@@ -75,6 +75,7 @@ class NeuronArgs:
     library: Path | None = None  # validators: expert library folder to record versions in (None: off)
     training_strategy: str = "auto"  # miners: single | ddp | fsdp across launched processes
     eval_devices: tuple[str, ...] = ()  # validators: one model replica per device (empty: --device only)
+    eval_private_data: tuple[Path, ...] = ()  # validators: private evaluation documents
 
     @property
     def subtensor_network(self) -> str:
@@ -120,6 +121,7 @@ def parse_args(role: Role, argv: list[str] | None = None) -> NeuronArgs:
         library=ns.library if role == "validator" else None,
         training_strategy=ns.training_strategy if role == "miner" else "auto",
         eval_devices=(ns.eval_devices or ()) if role == "validator" else (),
+        eval_private_data=tuple(ns.eval_private_data or ()) if role == "validator" else (),
     )
 
 

@@ -287,6 +287,17 @@ def _add_parallel_args(parser: argparse.ArgumentParser, role: Role) -> None:
             help="score submissions on one model replica per device, e.g. cuda:0,cuda:1 "
             "(comma-separated; default: none, one model on --device)",
         )
+        group.add_argument(
+            "--eval.private-data",
+            dest="eval_private_data",
+            type=Path,
+            action="append",
+            metavar="PATH",
+            default=None,
+            help="your private evaluation documents (json/jsonl/txt/parquet with a text field; repeat for "
+            "more): Proof-of-Loss is measured on them, which no miner can have trained on (default: none, "
+            "the public held-out split, which miners can read)",
+        )
 
 
 # Value parsers (ArgumentTypeError -> usage error, exit 2) --------------------------------------

@@ -34,6 +34,7 @@ from connito.ml.update_bound import max_weight_change
 from connito.node.context import NodeContext, PhaseLoop
 from connito.node.global_sync import pull_global
 from connito.node.validator_downloads import SubmissionDownloads, downloads_root
+from connito.node.validator_history import observe_window_ends, remember_accepted
 from connito.node.validator_merge import (
     choose_merge,
     merge_record,
@@ -51,16 +52,12 @@ from connito.protocol.global_state import (
     genesis_global,
 )
 from connito.protocol.heldout import general_ceiling, heldout_losses, seeded_samples
+from connito.protocol.own_work import OwnWorkProbe
 from connito.protocol.phases import PhaseInfo, seed_block
-from connito.protocol.scoring import (
-    Candidate,
-    chain_weights,
-    rank_weights,
-    ranked,
-    score_submissions,
-    update_ema,
-)
+from connito.protocol.replay import MERGE_SOURCE, ReplayHistory
+from connito.protocol.scoring import Candidate, SubmissionScore, pseudo_gradient, score_submissions
 from connito.protocol.submissions import observe_commitments
+from connito.protocol.weights import chain_weights, rank_weights, ranked, update_ema
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +79,8 @@ class Validator:
     _pool: EvalPool | None = None
     _downloads: SubmissionDownloads = field(init=False)
     _base_state: dict[str, torch.Tensor] | None = None  # the base model's experts (the drift cap)
+    _watching_since: int | None = None  # first block this process observed the chain at
+    _history: ReplayHistory = field(init=False)  # earlier cycles' accepted and merged updates
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -93,6 +92,7 @@ class Validator:
         """Resume scores, EMA, observations and the adopted global state from the workdir."""
         sweep_temp_files(self.ctx.workdir)  # what a kill -9 left half-written
         self._downloads = SubmissionDownloads(progress_bars=self.progress_bars)
+        self._history = ReplayHistory(self.ctx.workdir / "replay")
         self._load()
 
     def run(self, *, until_cycle: int | None = None) -> int:
@@ -123,6 +123,8 @@ class Validator:
 
     def observe(self) -> None:
         """Record in-window commits and reveals while they are on chain."""
+        if self._watching_since is None:
+            self._watching_since = self.ctx.chain.current_block()
         before = self.state.model_dump_json()
         neurons = self.ctx.chain.metagraph()
         validators = {n.hotkey for n in neurons if n.validator_permit}
@@ -147,6 +149,13 @@ class Validator:
         registered = {n.hotkey: n.registered_block for n in neurons}
         for hotkey in self.state.forget_reregistered(registered):
             logger.info("hotkey=%s registration changed: EMA reset", hotkey)
+        if not self._observe_history(cycle):
+            logger.warning(
+                "cycle=%d skipped: this validator missed the commit window and the chain cannot serve it",
+                cycle,
+            )
+            self._record(CycleResult(cycle=cycle, eval_seed=seed, skipped=True, decision="none"))
+            return
         observed = {
             h: o
             for h, o in self.state.observed.get(cycle, {}).items()
@@ -163,6 +172,7 @@ class Validator:
         model = self._resident_model()
         domain_batches, general_batches = seeded_samples(self.ctx.data, config.scoring, seed)
         assert self._base_state is not None
+        probe = OwnWorkProbe.build(model, self.ctx.data, config, cycle=cycle, seed=seed)
         ceiling = general_ceiling(  # guards what the lead publishes
             model,
             general_batches,
@@ -180,7 +190,11 @@ class Validator:
             max_change=self._max_change(),
             progress=self.progress_bars,
             pool=self._eval_pool(model),
+            own_work=probe,
+            history=self._history,
+            cycle=cycle,
         )
+        self._remember_accepted(cycle, scores, candidates)
         rows.update({s.hotkey: score_row(s, rows.get(s.hotkey)) for s in scores})
         cycle_weights = rank_weights(scores, config.scoring)
         self.state.ema = update_ema(
@@ -211,6 +225,18 @@ class Validator:
             accepted,
             global_domain,
         )
+
+    def _observe_history(self, cycle: int) -> bool:
+        if observe_window_ends(self.ctx, self.state.observed, cycle, watching_since=self._watching_since):
+            self._save()
+            return True
+        return False
+
+    def _remember_accepted(
+        self, cycle: int, scores: list[SubmissionScore], candidates: dict[str, Candidate]
+    ) -> None:
+        assert self.global_state is not None
+        remember_accepted(self.ctx, self._history, cycle, scores, candidates, self.global_state)
 
     def _max_change(self) -> float | None:
         """The per-weight move bound for this cycle's global (``scoring.update_bound_factor``)."""
@@ -337,6 +363,9 @@ class Validator:
         return True
 
     def _adopt(self, new_global: GlobalState) -> None:
+        if self.global_state is not None and self.global_state.revision != new_global.revision:
+            merged = pseudo_gradient(self.global_state.experts, new_global.experts)
+            self._history.add(new_global.cycle, MERGE_SOURCE, merged)  # replaying it is a replay
         save_global_folder(self.ctx, new_global)
         self.global_state = new_global
         self.state.global_cycle = new_global.cycle

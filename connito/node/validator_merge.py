@@ -85,18 +85,16 @@ def choose_merge(
         return MergeChoice(
             decision="merged", experts=merged_experts, outer=merged_outer, inputs=top, loss=merged_loss
         )
-    if (
-        best.domain_loss is not None
-        and best.domain_loss < global_loss
-        and not (best.general_loss or 0.0) > general_limit
-    ):
-        experts = candidates[best.hotkey].experts()
+    # scores were measured at the cycle's normalised step; what is published is the experts as sent
+    experts = candidates[best.hotkey].experts()
+    single_loss, single_general = heldout_losses(experts, result.eval_seed)
+    if single_loss < global_loss and not single_general > general_limit:
         return MergeChoice(
             decision="best_single",
             experts=experts,
             outer=adopt_single(global_state.outer, experts),
             inputs=[best],
-            loss=best.domain_loss,
+            loss=single_loss,
         )
     logger.info(
         "cycle=%d phase=merge decision=none merged_loss=%.4f global=%.4f",

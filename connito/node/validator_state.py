@@ -27,6 +27,9 @@ class ScoreRow(BaseModel):
     domain_loss: float | None = None
     general_loss: float | None = None
     utility: float = 0.0
+    update_norm: float | None = None  # |pseudo-gradient|; losses are measured at the cycle's median norm
+    assigned_drop: float | None = None  # own-work evidence: relative loss drop on its assigned documents
+    control_drop: float | None = None  # ... and on the cycle's control documents
     commit_block: int = 0
     tensors_sha256: str | None = None
     repo: str | None = None
@@ -93,6 +96,9 @@ def score_row(score: SubmissionScore, pre: ScoreRow | None) -> ScoreRow:
         domain_loss=score.domain_loss,
         general_loss=score.general_loss,
         utility=score.utility,
+        update_norm=score.update_norm,
+        assigned_drop=score.assigned_drop,
+        control_drop=score.control_drop,
         commit_block=score.commit_block,
     )
     return ScoreRow(**base)

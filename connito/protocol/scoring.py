@@ -11,10 +11,13 @@ global model by more than the tolerance.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
+import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -26,6 +29,10 @@ from connito.ml.eval_pool import EvalPool
 from connito.ml.modeling import token_loss
 from connito.ml.moe import write_experts
 
+if TYPE_CHECKING:
+    from connito.protocol.own_work import OwnWorkProbe
+    from connito.protocol.replay import ReplayHistory
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -36,10 +43,6 @@ __all__ = [
     "pseudo_gradient",
     "cosine_similarity",
     "score_submissions",
-    "ranked",
-    "rank_weights",
-    "update_ema",
-    "chain_weights",
 ]
 
 # Smallest loss drop, as a share of the global loss, that counts as an improvement. Each batch
@@ -94,6 +97,9 @@ class SubmissionScore:
     domain_loss: float | None = None
     general_loss: float | None = None
     utility: float = 0.0
+    update_norm: float | None = None  # |pseudo-gradient|; scored at the cycle's median norm
+    assigned_drop: float | None = None  # own-work evidence (connito.protocol.own_work)
+    control_drop: float | None = None
 
 
 def batch_losses(model: nn.Module, batches: Sequence[torch.Tensor]) -> list[float]:
@@ -132,6 +138,7 @@ def _reject(
     *,
     domain_loss: float | None = None,
     general_loss: float | None = None,
+    **measured: float | None,
 ) -> SubmissionScore:
     logger.warning(
         "rejected hotkey=%s uid=%d reason=%s detail=%s", candidate.hotkey, candidate.uid, reason, detail
@@ -145,7 +152,17 @@ def _reject(
         detail=detail,
         domain_loss=domain_loss,
         general_loss=general_loss,
+        **measured,
     )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _History:
+    """The replay check's inputs: earlier cycles' sketches, this cycle, and how far back to look."""
+
+    store: ReplayHistory
+    cycle: int
+    window: int
 
 
 def _screen_copies(
@@ -153,6 +170,7 @@ def _screen_copies(
     global_state: dict[str, torch.Tensor],
     cosine_threshold: float,
     max_change: float | None,
+    history: _History | None = None,
 ) -> tuple[list[tuple[Candidate, DeltaSketch]], list[SubmissionScore]]:
     """Drop lazy, oversized and copied submissions before any evaluation; earliest commitment wins ties.
 
@@ -162,7 +180,8 @@ def _screen_copies(
     Candidates are visited in ``(commit_block, hotkey)`` order, so copies committed in the same
     block go to the lexically smaller hotkey on every validator, whatever the arrival order.
     A kept pseudo-gradient is held only as its int8 sketch (a quarter of an fp32 delta); see
-    ``_find_twin``.
+    ``_find_twin``. ``history`` holds earlier cycles' accepted and merged updates: a submission
+    repeating one is a ``replay`` (``connito.protocol.replay``).
     """
     kept: list[tuple[Candidate, DeltaSketch]] = []
     rejected: list[SubmissionScore] = []
@@ -188,6 +207,16 @@ def _screen_copies(
             rejected.append(_reject(candidate, "update_too_large", detail))
             continue
         sketch = sketch_delta(delta)
+        replayed = (
+            history.store.match(
+                sketch, cycle=history.cycle, window=history.window, threshold=cosine_threshold
+            )
+            if history is not None
+            else None
+        )
+        if replayed is not None:
+            rejected.append(_reject(candidate, "replay", replayed.describe()))
+            continue
         twin = _find_twin(delta, sketch, kept, global_state, cosine_threshold)
         if twin is not None:
             rejected.append(
@@ -235,6 +264,9 @@ def score_submissions(
     max_change: float | None = None,
     progress: bool = False,
     pool: EvalPool | None = None,
+    own_work: OwnWorkProbe | None = None,
+    history: ReplayHistory | None = None,
+    cycle: int = 0,
 ) -> tuple[tuple[float, float], list[SubmissionScore]]:
     """Score every candidate against the global experts that ``model`` holds on entry.
 
@@ -244,26 +276,41 @@ def score_submissions(
     is the largest allowed ``|local - global|`` of any weight (None: unbounded). ``pool`` spreads
     the candidates over its replicas (one device each; ``model`` may be one of them), with the
     same scores as on ``model`` alone; each replica holds the global experts again on return.
+    ``own_work`` checks each update learned its miner's assigned documents; ``history`` holds
+    earlier cycles' updates, which ``cycle``'s submissions may not repeat.
+
+    With ``config.normalised_step`` every update is measured at the same step length, the median
+    pseudo-gradient norm of the submissions left after the screen: ``global - median * d / |d|``.
+    Scaling an update then changes nothing that is measured, so it cannot buy rank.
     """
     global_domain = _mean(batch_losses(model, domain_batches))
     global_general = _mean(batch_losses(model, general_batches)) if general_batches else float("nan")
-    kept, scores = _screen_copies(candidates, global_state, config.duplicate_cosine, max_change)
+    replay = (
+        _History(store=history, cycle=cycle, window=config.replay_cycles) if history is not None else None
+    )
+    kept, scores = _screen_copies(candidates, global_state, config.duplicate_cosine, max_change, replay)
+    norms = {candidate.hotkey: sketch.norm for candidate, sketch in kept}
+    step = statistics.median(norms.values()) if kept and config.normalised_step else None
 
     def evaluate(replica: nn.Module, candidate: Candidate) -> SubmissionScore:
         experts = candidate.experts()  # read here, one candidate per replica in memory at a time
+        if step is not None:
+            experts = _at_step(global_state, experts, step / norms[candidate.hotkey])
+        baseline = own_work.baseline(replica, candidate.hotkey) if own_work is not None else None
         try:
             write_experts(replica, experts)
-            return _evaluate_one(
+            score = _evaluate_one(
                 replica,
                 candidate,
                 domain_batches,
                 general_batches,
-                global_domain,
-                global_general,
+                (global_domain, global_general),
                 config,
+                own_work=(own_work, baseline) if own_work is not None and baseline is not None else None,
             )
         finally:
             write_experts(replica, global_state)
+        return dataclasses.replace(score, update_norm=norms[candidate.hotkey])
 
     queue = [candidate for candidate, _sketch in kept]
     if pool is None:
@@ -276,15 +323,27 @@ def score_submissions(
     return (global_domain, global_general), sorted(scores, key=lambda s: order[s.hotkey])
 
 
+def _at_step(
+    global_state: dict[str, torch.Tensor], local: dict[str, torch.Tensor], factor: float
+) -> dict[str, torch.Tensor]:
+    """``global - factor * (global - local)`` per tensor, computed in fp32, stored in each tensor's dtype."""
+    return {
+        key: (value.float() - factor * (value.float() - local[key].float())).to(value.dtype)
+        for key, value in global_state.items()
+    }
+
+
 def _evaluate_one(
     model: nn.Module,
     candidate: Candidate,
     domain_batches: Sequence[torch.Tensor],
     general_batches: Sequence[torch.Tensor],
-    global_domain: float,
-    global_general: float,
+    global_losses: tuple[float, float],
     config: ScoringConfig,
+    *,
+    own_work: tuple[OwnWorkProbe, float] | None,
 ) -> SubmissionScore:
+    global_domain, global_general = global_losses
     domain = batch_losses(model, domain_batches)
     if not all(math.isfinite(x) for x in domain):
         bad = sum(not math.isfinite(x) for x in domain)
@@ -307,6 +366,16 @@ def _evaluate_one(
                 domain_loss=domain_loss,
                 general_loss=general_loss,
             )
+    evidence: dict[str, float | None] = {}
+    if own_work is not None:
+        probe, baseline = own_work
+        verdict = probe.measure(model, candidate.hotkey, baseline)
+        evidence = {"assigned_drop": verdict.assigned_drop, "control_drop": verdict.control_drop}
+        if not verdict.passes(probe.margin):
+            reason, detail = verdict.reason(probe.margin)
+            return _reject(
+                candidate, reason, detail, domain_loss=domain_loss, general_loss=general_loss, **evidence
+            )
     utility = global_domain - domain_loss
     threshold = max(config.min_improvement, LOSS_RESOLUTION * abs(global_domain))
     if not utility > threshold:  # written so that a NaN utility is never an improvement
@@ -316,6 +385,7 @@ def _evaluate_one(
             f"domain loss {domain_loss:.6f} not below global {global_domain:.6f} by more than {threshold:.2e}",
             domain_loss=domain_loss,
             general_loss=general_loss,
+            **evidence,
         )
     logger.info(
         "scored hotkey=%s uid=%d loss=%.4f global=%.4f utility=%.4f",
@@ -333,54 +403,5 @@ def _evaluate_one(
         domain_loss=domain_loss,
         general_loss=general_loss,
         utility=max(0.0, utility),
+        **evidence,
     )
-
-
-def ranked(scores: Sequence[SubmissionScore]) -> list[SubmissionScore]:
-    """Accepted submissions, best first: lower loss, then earlier commitment, then hotkey.
-
-    A non-finite loss is never ranked: NaN compares false both ways, so it would make the order
-    depend on the input order and differ between validators.
-    """
-    accepted = [
-        s for s in scores if s.accepted and s.domain_loss is not None and math.isfinite(s.domain_loss)
-    ]
-    return sorted(accepted, key=lambda s: (s.domain_loss, s.commit_block, s.hotkey))
-
-
-def rank_weights(scores: Sequence[SubmissionScore], config: ScoringConfig) -> dict[str, float]:
-    """This cycle's weight per hotkey from rank: positive for the top-k accepted, summing to 1."""
-    top = ranked(scores)[: config.top_k]
-    if not top:
-        return {}
-    if config.rank_weighting == "winner_take_all":
-        raw = [1.0] + [0.0] * (len(top) - 1)
-    elif config.rank_weighting == "linear":
-        raw = [float(len(top) - rank) for rank in range(len(top))]
-    else:
-        raw = [config.rank_decay**rank for rank in range(len(top))]
-    total = sum(raw)
-    return {score.hotkey: value / total for score, value in zip(top, raw, strict=True) if value > 0}
-
-
-def update_ema(
-    ema: dict[str, float], cycle_weights: dict[str, float], *, alpha: float, registered: set[str]
-) -> dict[str, float]:
-    """Blend this cycle into the running weights; hotkeys no longer registered are forgotten."""
-    hotkeys = (set(ema) | set(cycle_weights)) & registered
-    blended = {h: alpha * cycle_weights.get(h, 0.0) + (1 - alpha) * ema.get(h, 0.0) for h in sorted(hotkeys)}
-    return {h: w for h, w in blended.items() if w > 1e-12}
-
-
-def chain_weights(
-    ema: dict[str, float], uid_of: dict[str, int], *, burn_share: float, owner_uid: int | None
-) -> dict[int, float]:
-    """Weights over uids to set on chain: the EMA normalised, with an optional burn share to the owner."""
-    weights = {uid_of[h]: w for h, w in ema.items() if h in uid_of and math.isfinite(w) and w > 0}
-    total = sum(weights.values())
-    if total <= 0:
-        return {owner_uid: 1.0} if owner_uid is not None and burn_share > 0 else {}
-    weights = {uid: (1 - burn_share) * w / total for uid, w in weights.items()}
-    if burn_share > 0 and owner_uid is not None:
-        weights[owner_uid] = weights.get(owner_uid, 0.0) + burn_share
-    return weights

@@ -1,0 +1,71 @@
+"""What a validator reads from the past: commitments at the window ends, and earlier cycles' updates.
+
+A reveal replaces a commit on chain, so a validator that was down or behind during the commit
+window would see no commit and mark honest miners ``no_commit``; it reads the commitments back as
+they stood at the last block of the commit and of the reveal window instead (``LocalChain`` keeps
+its history; subtensor serves past state). If the chain cannot serve that state and this process
+was not watching the whole window, the cycle is skipped: no score rows, the EMA unchanged.
+
+Accepted updates are kept as sketches (``connito.protocol.replay``) so that later cycles may not
+replay them.
+
+May import: the chain interface, the protocol, ``connito.node.context``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from connito.errors import ChainError
+from connito.node.context import NodeContext
+from connito.protocol.global_state import GlobalState
+from connito.protocol.phases import phase_bounds
+from connito.protocol.replay import ReplayHistory
+from connito.protocol.scoring import Candidate, SubmissionScore, pseudo_gradient
+from connito.protocol.submissions import Observation, observe_commitments
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["observe_window_ends", "remember_accepted"]
+
+
+def observe_window_ends(
+    ctx: NodeContext,
+    observed: dict[int, dict[str, Observation]],
+    cycle: int,
+    *,
+    watching_since: int | None,
+) -> bool:
+    """Fold into ``observed`` the commitments at the end of ``cycle``'s commit and reveal windows.
+
+    Returns False when they cannot be read and this process started watching after the commit
+    window opened (it may have missed commits): the caller skips the cycle rather than penalise.
+    """
+    config = ctx.config
+    validators = {n.hotkey for n in ctx.chain.metagraph() if n.validator_permit}
+    try:
+        for window in ("commit", "reveal"):
+            last = phase_bounds(cycle, window, config.cycle)[1]
+            observe_commitments(observed, ctx.chain.commitments(block=last), config, ignore=validators)
+    except ChainError as exc:
+        first = phase_bounds(cycle, "commit", config.cycle)[0]
+        logger.warning("cycle=%d commitments at the window ends unreadable: %s", cycle, exc)
+        return watching_since is not None and watching_since < first
+    return True
+
+
+def remember_accepted(
+    ctx: NodeContext,
+    history: ReplayHistory,
+    cycle: int,
+    scores: list[SubmissionScore],
+    candidates: dict[str, Candidate],
+    global_state: GlobalState,
+) -> None:
+    """Keep sketches of ``cycle``'s accepted updates and forget cycles beyond the replay window."""
+    for score in scores:
+        if score.accepted:
+            history.add(
+                cycle, score.hotkey, pseudo_gradient(global_state.experts, candidates[score.hotkey].experts())
+            )
+    history.prune(keep_from=cycle - ctx.config.scoring.replay_cycles)

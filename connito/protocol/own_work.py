@@ -1,0 +1,163 @@
+"""Evidence of own work: an update must have learned its miner's assigned documents.
+
+Each cycle every miner trains on documents assigned to its hotkey (``connito.data.assignment``),
+and a control set of documents is assigned to nobody. Training on a set lowers the loss on that
+set more than on unseen documents of the same domain; so a validator measures, for each
+submission, the relative loss drop on the miner's assigned documents and on the control set
+(both against the global experts) and pays only an update whose assigned drop exceeds the control
+drop by ``scoring.own_work_margin``. A copy or a noisy copy of another miner's update, a replay of
+an old one, or an update trained on the public held-out pool learned none of this miner's
+documents: its assigned drop is no larger than its control drop, whatever its held-out score.
+
+This is the before/after test of Templar's Gauntlet, applied to held-out documents a miner chose
+none of. When it fails, the probe also measures the drop on the public held-out pool, so an
+update trained on the evaluation pool is named as such.
+
+May import: connito.config, connito.data and connito.protocol.scoring (its batch losses).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from connito.config import DomainConfig
+from connito.data import DomainData
+from connito.data.sampling import sample_batches
+from connito.protocol.scoring import batch_losses
+
+__all__ = ["OwnWorkProbe", "OwnWorkVerdict"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OwnWorkVerdict:
+    """What one submission's update did to its assigned, the control and the public pool documents."""
+
+    assigned_drop: float  # relative loss drop on the miner's assigned documents
+    control_drop: float  # relative loss drop on the control documents
+    public_pool_drop: float | None = None  # on the public held-out pool; measured only on failure
+
+    def passes(self, margin: float) -> bool:
+        return self.assigned_drop - self.control_drop > margin
+
+    def reason(self, margin: float) -> tuple[str, str]:
+        """The rejection code and detail of a failing verdict."""
+        public = self.public_pool_drop
+        if public is not None and public - max(self.control_drop, self.assigned_drop) > margin:
+            return (
+                "trained_on_eval_pool",
+                f"loss on the public held-out pool fell {public:.2%}, on its assigned documents "
+                f"{self.assigned_drop:.2%}, on unassigned {self.control_drop:.2%}",
+            )
+        return (
+            "not_own_work",
+            f"loss on its assigned documents fell {self.assigned_drop:.2%} vs {self.control_drop:.2%} on "
+            f"unassigned ones (needs > {margin:.2%} more): the update did not learn its own data",
+        )
+
+
+@dataclass
+class OwnWorkProbe:
+    """The cycle's control sample and each hotkey's assigned sample, with the global's losses on them.
+
+    Built once per cycle on the model holding the global experts; ``baseline`` and ``measure``
+    are called per submission (``baseline`` while the model holds the global experts).
+    """
+
+    data: DomainData
+    config: DomainConfig
+    cycle: int
+    seed: int
+    control: list[torch.Tensor]
+    control_global: float
+    public_pool: list[torch.Tensor]
+    public_pool_global: float
+    _assigned: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+
+    @classmethod
+    def build(
+        cls, model: nn.Module, data: DomainData, config: DomainConfig, *, cycle: int, seed: int
+    ) -> OwnWorkProbe | None:
+        """The probe for ``cycle``, or None when the domain assigns no data or the check is off."""
+        fraction = config.training.assignment_fraction
+        if fraction is None or config.scoring.own_work_margin is None:
+            return None
+        batches, size = config.scoring.own_work_batches, config.scoring.eval_batch_size
+        control_blocks = data.control_blocks(domain=config.name, cycle=cycle, fraction=fraction)
+        control = sample_batches(
+            control_blocks, seed=seed, num_batches=batches, batch_size=size, salt="control"
+        )
+        public_pool = sample_batches(
+            data.heldout_blocks, seed=seed, num_batches=batches, batch_size=size, salt="public-pool"
+        )
+        return cls(
+            data=data,
+            config=config,
+            cycle=cycle,
+            seed=seed,
+            control=control,
+            control_global=_loss(model, control),
+            public_pool=public_pool,
+            public_pool_global=_loss(model, public_pool),
+        )
+
+    @property
+    def margin(self) -> float:
+        assert self.config.scoring.own_work_margin is not None
+        return self.config.scoring.own_work_margin
+
+    def assigned(self, hotkey: str) -> list[torch.Tensor]:
+        """The seeded sample of ``hotkey``'s assigned blocks (empty when it has no full block)."""
+        if hotkey not in self._assigned:
+            fraction = self.config.training.assignment_fraction
+            assert fraction is not None
+            blocks = self.data.assigned_blocks(
+                domain=self.config.name, cycle=self.cycle, hotkey=hotkey, fraction=fraction
+            )
+            self._assigned[hotkey] = (
+                sample_batches(
+                    blocks,
+                    seed=self.seed,
+                    num_batches=self.config.scoring.own_work_batches,
+                    batch_size=self.config.scoring.eval_batch_size,
+                    salt=f"assigned:{hotkey}",
+                )
+                if len(blocks)
+                else []
+            )
+        return self._assigned[hotkey]
+
+    def baseline(self, model: nn.Module, hotkey: str) -> float:
+        """The global experts' loss on ``hotkey``'s assigned sample (``model`` holds the global)."""
+        batches = self.assigned(hotkey)
+        return _loss(model, batches) if batches else float("nan")
+
+    def measure(self, model: nn.Module, hotkey: str, baseline: float) -> OwnWorkVerdict:
+        """The verdict on the experts ``model`` holds now (the submission's)."""
+        assigned = self.assigned(hotkey)
+        if not assigned:  # nothing assigned: no evidence either way, so no payment either
+            return OwnWorkVerdict(assigned_drop=0.0, control_drop=0.0)
+        verdict = OwnWorkVerdict(
+            assigned_drop=_drop(baseline, _loss(model, assigned)),
+            control_drop=_drop(self.control_global, _loss(model, self.control)),
+        )
+        if verdict.passes(self.margin):
+            return verdict
+        public = _drop(self.public_pool_global, _loss(model, self.public_pool))
+        return OwnWorkVerdict(
+            assigned_drop=verdict.assigned_drop, control_drop=verdict.control_drop, public_pool_drop=public
+        )
+
+
+def _loss(model: nn.Module, batches: Sequence[torch.Tensor]) -> float:
+    losses = batch_losses(model, batches)
+    return sum(losses) / len(losses)
+
+
+def _drop(before: float, after: float) -> float:
+    """Relative loss drop; a non-finite loss is no drop (``-inf``), never evidence."""
+    drop = (before - after) / before if before > 0 else float("-inf")
+    return drop if drop == drop else float("-inf")
