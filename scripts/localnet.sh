@@ -4,4 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 exec .venv/bin/connito localnet --config configs/domains/tiny-math.yaml --miners 3 --validators 2 --cycles 3 \
-  --adversaries copy,nan,lazy,stale "$@"
+  --adversaries copy,nan,lazy,stale,heldout,sybil,replay,scaled "$@"

@@ -200,6 +200,23 @@ def test_new_commitment_replaces_old_and_history_keeps_both(ledger: Path) -> Non
     assert [(c.block, c.data) for c in history] == [(0, b"first"), (2, b"second")]
 
 
+def test_commitments_at_a_past_block_are_what_the_chain_held_then(ledger: Path) -> None:
+    """A reveal replaces a commit; a validator that missed the commit reads it back at a past block."""
+    charlie, dave = _as(ledger, "//Charlie"), _as(ledger, "//Dave")
+    charlie.commit(b"commit")
+    charlie.advance_blocks(3)
+    dave.commit(b"late")
+    charlie.advance_blocks(2)
+    charlie.commit(b"reveal")
+    at = LocalChain.open(ledger).commitments
+    assert [(c.hotkey, c.block, c.data) for c in at(block=0)] == [(CHARLIE, 0, b"commit")]
+    assert [(c.hotkey, c.data) for c in at(block=4)] == [(CHARLIE, b"commit"), (DAVE, b"late")]
+    assert [(c.hotkey, c.data) for c in at(block=5)] == [(CHARLIE, b"reveal"), (DAVE, b"late")]
+    assert at(block=5) == at()
+    with pytest.raises(ChainError, match="not there yet"):
+        at(block=6)
+
+
 def test_commitments_lists_latest_of_each_hotkey_ordered_by_uid(ledger: Path) -> None:
     dave, charlie = _as(ledger, "//Dave"), _as(ledger, "//Charlie")
     dave.commit(b"d0")

@@ -168,9 +168,7 @@ class SubtensorChain:
         A past ``block`` is read from the node's state at that block (a pruning node keeps a few
         hundred blocks; an archive node all).
         """
-        rows = self._call(
-            "commitments", lambda client: client.subnets.commitments(self.netuid, block=block)
-        )
+        rows = self._call("commitments", lambda client: client.subnets.commitments(self.netuid, block=block))
         out: list[Commitment] = []
         for hotkey, record in rows.items():
             if record.uid is None:

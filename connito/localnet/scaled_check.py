@@ -2,8 +2,8 @@
 
 The adversary trains honestly, then multiplies its update by the largest factor the update bound
 allows and records the factor. The report rebuilds the unscaled update from its checkpoint and
-the global it trained from, measures it at the step length the lead used that cycle (the median
-update norm of the evaluated submissions) on the lead's own evaluation sample, and ranks it among
+the global it trained from, measures it at the step length the lead used that cycle (its recorded
+``step_norm``, else the median update norm of the evaluated submissions) on the lead's own evaluation sample, and ranks it among
 that cycle's accepted rows in place of the scaled one.
 
 May import: connito.config, connito.data, connito.ml, connito.protocol, connito.localnet.
@@ -58,10 +58,11 @@ def scaled_rows(
     norms = [r["update_norm"] for r in record["scores"] if r.get("update_norm") is not None]
     if not norms or not row["accepted"]:
         return out
+    rho = record.get("step_norm") or statistics.median(norms)  # what the lead scored at
     scaled = load_file(str(checkpoint))
     delta = {k: (trained_from[k].float() - scaled[k].float()) / factor for k in trained_from}
     norm = float(torch.sqrt(sum((d**2).sum() for d in delta.values())))
-    step = statistics.median(norms) / norm
+    step = rho / norm
     point = {k: (v.float() - step * delta[k]).to(v.dtype) for k, v in trained_from.items()}
     scoring = config.scoring
     batches = lead_data.heldout_sample(

@@ -34,7 +34,7 @@ from connito.ml.update_bound import max_weight_change
 from connito.node.context import NodeContext, PhaseLoop
 from connito.node.global_sync import pull_global
 from connito.node.validator_downloads import SubmissionDownloads, downloads_root
-from connito.node.validator_history import observe_window_ends, remember_accepted
+from connito.node.validator_history import observe_window_ends, previous_step_norm, remember_accepted
 from connito.node.validator_merge import (
     choose_merge,
     merge_record,
@@ -55,7 +55,7 @@ from connito.protocol.heldout import general_ceiling, heldout_losses, seeded_sam
 from connito.protocol.own_work import OwnWorkProbe
 from connito.protocol.phases import PhaseInfo, seed_block
 from connito.protocol.replay import MERGE_SOURCE, ReplayHistory
-from connito.protocol.scoring import Candidate, SubmissionScore, pseudo_gradient, score_submissions
+from connito.protocol.scoring import Candidate, pseudo_gradient, score_submissions
 from connito.protocol.submissions import observe_commitments
 from connito.protocol.weights import chain_weights, rank_weights, ranked, update_ema
 
@@ -150,10 +150,7 @@ class Validator:
         for hotkey in self.state.forget_reregistered(registered):
             logger.info("hotkey=%s registration changed: EMA reset", hotkey)
         if not self._observe_history(cycle):
-            logger.warning(
-                "cycle=%d skipped: this validator missed the commit window and the chain cannot serve it",
-                cycle,
-            )
+            logger.warning("cycle=%d skipped: commit window missed and not readable from chain", cycle)
             self._record(CycleResult(cycle=cycle, eval_seed=seed, skipped=True, decision="none"))
             return
         observed = {
@@ -173,6 +170,7 @@ class Validator:
         domain_batches, general_batches = seeded_samples(self.ctx.data, config.scoring, seed)
         assert self._base_state is not None
         probe = OwnWorkProbe.build(model, self.ctx.data, config, cycle=cycle, seed=seed)
+        step_norm = previous_step_norm(self.state.results.get(cycle - 1))
         ceiling = general_ceiling(  # guards what the lead publishes
             model,
             general_batches,
@@ -187,14 +185,17 @@ class Validator:
             domain_batches=domain_batches,
             general_batches=general_batches,
             config=config.scoring,
-            max_change=self._max_change(),
+            max_change=max_weight_change(config.training, self.global_state.experts, factor=bound)
+            if (bound := config.scoring.update_bound_factor)
+            else None,
             progress=self.progress_bars,
             pool=self._eval_pool(model),
             own_work=probe,
             history=self._history,
             cycle=cycle,
+            step_norm=step_norm,
         )
-        self._remember_accepted(cycle, scores, candidates)
+        remember_accepted(self.ctx, self._history, cycle, scores, candidates, self.global_state)
         rows.update({s.hotkey: score_row(s, rows.get(s.hotkey)) for s in scores})
         cycle_weights = rank_weights(scores, config.scoring)
         self.state.ema = update_ema(
@@ -211,6 +212,7 @@ class Validator:
                 "global_domain_loss": global_domain,
                 "global_general_loss": global_general,
                 "general_ceiling": ceiling,
+                "step_norm": step_norm,
                 "scores": sorted(rows.values(), key=lambda r: r.uid),
                 "cycle_weights": cycle_weights,
                 "weights": weights,
@@ -231,20 +233,6 @@ class Validator:
             self._save()
             return True
         return False
-
-    def _remember_accepted(
-        self, cycle: int, scores: list[SubmissionScore], candidates: dict[str, Candidate]
-    ) -> None:
-        assert self.global_state is not None
-        remember_accepted(self.ctx, self._history, cycle, scores, candidates, self.global_state)
-
-    def _max_change(self) -> float | None:
-        """The per-weight move bound for this cycle's global (``scoring.update_bound_factor``)."""
-        assert self.global_state is not None
-        factor = self.ctx.config.scoring.update_bound_factor
-        if factor is None:
-            return None
-        return max_weight_change(self.ctx.config.training, self.global_state.experts, factor=factor)
 
     def set_weights(self, cycle: int) -> None:
         """Set this cycle's weights once; a rate-limited or failed transaction is retried next block."""

@@ -15,9 +15,11 @@ May import: the chain interface, the protocol, ``connito.node.context``.
 from __future__ import annotations
 
 import logging
+import statistics
 
 from connito.errors import ChainError
 from connito.node.context import NodeContext
+from connito.node.validator_state import CycleResult
 from connito.protocol.global_state import GlobalState
 from connito.protocol.phases import phase_bounds
 from connito.protocol.replay import ReplayHistory
@@ -26,7 +28,7 @@ from connito.protocol.submissions import Observation, observe_commitments
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["observe_window_ends", "remember_accepted"]
+__all__ = ["observe_window_ends", "remember_accepted", "previous_step_norm"]
 
 
 def observe_window_ends(
@@ -69,3 +71,13 @@ def remember_accepted(
                 cycle, score.hotkey, pseudo_gradient(global_state.experts, candidates[score.hotkey].experts())
             )
     history.prune(keep_from=cycle - ctx.config.scoring.replay_cycles)
+
+
+def previous_step_norm(previous: CycleResult | None) -> float | None:
+    """The step length this cycle is scored at: the median norm of last cycle's accepted updates.
+
+    Fixed before any submission of this cycle is seen, so no submission can move it (a median of
+    this cycle's norms would let a scaled update shift it). None when the last cycle has none.
+    """
+    norms = [r.update_norm for r in previous.scores if r.accepted and r.update_norm] if previous else []
+    return statistics.median(norms) if norms else None

@@ -57,6 +57,7 @@ class CycleResult(BaseModel):
     result_revision: str | None = None
     result_domain_loss: float | None = None
     general_ceiling: float | None = None  # the base's general loss x (1 + general_drift_limit)
+    step_norm: float | None = None  # the step length updates were scored at (None: this cycle's median)
 
 
 class ValidatorState(BaseModel):

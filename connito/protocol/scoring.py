@@ -267,6 +267,7 @@ def score_submissions(
     own_work: OwnWorkProbe | None = None,
     history: ReplayHistory | None = None,
     cycle: int = 0,
+    step_norm: float | None = None,
 ) -> tuple[tuple[float, float], list[SubmissionScore]]:
     """Score every candidate against the global experts that ``model`` holds on entry.
 
@@ -279,9 +280,11 @@ def score_submissions(
     ``own_work`` checks each update learned its miner's assigned documents; ``history`` holds
     earlier cycles' updates, which ``cycle``'s submissions may not repeat.
 
-    With ``config.normalised_step`` every update is measured at the same step length, the median
-    pseudo-gradient norm of the submissions left after the screen: ``global - median * d / |d|``.
-    Scaling an update then changes nothing that is measured, so it cannot buy rank.
+    With ``config.normalised_step`` every update is measured at the same step length ``rho``:
+    ``global - rho * d / |d|``. Scaling an update then changes nothing that is measured, so it
+    cannot buy rank. ``step_norm`` is ``rho`` (the validator passes the median norm of the last
+    cycle's accepted updates, which no submission of this cycle can move); None takes the median
+    norm of this cycle's submissions left after the screen.
     """
     global_domain = _mean(batch_losses(model, domain_batches))
     global_general = _mean(batch_losses(model, general_batches)) if general_batches else float("nan")
@@ -290,7 +293,7 @@ def score_submissions(
     )
     kept, scores = _screen_copies(candidates, global_state, config.duplicate_cosine, max_change, replay)
     norms = {candidate.hotkey: sketch.norm for candidate, sketch in kept}
-    step = statistics.median(norms.values()) if kept and config.normalised_step else None
+    step = (step_norm or statistics.median(norms.values())) if kept and config.normalised_step else None
 
     def evaluate(replica: nn.Module, candidate: Candidate) -> SubmissionScore:
         experts = candidate.experts()  # read here, one candidate per replica in memory at a time
