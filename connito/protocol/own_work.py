@@ -10,14 +10,16 @@ an old one, or an update trained on the public held-out pool learned none of thi
 documents: its assigned drop is no larger than its control drop, whatever its held-out score.
 
 This is the before/after test of Templar's Gauntlet, applied to held-out documents a miner chose
-none of. When it fails, the probe also measures the drop on the public held-out pool, so an
-update trained on the evaluation pool is named as such.
+none of. When it fails, the probe also measures the drop on the assigned documents of the
+earlier submission closest in direction (a near-copy learned those) and on the public held-out
+pool (training on the evaluation data), so the rejection names what the update did.
 
 May import: connito.config, connito.data and connito.protocol.scoring (its batch losses).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -39,23 +41,33 @@ class OwnWorkVerdict:
     assigned_drop: float  # relative loss drop on the miner's assigned documents
     control_drop: float  # relative loss drop on the control documents
     public_pool_drop: float | None = None  # on the public held-out pool; measured only on failure
+    nearest: str | None = None  # the earlier submission closest in direction; probed only on failure
+    nearest_cosine: float = 0.0
+    nearest_drop: float | None = None  # relative loss drop on ``nearest``'s assigned documents
 
     def passes(self, margin: float) -> bool:
         return self.assigned_drop - self.control_drop > margin
 
     def reason(self, margin: float) -> tuple[str, str]:
-        """The rejection code and detail of a failing verdict."""
-        public = self.public_pool_drop
-        if public is not None and public - max(self.control_drop, self.assigned_drop) > margin:
+        """The rejection code and detail of a failing verdict: what the update learned instead.
+
+        It learned an earlier submission's assigned documents (a near-copy of that submission),
+        or the public held-out pool (training on the evaluation data), or nothing of its own.
+        Naming needs only half the margin: the update is rejected either way.
+        """
+        own = f"its assigned documents {self.assigned_drop:.2%}, unassigned {self.control_drop:.2%}"
+        if self.nearest_drop is not None and self.nearest_drop - self.control_drop > margin:
             return (
-                "trained_on_eval_pool",
-                f"loss on the public held-out pool fell {public:.2%}, on its assigned documents "
-                f"{self.assigned_drop:.2%}, on unassigned {self.control_drop:.2%}",
+                "near_copy",
+                f"learned hotkey={self.nearest}'s assigned documents (loss fell {self.nearest_drop:.2%} there, "
+                f"pseudo-gradient cosine {self.nearest_cosine:.3f}), not its own: {own}",
             )
+        public = self.public_pool_drop
+        if public is not None and public - max(self.control_drop, self.assigned_drop) > margin / 2:
+            return ("trained_on_eval_pool", f"loss on the public held-out pool fell {public:.2%}; on {own}")
         return (
             "not_own_work",
-            f"loss on its assigned documents fell {self.assigned_drop:.2%} vs {self.control_drop:.2%} on "
-            f"unassigned ones (needs > {margin:.2%} more): the update did not learn its own data",
+            f"the update did not learn its own data: loss fell on {own} (needs > {margin:.2%} more)",
         )
 
 
@@ -76,6 +88,7 @@ class OwnWorkProbe:
     public_pool: list[torch.Tensor]
     public_pool_global: float
     _assigned: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    _baselines: dict[str, float] = field(default_factory=dict)  # hotkey -> global loss on its sample
 
     @classmethod
     def build(
@@ -132,23 +145,38 @@ class OwnWorkProbe:
 
     def baseline(self, model: nn.Module, hotkey: str) -> float:
         """The global experts' loss on ``hotkey``'s assigned sample (``model`` holds the global)."""
-        batches = self.assigned(hotkey)
-        return _loss(model, batches) if batches else float("nan")
+        if hotkey not in self._baselines:
+            batches = self.assigned(hotkey)
+            self._baselines[hotkey] = _loss(model, batches) if batches else float("nan")
+        return self._baselines[hotkey]
 
-    def measure(self, model: nn.Module, hotkey: str, baseline: float) -> OwnWorkVerdict:
-        """The verdict on the experts ``model`` holds now (the submission's)."""
+    def measure(
+        self, model: nn.Module, hotkey: str, *, nearest: tuple[str, float] | None = None
+    ) -> OwnWorkVerdict:
+        """The verdict on the experts ``model`` holds now (the submission's).
+
+        ``baseline`` must have been taken for ``hotkey`` and for the ``nearest`` earlier submission
+        (its hotkey and pseudo-gradient cosine), whose assignment is probed only on failure.
+        """
         assigned = self.assigned(hotkey)
         if not assigned:  # nothing assigned: no evidence either way, so no payment either
             return OwnWorkVerdict(assigned_drop=0.0, control_drop=0.0)
         verdict = OwnWorkVerdict(
-            assigned_drop=_drop(baseline, _loss(model, assigned)),
+            assigned_drop=_drop(self._baselines[hotkey], _loss(model, assigned)),
             control_drop=_drop(self.control_global, _loss(model, self.control)),
         )
         if verdict.passes(self.margin):
             return verdict
-        public = _drop(self.public_pool_global, _loss(model, self.public_pool))
-        return OwnWorkVerdict(
-            assigned_drop=verdict.assigned_drop, control_drop=verdict.control_drop, public_pool_drop=public
+        near: dict[str, object] = {}
+        if nearest is not None and self.assigned(nearest[0]):
+            other = nearest[0]
+            near = {
+                "nearest": other,
+                "nearest_cosine": nearest[1],
+                "nearest_drop": _drop(self._baselines[other], _loss(model, self.assigned(other))),
+            }
+        return dataclasses.replace(
+            verdict, public_pool_drop=_drop(self.public_pool_global, _loss(model, self.public_pool)), **near
         )
 
 

@@ -24,7 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from connito.config import ScoringConfig
-from connito.ml.delta_sketch import DeltaSketch, cosine_upper_bound, sketch_delta
+from connito.ml.delta_sketch import DeltaSketch, cosine_estimate, cosine_upper_bound, sketch_delta
 from connito.ml.eval_pool import EvalPool
 from connito.ml.modeling import token_loss
 from connito.ml.moe import write_experts
@@ -293,13 +293,19 @@ def score_submissions(
     )
     kept, scores = _screen_copies(candidates, global_state, config.duplicate_cosine, max_change, replay)
     norms = {candidate.hotkey: sketch.norm for candidate, sketch in kept}
+    nearest = _nearest_earlier(kept) if own_work is not None else {}
     step = (step_norm or statistics.median(norms.values())) if kept and config.normalised_step else None
 
     def evaluate(replica: nn.Module, candidate: Candidate) -> SubmissionScore:
         experts = candidate.experts()  # read here, one candidate per replica in memory at a time
         if step is not None:
             experts = _at_step(global_state, experts, step / norms[candidate.hotkey])
-        baseline = own_work.baseline(replica, candidate.hotkey) if own_work is not None else None
+        if own_work is not None:  # the global's losses on the assignments probed, while it is resident
+            for hotkey in (
+                candidate.hotkey,
+                *([nearest[candidate.hotkey][0]] if candidate.hotkey in nearest else []),
+            ):
+                own_work.baseline(replica, hotkey)
         try:
             write_experts(replica, experts)
             score = _evaluate_one(
@@ -309,7 +315,7 @@ def score_submissions(
                 general_batches,
                 (global_domain, global_general),
                 config,
-                own_work=(own_work, baseline) if own_work is not None and baseline is not None else None,
+                own_work=(own_work, nearest.get(candidate.hotkey)) if own_work is not None else None,
             )
         finally:
             write_experts(replica, global_state)
@@ -324,6 +330,19 @@ def score_submissions(
         scores += pool.map(evaluate, queue, progress=progress)
     order = {c.hotkey: i for i, c in enumerate(candidates)}
     return (global_domain, global_general), sorted(scores, key=lambda s: order[s.hotkey])
+
+
+def _nearest_earlier(kept: Sequence[tuple[Candidate, DeltaSketch]]) -> dict[str, tuple[str, float]]:
+    """For each kept candidate, the earlier-committed one closest in direction, and their cosine."""
+    out: dict[str, tuple[str, float]] = {}
+    for index, (candidate, sketch) in enumerate(kept):
+        earlier = [
+            (cosine_estimate(sketch, other_sketch), other.hotkey) for other, other_sketch in kept[:index]
+        ]
+        if earlier:
+            cosine, hotkey = max(earlier)
+            out[candidate.hotkey] = (hotkey, cosine)
+    return out
 
 
 def _at_step(
@@ -344,7 +363,7 @@ def _evaluate_one(
     global_losses: tuple[float, float],
     config: ScoringConfig,
     *,
-    own_work: tuple[OwnWorkProbe, float] | None,
+    own_work: tuple[OwnWorkProbe, tuple[str, float] | None] | None,
 ) -> SubmissionScore:
     global_domain, global_general = global_losses
     domain = batch_losses(model, domain_batches)
@@ -371,8 +390,8 @@ def _evaluate_one(
             )
     evidence: dict[str, float | None] = {}
     if own_work is not None:
-        probe, baseline = own_work
-        verdict = probe.measure(model, candidate.hotkey, baseline)
+        probe, closest = own_work
+        verdict = probe.measure(model, candidate.hotkey, nearest=closest)
         evidence = {"assigned_drop": verdict.assigned_drop, "control_drop": verdict.control_drop}
         if not verdict.passes(probe.margin):
             reason, detail = verdict.reason(probe.margin)

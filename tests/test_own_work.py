@@ -1,0 +1,138 @@
+"""Evidence of own work, with really trained updates: only an update that learned its miner's
+assigned documents is paid; noisy copies, borrowed shards and training on the evaluation pool fail."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from e2e_harness import domain_config
+
+from connito.data import build_domain_data
+from connito.data.sampling import cycle_batches, seeded_rng
+from connito.ml.modeling import build_model
+from connito.ml.moe import read_experts, write_experts
+from connito.ml.training import SparseTrainer
+from connito.protocol.own_work import OwnWorkProbe
+from connito.protocol.scoring import Candidate, pseudo_gradient, score_submissions
+
+SELECTION = {0: [0, 3, 5], 1: [1, 6]}
+CYCLE, SEED = 0, 11
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A tiny domain, a model, and updates trained for 20 steps on three different sets."""
+    config = domain_config(
+        training__lr=0.02,
+        training__inner_steps=20,
+        training__assignment_fraction=0.01,
+        scoring__own_work_margin=0.01,
+        scoring__general_tolerance=1.0,
+    )
+    data = build_domain_data(config.data, cache_dir=tmp_path_factory.mktemp("cache"), model=config.model)
+    model = build_model(config.model)
+    global_state = read_experts(model, SELECTION)
+
+    def train(
+        blocks: torch.Tensor, seed: int, steps: int = config.training.inner_steps
+    ) -> dict[str, torch.Tensor]:
+        write_experts(model, global_state)
+        trainer = SparseTrainer(model, SELECTION, config.training, device=torch.device("cpu"))
+        loader = cycle_batches(blocks, batch_size=4, rng=seeded_rng("train", seed))
+        trainer.train(loader, steps, progress=False)
+        experts = trainer.finish()
+        write_experts(model, global_state)
+        return experts
+
+    def assigned(hotkey: str) -> torch.Tensor:
+        fraction = config.training.assignment_fraction
+        return data.assigned_blocks(domain=config.name, cycle=CYCLE, hotkey=hotkey, fraction=fraction)
+
+    updates = {
+        "alice": train(assigned("alice"), 0),
+        "bob": train(assigned("bob"), 1),
+        "pool": train(data.heldout_blocks, 2, steps=300),  # the public held-out pool, 5 passes
+    }
+    return config, data, model, global_state, updates
+
+
+def _score(world, submissions: dict[str, dict[str, torch.Tensor]], *, own_work: bool = True):
+    config, data, model, global_state, _ = world
+    probe = OwnWorkProbe.build(model, data, config, cycle=CYCLE, seed=SEED) if own_work else None
+    candidates = [
+        Candidate(hotkey=hotkey, uid=i, commit_block=10 + i, tensors_sha256=f"sha-{hotkey}", state=state)
+        for i, (hotkey, state) in enumerate(submissions.items())
+    ]
+    scoring = config.scoring
+    _, scores = score_submissions(
+        model,
+        global_state,
+        candidates,
+        domain_batches=data.heldout_sample(SEED, scoring.eval_batches, scoring.eval_batch_size),
+        general_batches=data.general_sample(SEED, scoring.general_batches, scoring.eval_batch_size),
+        config=scoring,
+        own_work=probe,
+    )
+    return {s.hotkey: s for s in scores}
+
+
+def _noisy(global_state, experts, noise: float, seed: int) -> dict[str, torch.Tensor]:
+    delta = pseudo_gradient(global_state, experts)
+    generator = torch.Generator().manual_seed(seed)
+    draws = {k: torch.randn(v.shape, generator=generator) for k, v in experts.items()}
+    scale = noise * float(delta.norm()) / float(torch.sqrt(sum((d**2).sum() for d in draws.values())))
+    return {k: v + scale * draws[k] for k, v in experts.items()}
+
+
+def test_honest_updates_pass_with_their_own_evidence(world):
+    *_, updates = world
+    scores = _score(world, {"alice": updates["alice"], "bob": updates["bob"]})
+    for hotkey in ("alice", "bob"):
+        assert scores[hotkey].accepted, scores[hotkey]
+        assert scores[hotkey].assigned_drop - scores[hotkey].control_drop > 0.01
+
+
+@pytest.mark.parametrize("noise", [0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0])
+def test_noisy_copies_are_never_paid(world, noise):
+    """The original is paid; two sybils with copies at this noise level are not, whatever they score."""
+    _config, _data, _model, global_state, updates = world
+    sybils = {f"sybil{i}": _noisy(global_state, updates["alice"], noise, seed=i) for i in range(2)}
+    scores = _score(world, {"alice": updates["alice"], **sybils})
+    assert scores["alice"].accepted
+    for hotkey in sybils:
+        assert not scores[hotkey].accepted
+        assert scores[hotkey].reason in ({"duplicate", "near_copy"} if noise < 0.15 else {"near_copy"})
+        if scores[hotkey].reason == "near_copy":
+            assert "hotkey=alice's assigned documents" in scores[hotkey].detail
+
+
+def test_without_the_check_noisy_copies_would_take_the_weight(world):
+    """The attack is real: at 20% noise the copies pass the cosine screen and score like the original."""
+    _config, _data, _model, global_state, updates = world
+    sybils = {f"sybil{i}": _noisy(global_state, updates["alice"], 0.2, seed=i) for i in range(2)}
+    scores = _score(world, {"alice": updates["alice"], "bob": updates["bob"], **sybils}, own_work=False)
+    assert all(scores[h].accepted for h in sybils)
+
+
+def test_an_update_trained_on_another_miners_assignment_is_not_own_work(world):
+    *_, updates = world
+    scores = _score(world, {"alice": updates["bob"]})  # bob's work, submitted under alice's hotkey
+    assert scores["alice"].reason == "not_own_work"
+    assert "did not learn its own data" in scores["alice"].detail
+    scores = _score(world, {"bob": updates["bob"], "alice": updates["bob"] | {}})  # bob committed first
+    assert scores["alice"].reason in ("duplicate", "near_copy")
+
+
+def test_training_on_the_public_evaluation_pool_is_named(world):
+    *_, updates = world
+    scores = _score(world, {"alice": updates["pool"]})
+    assert scores["alice"].reason == "trained_on_eval_pool", scores["alice"]
+    assert "public held-out pool" in scores["alice"].detail
+
+
+def test_a_hotkey_with_nothing_assigned_has_no_evidence_and_is_not_paid(world, monkeypatch):
+    config, data, _model, _global_state, updates = world
+    empty = data.assigned_blocks(domain=config.name, cycle=CYCLE, hotkey="alice", fraction=1e-9)
+    monkeypatch.setattr(type(data), "assigned_blocks", lambda self, **kw: empty)
+    scores = _score(world, {"alice": updates["alice"]})
+    assert scores["alice"].reason == "not_own_work"
