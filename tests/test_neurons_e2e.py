@@ -33,19 +33,30 @@ def test_two_cycles_merge_and_adopt(tmp_path):
 
 def test_every_adversary_is_rejected_with_its_own_reason(tmp_path):
     config = domain_config()
-    subnet = build_subnet(
-        tmp_path, config, miners=2, validators=1, adversaries=("copy", "nan", "lazy", "stale")
-    )
+    kinds = ("copy", "nan", "lazy", "stale", "sybil", "replay")
+    subnet = build_subnet(tmp_path, config, miners=2, validators=1, adversaries=kinds)
     _, end = phase_bounds(1, "merge", config.cycle)
     subnet.run_until(end)
     lead = subnet.nodes["v0"]
     names = {key.ss58_address: name for name, key in subnet.keys.items()}
-    expected = {"adv-copy": "duplicate", "adv-nan": "non_finite", "adv-lazy": "lazy", "adv-stale": "stale"}
+    expected = {
+        "adv-copy": "duplicate",
+        "adv-nan": "non_finite",
+        "adv-lazy": "lazy",
+        "adv-stale": "stale",
+        "adv-sybil-0": "near_copy",  # 15% noise: under the cosine threshold, but m1's documents learned
+        "adv-sybil-1": "near_copy",  # 50% noise
+    }
+    uids = {n.hotkey: n.uid for n in subnet.chain.metagraph()}
     for cycle in (0, 1):
-        reasons = {names[row.hotkey]: row.reason for row in lead.state.results[cycle].scores}
-        assert {name: reasons.get(name) for name in expected} == expected, reasons
-        assert reasons["m0"] is None and reasons["m1"] is None
+        rows = {names[row.hotkey]: row for row in lead.state.results[cycle].scores}
+        want = expected | ({"adv-replay": "replay"} if cycle else {})  # nothing to replay in cycle 0
+        assert {name: getattr(rows.get(name), "reason", None) for name in want} == want, {
+            n: (r.reason, r.detail[:80]) for n, r in rows.items()
+        }
+        assert rows["m0"].accepted and rows["m1"].accepted
         weights = lead.state.results[cycle].weights
-        uids = {n.hotkey: n.uid for n in subnet.chain.metagraph()}
-        assert all(weights.get(uids[subnet.keys[name].ss58_address], 0.0) == 0.0 for name in expected)
+        assert all(weights.get(uids[subnet.keys[name].ss58_address], 0.0) == 0.0 for name in want)
         assert weights.get(uids[subnet.keys["m0"].ss58_address], 0.0) > 0.0
+        assert set(lead.state.results[cycle].merged) <= {subnet.keys[m].ss58_address for m in ("m0", "m1")}
+    assert "cycle 0" in rows["adv-replay"].detail  # the victim's update of the last cycle
