@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +32,8 @@ from connito.chain.base import Commitment
 from connito.data.sampling import cycle_batches, seeded_rng
 from connito.errors import CommitmentDecodeError
 from connito.fsutil import atomic_write
+from connito.ml.subset import SubsetModel
+from connito.ml.training import SparseTrainer
 from connito.ml.update_bound import max_weight_change
 from connito.node.miner import Miner
 from connito.protocol.checkpoint import EXPERTS_FILE
@@ -46,8 +47,7 @@ __all__ = ["ADVERSARY_KINDS", "SYBIL_NOISE", "AdversaryMiner"]
 
 ADVERSARY_KINDS = ("copy", "nan", "lazy", "stale", "heldout", "sybil", "replay", "scaled")
 SYBIL_NOISE = (0.15, 0.5)  # the localnet's two sybils: noise norm / the victim's update norm
-# a honest-looking training stream, for the kinds that train
-_TRAINING_KINDS = frozenset({"heldout", "scaled"})
+HELDOUT_STEPS = 30  # the heldout adversary's optimizer steps on the public pool
 
 
 @dataclass
@@ -84,18 +84,26 @@ class AdversaryMiner(Miner):
             return self._sybil(cycle)
         if self.kind == "replay":
             return self._replay(cycle)
-        if self.kind in _TRAINING_KINDS:
+        if self.kind == "scaled":
             trained = super().produce_experts(cycle)
-            return self._scale(cycle, trained) if trained is not None and self.kind == "scaled" else trained
+            return self._scale(cycle, trained) if trained is not None else None
+        if self.kind == "heldout":
+            return self._train_on_public_pool(cycle)
         raise ValueError(f"unknown adversary kind {self.kind!r}")
 
-    def _train_loader(self, cycle: int, uid: int, shards: int) -> Iterator[torch.Tensor]:
-        if self.kind != "heldout":
-            return super()._train_loader(cycle, uid, shards)
-        blocks = self.ctx.data.heldout_blocks  # the public pool: an adversary has no private data
-        return cycle_batches(
-            blocks, batch_size=self.ctx.config.training.batch_size, rng=seeded_rng("heldout", cycle)
-        )
+    def _train_on_public_pool(self, cycle: int) -> dict[str, torch.Tensor]:
+        """The miner's optimizer on the public held-out pool (what validators once scored on).
+
+        ``HELDOUT_STEPS`` steps, not H: the localnet's two cores are shared by every trainer.
+        """
+        training = self.ctx.config.training
+        model = self._load_global_into_model()
+        selection = None if isinstance(model, SubsetModel) else self._selection()
+        trainer = SparseTrainer(model, selection, training, device=self.ctx.device)
+        pool = self.ctx.data.heldout_blocks  # the public pool: an adversary has no private data
+        batches = cycle_batches(pool, batch_size=training.batch_size, rng=seeded_rng("pool", cycle))
+        trainer.train(batches, HELDOUT_STEPS, progress=False)
+        return trainer.finish()
 
     def _scale(self, cycle: int, trained: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The trained update times the largest factor the validators' update bound lets through."""
