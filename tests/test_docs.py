@@ -69,6 +69,7 @@ _REASON_PATTERNS = (
     r'_violation = "([a-z_]+)"',
     r'_violation = "([a-z_]+)" if .* else "([a-z_]+)"',
     r'return "([a-z_]+)", "',
+    r'return \(\s*"([a-z_]+)",',
     r'\("[a-z_]+", manifest\.[a-z_]+, [^\n]*, "([a-z_]+)"\)',
 )
 
@@ -82,6 +83,7 @@ _JUDGING = (
     "protocol/payload.py",
     "protocol/submissions.py",
     "protocol/scoring.py",
+    "protocol/own_work.py",
     "node/validator.py",
 )
 
@@ -100,6 +102,7 @@ def test_every_rejection_reason_is_explained_to_miners() -> None:
     """docs/miner.md's table explains each reason the validator code can record."""
     reasons = _code_reasons()
     assert {"stale", "duplicate", "no_commit", "late_reveal", "shape", "wrong_domain"} <= reasons
+    assert {"replay", "near_copy", "trained_on_eval_pool", "not_own_work"} <= reasons
     doc = (DOCS / "miner.md").read_text()
     missing = sorted(r for r in reasons if f"`{r}`" not in doc)
     assert not missing, f"add to the rejection table in docs/miner.md: {missing}"

@@ -12,6 +12,7 @@ from connito.data.sampling import cycle_batches, seeded_rng
 from connito.ml.modeling import build_model
 from connito.ml.moe import read_experts, write_experts
 from connito.ml.training import SparseTrainer
+from connito.ml.update_bound import max_weight_change
 from connito.protocol.own_work import OwnWorkProbe
 from connito.protocol.scoring import Candidate, pseudo_gradient, score_submissions
 
@@ -56,7 +57,7 @@ def world(tmp_path_factory):
     return config, data, model, global_state, updates
 
 
-def _score(world, submissions: dict[str, dict[str, torch.Tensor]], *, own_work: bool = True):
+def _score(world, submissions: dict[str, dict[str, torch.Tensor]], *, own_work: bool = True, step_norm=None):
     config, data, model, global_state, _ = world
     probe = OwnWorkProbe.build(model, data, config, cycle=CYCLE, seed=SEED) if own_work else None
     candidates = [
@@ -72,6 +73,7 @@ def _score(world, submissions: dict[str, dict[str, torch.Tensor]], *, own_work: 
         general_batches=data.general_sample(SEED, scoring.general_batches, scoring.eval_batch_size),
         config=scoring,
         own_work=probe,
+        step_norm=step_norm,
     )
     return {s.hotkey: s for s in scores}
 
@@ -136,3 +138,25 @@ def test_a_hotkey_with_nothing_assigned_has_no_evidence_and_is_not_paid(world, m
     monkeypatch.setattr(type(data), "assigned_blocks", lambda self, **kw: empty)
     scores = _score(world, {"alice": updates["alice"]})
     assert scores["alice"].reason == "not_own_work"
+
+
+@pytest.mark.parametrize("factor", [0.25, 0.5, 1.5, 2.0, "bound"])
+def test_scaling_an_update_never_ranks_it_above_the_unscaled_one(world, factor):
+    """Scored in separate cycles (the pair would be a duplicate in one) at the step length the
+    validator fixed before the cycle: the same point is measured, so the same loss and rank."""
+    config, _data, _model, global_state, updates = world
+    delta = {k: global_state[k] - updates["alice"][k] for k in global_state}
+    if factor == "bound":  # the largest factor the validators' update bound lets through
+        bound = max_weight_change(config.training, global_state, factor=config.scoring.update_bound_factor)
+        factor = 0.99 * bound / max(float(d.abs().max()) for d in delta.values())
+    assert factor < 1 or factor > 1.2
+    rho = float(pseudo_gradient(global_state, updates["bob"]).norm())  # say, last cycle's median norm
+    outcomes = {}
+    for name, scale in (("unscaled", 1.0), ("scaled", factor)):
+        alice = {k: v - scale * delta[k] for k, v in global_state.items()}
+        scores = _score(world, {"bob": updates["bob"], "alice": alice}, step_norm=rho)
+        assert scores["alice"].accepted, scores["alice"]
+        order = sorted((s.domain_loss, s.commit_block, s.hotkey) for s in scores.values() if s.accepted)
+        outcomes[name] = ([h for *_, h in order].index("alice"), scores["alice"].domain_loss)
+    assert outcomes["scaled"][1] == pytest.approx(outcomes["unscaled"][1], abs=1e-5)
+    assert outcomes["scaled"][0] == outcomes["unscaled"][0]

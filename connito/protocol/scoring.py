@@ -284,7 +284,10 @@ def score_submissions(
     ``global - rho * d / |d|``. Scaling an update then changes nothing that is measured, so it
     cannot buy rank. ``step_norm`` is ``rho`` (the validator passes the median norm of the last
     cycle's accepted updates, which no submission of this cycle can move); None takes the median
-    norm of this cycle's submissions left after the screen.
+    norm of this cycle's submissions that lower the domain loss as sent. Without an ``own_work``
+    probe a shorter update is measured as sent (capped at ``rho``, never stretched): stretching a
+    tiny random update to ``rho`` turns its first-order accident into a measurable "improvement",
+    and only own-work evidence rejects noise.
     """
     global_domain = _mean(batch_losses(model, domain_batches))
     global_general = _mean(batch_losses(model, general_batches)) if general_batches else float("nan")
@@ -294,11 +297,15 @@ def score_submissions(
     kept, scores = _screen_copies(candidates, global_state, config.duplicate_cosine, max_change, replay)
     norms = {candidate.hotkey: sketch.norm for candidate, sketch in kept}
     nearest = _nearest_earlier(kept) if own_work is not None else {}
-    step = (step_norm or statistics.median(norms.values())) if kept and config.normalised_step else None
+    step = None
+    if kept and config.normalised_step:
+        step = step_norm or _improving_median(
+            model, global_state, [c for c, _ in kept], norms, domain_batches, global_domain, config
+        )
 
     def evaluate(replica: nn.Module, candidate: Candidate) -> SubmissionScore:
         experts = candidate.experts()  # read here, one candidate per replica in memory at a time
-        if step is not None:
+        if step is not None and (own_work is not None or norms[candidate.hotkey] > step):
             experts = _at_step(global_state, experts, step / norms[candidate.hotkey])
         if own_work is not None:  # the global's losses on the assignments probed, while it is resident
             for hotkey in (
@@ -330,6 +337,32 @@ def score_submissions(
         scores += pool.map(evaluate, queue, progress=progress)
     order = {c.hotkey: i for i, c in enumerate(candidates)}
     return (global_domain, global_general), sorted(scores, key=lambda s: order[s.hotkey])
+
+
+def _improving_median(
+    model: nn.Module,
+    global_state: dict[str, torch.Tensor],
+    kept: Sequence[Candidate],
+    norms: dict[str, float],
+    domain_batches: Sequence[torch.Tensor],
+    global_domain: float,
+    config: ScoringConfig,
+) -> float:
+    """The median norm of the updates that lower the domain loss as sent (no step fixed yet).
+
+    Used when no earlier cycle fixed the step length. Only improving updates count: a crowd of
+    tiny random updates must not shrink everyone's step to nothing (nor huge ones stretch it).
+    """
+    threshold = max(config.min_improvement, LOSS_RESOLUTION * abs(global_domain))
+    improving = []
+    for candidate in kept:
+        try:
+            write_experts(model, candidate.experts())
+            if global_domain - _mean(batch_losses(model, domain_batches)) > threshold:
+                improving.append(norms[candidate.hotkey])
+        finally:
+            write_experts(model, global_state)
+    return statistics.median(improving or list(norms.values()))
 
 
 def _nearest_earlier(kept: Sequence[tuple[Candidate, DeltaSketch]]) -> dict[str, tuple[str, float]]:
