@@ -149,8 +149,11 @@ def _trained_experts(base_dir: Path, world_config: DomainConfig, data: DomainDat
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> World:
     root = tmp_path_factory.mktemp("world")
-    config = domain_config(
-        scoring__max_payload_bytes=PAYLOAD_CAP, scoring__max_manifest_bytes=MANIFEST_CAP, merge__top_n=3
+    config = domain_config(  # payload checks only: the "honest" experts here trained on no assignment
+        scoring__max_payload_bytes=PAYLOAD_CAP,
+        scoring__max_manifest_bytes=MANIFEST_CAP,
+        scoring__own_work_margin=None,
+        merge__top_n=3,
     )
     data = build_domain_data(config.data, cache_dir=root / "cache", model=config.model)
     model = build_model(config.model)
@@ -783,11 +786,13 @@ def test_norm_poisoned_pseudo_gradient_is_clipped_in_the_merge(world):
 
 @pytest.mark.parametrize("clip_norm", [None, 4.0], ids=["no-clip", "clip-4"])
 def test_lead_never_publishes_a_global_worse_than_the_current_one(world, tmp_path, clip_norm):
-    """With the update bound switched off (the second line of defence alone), two honest miners
+    """With the update bound and the normalised step switched off (the merge gate alone), two honest miners
     and a norm poisoner (same loss, 10**3 x norm) are all accepted; whatever the outer step does
     with them, the lead publishes only a global that beats the current one on the cycle's
     held-out sample, and never the wrecked unclipped merge."""
-    scoring = world.config.scoring.model_copy(update={"update_bound_factor": None})
+    # the merge gate alone: no update bound, and no normalised step (which would already shorten
+    # the poisoner's 10**3 x step to the others' length and reject it as no_improvement)
+    scoring = world.config.scoring.model_copy(update={"update_bound_factor": None, "normalised_step": False})
     merge = MergeConfig(top_n=3, clip_norm=clip_norm)
     config = world.config.model_copy(update={"merge": merge, "scoring": scoring})
     subnet = _subnet(world, tmp_path, ["a", "b", "poisoner"], config=config)
