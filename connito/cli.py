@@ -68,7 +68,7 @@ def _add_localnet(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--adversaries",
         default="",
-        help="comma-separated extra miners: copy,nan,lazy,stale (default none)",
+        help="comma-separated extra miners: copy,nan,lazy,stale,heldout,sybil,replay,scaled (default none)",
     )
     p.add_argument(
         "--block-time", type=float, default=None, help="seconds per block (default: from the run plan)"

@@ -51,6 +51,15 @@ def test_cycle_row_shows_change_vs_baseline_and_names():
     line = format_cycle_row(report.cycles[2], report.baseline, report.hotkeys)
     assert "(-10.0% vs base)" in line
     assert "adv-nan:non_finite" in line and "merged: m0" in line
+    assert "agree" not in line and "scaled" not in line
+    row = report.cycles[2].model_copy(
+        update={
+            "validator_agreement": 0.987,
+            "scaled": {"hotkey": "hk-s", "factor": 2.31, "rank": 3, "unscaled_rank": 3, "accepted": True},
+        }
+    )
+    line = format_cycle_row(row, report.baseline, report.hotkeys)
+    assert "validators agree 0.987" in line and "scaled x2.31 rank 3 (unscaled 3)" in line
 
 
 def test_plot_is_written(tmp_path):

@@ -65,10 +65,16 @@ def format_cycle_row(row: CycleReport, baseline: LossPair, names: dict[str, str]
     drift = 100.0 * (row.general_val_loss - baseline.general_val_loss) / baseline.general_val_loss
     merged = ",".join(names.get(h, h[:8]) for h in row.merged) or "-"
     rejected = ",".join(f"{names.get(h, h[:8])}:{r}" for h, r in sorted(row.rejected.items())) or "-"
+    agreement = (
+        f" | validators agree {row.validator_agreement:.3f}" if row.validator_agreement is not None else ""
+    )
+    scaled = ""
+    if row.scaled and row.scaled.get("unscaled_rank") is not None:
+        scaled = f" | scaled x{row.scaled['factor']:.2f} rank {row.scaled['rank']} (unscaled {row.scaled['unscaled_rank']})"
     return (
         f"cycle {row.cycle:>2} | domain {row.domain_val_loss:.4f} ({drop:+.1f}% vs base) | "
         f"general {row.general_val_loss:.4f} ({drift:+.2f}%) | {row.accepted}/{row.submissions} accepted | "
-        f"{row.decision}: {merged} | rejected {rejected}"
+        f"{row.decision}: {merged} | rejected {rejected}{agreement}{scaled}"
     )
 
 
