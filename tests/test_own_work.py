@@ -160,3 +160,12 @@ def test_scaling_an_update_never_ranks_it_above_the_unscaled_one(world, factor):
         outcomes[name] = ([h for *_, h in order].index("alice"), scores["alice"].domain_loss)
     assert outcomes["scaled"][1] == pytest.approx(outcomes["unscaled"][1], abs=1e-5)
     assert outcomes["scaled"][0] == outcomes["unscaled"][0]
+
+
+def test_hurting_the_control_documents_is_no_evidence():
+    from connito.protocol.own_work import OwnWorkVerdict
+
+    assert not OwnWorkVerdict(assigned_drop=0.0001, control_drop=-0.0324).passes(0.025)
+    assert OwnWorkVerdict(assigned_drop=0.09, control_drop=-0.01).passes(0.025)
+    assert OwnWorkVerdict(assigned_drop=0.09, control_drop=0.04).passes(0.025)
+    assert not OwnWorkVerdict(assigned_drop=0.05, control_drop=0.04).passes(0.025)

@@ -46,7 +46,9 @@ class OwnWorkVerdict:
     nearest_drop: float | None = None  # relative loss drop on ``nearest``'s assigned documents
 
     def passes(self, margin: float) -> bool:
-        return self.assigned_drop - self.control_drop > margin
+        """The update lowered the loss on its assigned documents by ``margin`` more than on the
+        control ones, and by ``margin`` at least: hurting the control set is no evidence."""
+        return self.assigned_drop - max(self.control_drop, 0.0) > margin
 
     def reason(self, margin: float) -> tuple[str, str]:
         """The rejection code and detail of a failing verdict: what the update learned instead.
