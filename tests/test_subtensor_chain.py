@@ -155,6 +155,25 @@ def test_commitments_read_back_exact_bytes_and_block(
     ]
 
 
+def test_commitments_at_a_past_block_are_read_at_that_block_hash(
+    chain: SubtensorChain, fake: FakeSubstrate, wallet: bt.Wallet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A validator that missed the commit window reads the commitments as they stood then: the
+    SDK must query the node's state at that block's hash, not the head's."""
+    block = chain.commit(b"commit")
+    seen: list[str | None] = []
+    original = fake.query_map
+
+    async def recording(module, storage_function, params=None, block_hash=None):
+        if (module, storage_function) == ("Commitments", "CommitmentOf"):
+            seen.append(block_hash)
+        return await original(module, storage_function, params, block_hash)
+
+    monkeypatch.setattr(fake, "query_map", recording)
+    assert [c.data for c in chain.commitments(block=block)] == [b"commit"]
+    assert seen == [fake_block_hash(block)]
+
+
 def test_commitments_skip_deregistered_and_non_raw_records(
     chain: SubtensorChain, fake: FakeSubstrate
 ) -> None:
