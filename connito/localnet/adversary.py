@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -197,7 +198,7 @@ def _is_commit(commitment: Commitment, cycle: int) -> bool:
 
 
 def _norm(tensors: dict[str, torch.Tensor]) -> float:
-    return float(torch.sqrt(sum((t.float() ** 2).sum() for t in tensors.values())))
+    return math.sqrt(sum(float((t.float() ** 2).sum()) for t in tensors.values()))
 
 
 def _at(

@@ -12,6 +12,7 @@ May import: connito.config, connito.data, connito.ml, connito.protocol, connito.
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from pathlib import Path
 from typing import Any
@@ -61,7 +62,7 @@ def scaled_rows(
     rho = record.get("step_norm") or statistics.median(norms)  # what the lead scored at
     scaled = load_file(str(checkpoint))
     delta = {k: (trained_from[k].float() - scaled[k].float()) / factor for k in trained_from}
-    norm = float(torch.sqrt(sum((d**2).sum() for d in delta.values())))
+    norm = math.sqrt(sum(float((d**2).sum()) for d in delta.values()))
     step = rho / norm
     point = {k: (v.float() - step * delta[k]).to(v.dtype) for k, v in trained_from.items()}
     scoring = config.scoring

@@ -169,17 +169,13 @@ class OwnWorkProbe:
         )
         if verdict.passes(self.margin):
             return verdict
-        near: dict[str, object] = {}
-        if nearest is not None and self.assigned(nearest[0]):
-            other = nearest[0]
-            near = {
-                "nearest": other,
-                "nearest_cosine": nearest[1],
-                "nearest_drop": _drop(self._baselines[other], _loss(model, self.assigned(other))),
-            }
-        return dataclasses.replace(
-            verdict, public_pool_drop=_drop(self.public_pool_global, _loss(model, self.public_pool)), **near
-        )
+        public = _drop(self.public_pool_global, _loss(model, self.public_pool))
+        verdict = dataclasses.replace(verdict, public_pool_drop=public)
+        if nearest is None or not self.assigned(nearest[0]):
+            return verdict
+        other, cosine = nearest
+        learned = _drop(self._baselines[other], _loss(model, self.assigned(other)))
+        return dataclasses.replace(verdict, nearest=other, nearest_cosine=cosine, nearest_drop=learned)
 
 
 def _loss(model: nn.Module, batches: Sequence[torch.Tensor]) -> float:

@@ -138,7 +138,7 @@ def _reject(
     *,
     domain_loss: float | None = None,
     general_loss: float | None = None,
-    **measured: float | None,
+    evidence: tuple[float, float] | None = None,
 ) -> SubmissionScore:
     logger.warning(
         "rejected hotkey=%s uid=%d reason=%s detail=%s", candidate.hotkey, candidate.uid, reason, detail
@@ -152,7 +152,8 @@ def _reject(
         detail=detail,
         domain_loss=domain_loss,
         general_loss=general_loss,
-        **measured,
+        assigned_drop=evidence[0] if evidence else None,
+        control_drop=evidence[1] if evidence else None,
     )
 
 
@@ -421,15 +422,20 @@ def _evaluate_one(
                 domain_loss=domain_loss,
                 general_loss=general_loss,
             )
-    evidence: dict[str, float | None] = {}
+    evidence: tuple[float, float] | None = None
     if own_work is not None:
         probe, closest = own_work
         verdict = probe.measure(model, candidate.hotkey, nearest=closest)
-        evidence = {"assigned_drop": verdict.assigned_drop, "control_drop": verdict.control_drop}
+        evidence = (verdict.assigned_drop, verdict.control_drop)
         if not verdict.passes(probe.margin):
             reason, detail = verdict.reason(probe.margin)
             return _reject(
-                candidate, reason, detail, domain_loss=domain_loss, general_loss=general_loss, **evidence
+                candidate,
+                reason,
+                detail,
+                domain_loss=domain_loss,
+                general_loss=general_loss,
+                evidence=evidence,
             )
     utility = global_domain - domain_loss
     threshold = max(config.min_improvement, LOSS_RESOLUTION * abs(global_domain))
@@ -440,7 +446,7 @@ def _evaluate_one(
             f"domain loss {domain_loss:.6f} not below global {global_domain:.6f} by more than {threshold:.2e}",
             domain_loss=domain_loss,
             general_loss=general_loss,
-            **evidence,
+            evidence=evidence,
         )
     logger.info(
         "scored hotkey=%s uid=%d loss=%.4f global=%.4f utility=%.4f",
@@ -458,5 +464,6 @@ def _evaluate_one(
         domain_loss=domain_loss,
         general_loss=general_loss,
         utility=max(0.0, utility),
-        **evidence,
+        assigned_drop=evidence[0] if evidence else None,
+        control_drop=evidence[1] if evidence else None,
     )
