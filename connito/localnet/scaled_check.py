@@ -2,8 +2,8 @@
 
 The adversary trains honestly, then multiplies its update by the largest factor the update bound
 allows and records the factor. The report rebuilds the unscaled update from its checkpoint and
-the global it trained from, measures it at the step length the lead used that cycle (its recorded
-``step_norm``, else the median update norm of the evaluated submissions) on the lead's own evaluation sample, and ranks it among
+the global it trained from, measures it at the step length the lead measured the scaled one at
+(its row's ``scored_norm``) on the lead's own evaluation sample, and ranks it among
 that cycle's accepted rows in place of the scaled one.
 
 May import: connito.config, connito.data, connito.ml, connito.protocol, connito.localnet.
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import statistics
 from pathlib import Path
 from typing import Any
 
@@ -56,10 +55,9 @@ def scaled_rows(
         "reason": row["reason"],
     }
     out["rank"] = _rank(record["scores"], hotkey, row["domain_loss"]) if row["accepted"] else None
-    norms = [r["update_norm"] for r in record["scores"] if r.get("update_norm") is not None]
-    if not norms or not row["accepted"]:
+    rho = row.get("scored_norm")  # the step length the lead measured the scaled update at
+    if rho is None or not row["accepted"]:
         return out
-    rho = record.get("step_norm") or statistics.median(norms)  # what the lead scored at
     scaled = load_file(str(checkpoint))
     delta = {k: (trained_from[k].float() - scaled[k].float()) / factor for k in trained_from}
     norm = math.sqrt(sum(float((d**2).sum()) for d in delta.values()))

@@ -27,7 +27,8 @@ class ScoreRow(BaseModel):
     domain_loss: float | None = None
     general_loss: float | None = None
     utility: float = 0.0
-    update_norm: float | None = None  # |pseudo-gradient|; losses are measured at the cycle's median norm
+    update_norm: float | None = None  # |pseudo-gradient| as sent
+    scored_norm: float | None = None  # the step length its losses were measured at
     assigned_drop: float | None = None  # own-work evidence: relative loss drop on its assigned documents
     control_drop: float | None = None  # ... and on the cycle's control documents
     commit_block: int = 0
@@ -57,7 +58,7 @@ class CycleResult(BaseModel):
     result_revision: str | None = None
     result_domain_loss: float | None = None
     general_ceiling: float | None = None  # the base's general loss x (1 + general_drift_limit)
-    step_norm: float | None = None  # the step length updates were scored at (None: this cycle's median)
+    step_norm: float | None = None  # the step length fixed by the last cycle (None: this cycle's)
 
 
 class ValidatorState(BaseModel):
@@ -98,6 +99,7 @@ def score_row(score: SubmissionScore, pre: ScoreRow | None) -> ScoreRow:
         general_loss=score.general_loss,
         utility=score.utility,
         update_norm=score.update_norm,
+        scored_norm=score.scored_norm,
         assigned_drop=score.assigned_drop,
         control_drop=score.control_drop,
         commit_block=score.commit_block,

@@ -97,7 +97,8 @@ class SubmissionScore:
     domain_loss: float | None = None
     general_loss: float | None = None
     utility: float = 0.0
-    update_norm: float | None = None  # |pseudo-gradient|; scored at the cycle's median norm
+    update_norm: float | None = None  # |pseudo-gradient| as sent
+    scored_norm: float | None = None  # the step length it was measured at (the cycle's, or as sent)
     assigned_drop: float | None = None  # own-work evidence (connito.protocol.own_work)
     control_drop: float | None = None
 
@@ -306,8 +307,9 @@ def score_submissions(
 
     def evaluate(replica: nn.Module, candidate: Candidate) -> SubmissionScore:
         experts = candidate.experts()  # read here, one candidate per replica in memory at a time
-        if step is not None and (own_work is not None or norms[candidate.hotkey] > step):
-            experts = _at_step(global_state, experts, step / norms[candidate.hotkey])
+        measured_at = norms[candidate.hotkey]
+        if step is not None and (own_work is not None or measured_at > step):
+            experts, measured_at = _at_step(global_state, experts, step / measured_at), step
         if own_work is not None:  # the global's losses on the assignments probed, while it is resident
             for hotkey in (
                 candidate.hotkey,
@@ -327,7 +329,7 @@ def score_submissions(
             )
         finally:
             write_experts(replica, global_state)
-        return dataclasses.replace(score, update_norm=norms[candidate.hotkey])
+        return dataclasses.replace(score, update_norm=norms[candidate.hotkey], scored_norm=measured_at)
 
     queue = [candidate for candidate, _sketch in kept]
     if pool is None:
