@@ -129,7 +129,7 @@ def test_training_on_the_public_evaluation_pool_is_named(world):
     *_, updates = world
     scores = _score(world, {"alice": updates["pool"]})
     assert scores["alice"].reason == "trained_on_eval_pool", scores["alice"]
-    assert "public held-out pool" in scores["alice"].detail
+    assert "learned the public held-out pool most" in scores["alice"].detail
 
 
 def test_a_hotkey_with_nothing_assigned_has_no_evidence_and_is_not_paid(world, monkeypatch):

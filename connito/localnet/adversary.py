@@ -48,7 +48,7 @@ __all__ = ["ADVERSARY_KINDS", "SYBIL_NOISE", "AdversaryMiner"]
 
 ADVERSARY_KINDS = ("copy", "nan", "lazy", "stale", "heldout", "sybil", "replay", "scaled")
 SYBIL_NOISE = (0.15, 0.5)  # the localnet's two sybils: noise norm / the victim's update norm
-HELDOUT_STEPS = 30  # the heldout adversary's optimizer steps on the public pool
+HELDOUT_STEPS = 40  # the heldout adversary's optimizer steps on the public pool
 
 
 @dataclass
