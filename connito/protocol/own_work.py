@@ -55,8 +55,8 @@ class OwnWorkVerdict:
 
         It learned an earlier submission's assigned documents (a near-copy of that submission),
         or the public held-out pool (training on the evaluation data), or nothing of its own.
-        The pool is named when its drop leads by a quarter of the margin: the update is rejected
-        either way, and a near-copy is named before it.
+        The pool is named when its drop is the largest of the three and at least half the margin:
+        the update is rejected either way, and a near-copy is named before it.
         """
         own = f"its assigned documents {self.assigned_drop:.2%}, unassigned {self.control_drop:.2%}"
         if self.nearest_drop is not None and self.nearest_drop - self.control_drop > margin:
@@ -67,7 +67,7 @@ class OwnWorkVerdict:
             )
         public = self.public_pool_drop
         pool = f", the public held-out pool {public:.2%}" if public is not None else ""
-        if public is not None and public - max(self.control_drop, self.assigned_drop) > margin / 4:
+        if public is not None and public > max(self.control_drop, self.assigned_drop, margin / 2):
             return (
                 "trained_on_eval_pool",
                 f"learned the public held-out pool most: loss fell on {own}{pool}",

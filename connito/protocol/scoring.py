@@ -302,7 +302,7 @@ def score_submissions(
     step = None
     if kept and config.normalised_step:
         step = step_norm or _improving_median(
-            model, global_state, [c for c, _ in kept], norms, domain_batches, global_domain, config
+            model, global_state, [c for c, _ in kept], norms, domain_batches, config
         )
 
     def evaluate(replica: nn.Module, candidate: Candidate) -> SubmissionScore:
@@ -348,7 +348,6 @@ def _improving_median(
     kept: Sequence[Candidate],
     norms: dict[str, float],
     domain_batches: Sequence[torch.Tensor],
-    global_domain: float,
     config: ScoringConfig,
 ) -> float:
     """The median norm of the updates that lower the domain loss as sent (no step fixed yet).
@@ -356,12 +355,14 @@ def _improving_median(
     Used when no earlier cycle fixed the step length. Only improving updates count: a crowd of
     tiny random updates must not shrink everyone's step to nothing (nor huge ones stretch it).
     """
-    threshold = max(config.min_improvement, LOSS_RESOLUTION * abs(global_domain))
+    probe = domain_batches[:2]  # a coarse check: does it lower the loss at all
+    global_probe = _mean(batch_losses(model, probe))
+    threshold = max(config.min_improvement, LOSS_RESOLUTION * abs(global_probe))
     improving = []
     for candidate in kept:
         try:
             write_experts(model, candidate.experts())
-            if global_domain - _mean(batch_losses(model, domain_batches)) > threshold:
+            if global_probe - _mean(batch_losses(model, probe)) > threshold:
                 improving.append(norms[candidate.hotkey])
         finally:
             write_experts(model, global_state)
