@@ -37,7 +37,7 @@ from connito.ml.subset import SubsetModel
 from connito.ml.training import SparseTrainer
 from connito.ml.update_bound import max_weight_change
 from connito.node.miner import Miner
-from connito.protocol.checkpoint import EXPERTS_FILE
+from connito.protocol.checkpoint import EXPERTS_FILE, MANIFEST_FILE
 from connito.protocol.commitments import CommitPayload, decode_commitment
 from connito.protocol.global_state import GlobalState
 from connito.protocol.merge import state_revision
@@ -151,10 +151,23 @@ class AdversaryMiner(Miner):
             step = {k: before.experts[k].float() - glob[k].float() for k in glob}  # last merge, continued
         else:
             old = self._victim_experts(cycle - 1) if cycle >= 1 else None
-            if old is None or before is None:
+            trained_from = self._global_of(self._victim_revision(cycle - 1))
+            if old is None or trained_from is None:
                 return None  # nothing accepted yet to replay
-            step = {k: before.experts[k].float() - old[k].float() for k in glob}
+            step = {k: trained_from[k].float() - old[k].float() for k in glob}
         return {k: (glob[k].float() - step[k]).to(glob[k].dtype) for k in glob}
+
+    def _victim_revision(self, cycle: int) -> str | None:
+        """The global revision the victim's checkpoint of ``cycle`` says it trained from."""
+        assert self.victim_workdir is not None
+        path = self.victim_workdir / "checkpoints" / str(cycle) / MANIFEST_FILE
+        return json.loads(path.read_text()).get("global_revision") if path.exists() else None
+
+    def _global_of(self, revision: str | None) -> dict[str, torch.Tensor] | None:
+        for known in (self.global_state, self._previous_global):
+            if known is not None and known.revision == revision:
+                return known.experts
+        return None
 
     def _stale(self, cycle: int) -> dict[str, torch.Tensor]:
         assert self.global_state is not None
