@@ -41,11 +41,11 @@ from torch import nn
 
 from connito.config import DomainConfig
 from connito.data import DomainData, build_domain_data
-from connito.ml.modeling import load_model
+from connito.ml.modeling import batch_losses, load_model
 from connito.ml.moe import read_experts, write_experts
 from connito.owner.bootstrap import build_selection, load_base_model
 from connito.protocol.checkpoint import tensors_digest
-from connito.protocol.scoring import Candidate, SubmissionScore, batch_losses, score_submissions
+from connito.protocol.scoring import Candidate, SubmissionScore, score_submissions
 
 TARGET_SWAP_FRACTION = 0.05  # swap_s <= this x eval_s
 

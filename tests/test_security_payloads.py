@@ -47,7 +47,7 @@ from connito.data import (
 from connito.errors import ChainError, InvalidSubmission, StoreError
 from connito.hub import CHECKPOINT_FILES, LocalStore, StoreRef
 from connito.hub.hf import HfHubStore
-from connito.ml.modeling import build_model, load_model
+from connito.ml.modeling import batch_losses, build_model, load_model
 from connito.ml.moe import moe_layers, read_experts, write_experts
 from connito.ml.selection_record import ExpertSelection, save_selection
 from connito.node.context import NodeContext
@@ -70,7 +70,7 @@ from connito.protocol.commitments import (
 )
 from connito.protocol.merge import apply_merge, initial_outer_state
 from connito.protocol.phases import commit_deadline, phase_bounds, seed_block
-from connito.protocol.scoring import Candidate, batch_losses, pseudo_gradient, score_submissions
+from connito.protocol.scoring import Candidate, pseudo_gradient, score_submissions
 from connito.protocol.strict_loader import load_checkpoint, verify_checkpoint_cli
 from connito.protocol.submissions import Observation, fetch_and_verify
 

@@ -22,9 +22,9 @@ from torch import nn
 
 from connito.config import DomainConfig
 from connito.data import DomainData
+from connito.ml.modeling import batch_losses
 from connito.ml.moe import write_experts
 from connito.protocol.checkpoint import EXPERTS_FILE
-from connito.protocol.scoring import batch_losses
 
 __all__ = ["scaled_rows"]
 

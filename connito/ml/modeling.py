@@ -7,7 +7,7 @@ which adds the load-balancing term (transformers 5 Qwen/OLMoE/Mixtral do).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -21,7 +21,7 @@ from connito.ml.moe import SUPPORTED_MODEL_TYPES
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TORCH_DTYPES", "build_model", "load_model", "token_loss", "heldout_loss"]
+__all__ = ["TORCH_DTYPES", "build_model", "load_model", "token_loss", "heldout_loss", "batch_losses"]
 
 TORCH_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -109,3 +109,17 @@ def heldout_loss(model: nn.Module, batches: Iterable[torch.Tensor]) -> float:
             count += n
     model.train(was_training)
     return total / max(count, 1)
+
+
+def batch_losses(model: nn.Module, batches: Sequence[torch.Tensor]) -> list[float]:
+    """Mean token cross-entropy of each batch (eval mode, no grad), in batch order."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    losses = []
+    with torch.no_grad():
+        for batch in batches:
+            loss_sum, count = token_loss(model, batch.to(device))
+            losses.append(loss_sum / max(count, 1))
+    model.train(was_training)
+    return losses

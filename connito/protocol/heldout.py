@@ -6,7 +6,7 @@ library records a version's losses with these functions too, so a rebuild of the
 the numbers the lead recorded. Each function writes the experts it measures into the model and
 restores the given state afterwards.
 
-May import: connito.config, connito.data, connito.ml.moe, connito.protocol.scoring.
+May import: connito.config, connito.data, connito.ml.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from torch import nn
 
 from connito.config import ScoringConfig
 from connito.data import DomainData
+from connito.ml.modeling import batch_losses
 from connito.ml.moe import write_experts
-from connito.protocol.scoring import batch_losses
 
 __all__ = ["LossFn", "seeded_samples", "heldout_losses", "general_ceiling"]
 

@@ -14,7 +14,7 @@ none of. When it fails, the probe also measures the drop on the assigned documen
 earlier submission closest in direction (a near-copy learned those) and on the public held-out
 pool (training on the evaluation data), so the rejection names what the update did.
 
-May import: connito.config, connito.data and connito.protocol.scoring (its batch losses).
+May import: connito.config, connito.data, connito.ml (the scoring types only for annotations).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -29,9 +30,13 @@ from torch import nn
 from connito.config import DomainConfig
 from connito.data import DomainData
 from connito.data.sampling import sample_batches
-from connito.protocol.scoring import batch_losses
+from connito.ml.delta_sketch import DeltaSketch, cosine_estimate
+from connito.ml.modeling import batch_losses
 
-__all__ = ["OwnWorkProbe", "OwnWorkVerdict"]
+if TYPE_CHECKING:
+    from connito.protocol.scoring import Candidate
+
+__all__ = ["OwnWorkProbe", "OwnWorkVerdict", "nearest_earlier"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -192,3 +197,16 @@ def _drop(before: float, after: float) -> float:
     """Relative loss drop; a non-finite loss is no drop (``-inf``), never evidence."""
     drop = (before - after) / before if before > 0 else float("-inf")
     return drop if drop == drop else float("-inf")
+
+
+def nearest_earlier(kept: Sequence[tuple[Candidate, DeltaSketch]]) -> dict[str, tuple[str, float]]:
+    """For each kept candidate, the earlier-committed one closest in direction, and their cosine."""
+    out: dict[str, tuple[str, float]] = {}
+    for index, (candidate, sketch) in enumerate(kept):
+        earlier = [
+            (cosine_estimate(sketch, other_sketch), other.hotkey) for other, other_sketch in kept[:index]
+        ]
+        if earlier:
+            cosine, hotkey = max(earlier)
+            out[candidate.hotkey] = (hotkey, cosine)
+    return out

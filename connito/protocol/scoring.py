@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -24,34 +23,26 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from connito.config import ScoringConfig
-from connito.ml.delta_sketch import DeltaSketch, cosine_estimate, cosine_upper_bound, sketch_delta
+from connito.ml.delta_sketch import DeltaSketch, cosine_upper_bound, sketch_delta
 from connito.ml.eval_pool import EvalPool
-from connito.ml.modeling import token_loss
+from connito.ml.modeling import batch_losses
 from connito.ml.moe import write_experts
+from connito.protocol.own_work import OwnWorkProbe, nearest_earlier
+from connito.protocol.step_length import LOSS_RESOLUTION, at_step, improving_median
 
 if TYPE_CHECKING:
-    from connito.protocol.own_work import OwnWorkProbe
     from connito.protocol.replay import ReplayHistory
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "LOSS_RESOLUTION",
     "Candidate",
     "SubmissionScore",
-    "batch_losses",
     "pseudo_gradient",
     "cosine_similarity",
     "score_submissions",
 ]
 
-# Smallest loss drop, as a share of the global loss, that counts as an improvement. Each batch
-# loss is an fp32 sum over thousands of tokens, rounded to ~sqrt(tokens) * 2**-24 of its size
-# (5e-6 at 2,048 tokens): below this a difference is rounding, or the first-order accident of a
-# random direction, not learning. Without it, random noise of small norm on the global experts
-# (a lazy miner dodging the zero-delta check) measures "better" about half the time and earns
-# rank weight. ``ScoringConfig.min_improvement`` can only raise the bar.
-LOSS_RESOLUTION = 1e-5
 
 # How far below the duplicate threshold a sketch's cosine bound must be for the screen to skip the
 # exact fp32 cosine. The bound is on the real cosine; the margin covers the rounding of the fp32
@@ -101,20 +92,6 @@ class SubmissionScore:
     scored_norm: float | None = None  # the step length it was measured at (the cycle's, or as sent)
     assigned_drop: float | None = None  # own-work evidence (connito.protocol.own_work)
     control_drop: float | None = None
-
-
-def batch_losses(model: nn.Module, batches: Sequence[torch.Tensor]) -> list[float]:
-    """Mean token cross-entropy of each batch (eval mode, no grad), in batch order."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    losses = []
-    with torch.no_grad():
-        for batch in batches:
-            loss_sum, count = token_loss(model, batch.to(device))
-            losses.append(loss_sum / max(count, 1))
-    model.train(was_training)
-    return losses
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -298,10 +275,10 @@ def score_submissions(
     )
     kept, scores = _screen_copies(candidates, global_state, config.duplicate_cosine, max_change, replay)
     norms = {candidate.hotkey: sketch.norm for candidate, sketch in kept}
-    nearest = _nearest_earlier(kept) if own_work is not None else {}
+    nearest = nearest_earlier(kept) if own_work is not None else {}
     step = None
     if kept and config.normalised_step:
-        step = step_norm or _improving_median(
+        step = step_norm or improving_median(
             model, global_state, [c for c, _ in kept], norms, domain_batches, config
         )
 
@@ -309,7 +286,7 @@ def score_submissions(
         experts = candidate.experts()  # read here, one candidate per replica in memory at a time
         measured_at = norms[candidate.hotkey]
         if step is not None and (own_work is not None or measured_at > step):
-            experts, measured_at = _at_step(global_state, experts, step / measured_at), step
+            experts, measured_at = at_step(global_state, experts, step / measured_at), step
         if own_work is not None:  # the global's losses on the assignments probed, while it is resident
             for hotkey in (
                 candidate.hotkey,
@@ -340,56 +317,6 @@ def score_submissions(
         scores += pool.map(evaluate, queue, progress=progress)
     order = {c.hotkey: i for i, c in enumerate(candidates)}
     return (global_domain, global_general), sorted(scores, key=lambda s: order[s.hotkey])
-
-
-def _improving_median(
-    model: nn.Module,
-    global_state: dict[str, torch.Tensor],
-    kept: Sequence[Candidate],
-    norms: dict[str, float],
-    domain_batches: Sequence[torch.Tensor],
-    config: ScoringConfig,
-) -> float:
-    """The median norm of the updates that lower the domain loss as sent (no step fixed yet).
-
-    Used when no earlier cycle fixed the step length. Only improving updates count: a crowd of
-    tiny random updates must not shrink everyone's step to nothing (nor huge ones stretch it).
-    """
-    probe = domain_batches[:2]  # a coarse check: does it lower the loss at all
-    global_probe = _mean(batch_losses(model, probe))
-    threshold = max(config.min_improvement, LOSS_RESOLUTION * abs(global_probe))
-    improving = []
-    for candidate in kept:
-        try:
-            write_experts(model, candidate.experts())
-            if global_probe - _mean(batch_losses(model, probe)) > threshold:
-                improving.append(norms[candidate.hotkey])
-        finally:
-            write_experts(model, global_state)
-    return statistics.median(improving or list(norms.values()))
-
-
-def _nearest_earlier(kept: Sequence[tuple[Candidate, DeltaSketch]]) -> dict[str, tuple[str, float]]:
-    """For each kept candidate, the earlier-committed one closest in direction, and their cosine."""
-    out: dict[str, tuple[str, float]] = {}
-    for index, (candidate, sketch) in enumerate(kept):
-        earlier = [
-            (cosine_estimate(sketch, other_sketch), other.hotkey) for other, other_sketch in kept[:index]
-        ]
-        if earlier:
-            cosine, hotkey = max(earlier)
-            out[candidate.hotkey] = (hotkey, cosine)
-    return out
-
-
-def _at_step(
-    global_state: dict[str, torch.Tensor], local: dict[str, torch.Tensor], factor: float
-) -> dict[str, torch.Tensor]:
-    """``global - factor * (global - local)`` per tensor, computed in fp32, stored in each tensor's dtype."""
-    return {
-        key: (value.float() - factor * (value.float() - local[key].float())).to(value.dtype)
-        for key, value in global_state.items()
-    }
 
 
 def _evaluate_one(
