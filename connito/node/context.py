@@ -16,15 +16,24 @@ import torch
 from connito.chain.base import Chain, Neuron
 from connito.config import DomainConfig
 from connito.data import DomainData, build_domain_data
-from connito.errors import ChainError, ConfigError
+from connito.errors import ChainError, ConfigError, FatalNodeError
 from connito.hub.base import CheckpointStore
 from connito.ml.selection_record import ExpertSelection
 from connito.node.metrics import NodeMetrics
+from connito.node.versioning import check_protocol_each_cycle
 from connito.protocol.phases import PhaseInfo, phase
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["NodeContext", "open_store", "load_node_data", "uid_of", "PhaseLoop", "guarded_tick"]
+__all__ = [
+    "NodeContext",
+    "open_store",
+    "load_node_data",
+    "uid_of",
+    "PhaseLoop",
+    "guarded_tick",
+    "node_loop",
+]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -76,6 +85,8 @@ def guarded_tick(
     """Run one tick; any failure is logged with its traceback and the neuron lives on (False)."""
     try:
         tick(block, info)
+    except FatalNodeError:  # retrying cannot heal it: the neuron stops with one line
+        raise
     except Exception as exc:  # the top-level loop: log, keep the neuron alive, retry next block
         logger.error("%s tick failed cycle=%d phase=%s", role, info.cycle, info.phase, exc_info=True)
         if metrics is not None:
@@ -91,7 +102,8 @@ class PhaseLoop:
     """Polls the chain and calls ``tick(info)`` once per block, logging each phase transition.
 
     Chain outages are survived: a failed read logs one WARNING line and backs off (bounded),
-    never crashing the neuron. ``metrics`` sees every head read, tick and failure.
+    never crashing the neuron. ``metrics`` sees every head read, tick and failure. ``on_cycle``
+    runs at the first block seen of every cycle; a ``FatalNodeError`` from it or a tick ends the loop.
     """
 
     def __init__(
@@ -103,9 +115,11 @@ class PhaseLoop:
         role: str,
         sleep: Callable[[float], None] = time.sleep,
         metrics: NodeMetrics | None = None,
+        on_cycle: Callable[[int], None] | None = None,
     ) -> None:
         self.chain = chain
         self.metrics = metrics
+        self.on_cycle = on_cycle
         self.config = config
         self.poll_s = poll_s
         self.role = role
@@ -133,6 +147,8 @@ class PhaseLoop:
             if until_cycle is not None and info.cycle > until_cycle:
                 logger.info("%s done cycles=%d block=%d", self.role, until_cycle + 1, block)
                 return 0
+            if self.on_cycle is not None and (self._last is None or info.cycle != self._last[0]):
+                self.on_cycle(info.cycle)  # e.g. the protocol version check; may stop the node
             if (info.cycle, info.phase) != self._last:
                 logger.info(
                     "%s cycle=%d phase=%s block=%d blocks_left=%d",
@@ -149,3 +165,15 @@ class PhaseLoop:
                     self._sleep(self.poll_s)
                 continue
             self._sleep(self.poll_s)
+
+
+def node_loop(ctx: NodeContext, *, role: str, poll_s: float) -> PhaseLoop:
+    """A neuron's phase loop: ``ctx``'s chain and metrics, the protocol version checked every cycle."""
+    return PhaseLoop(
+        ctx.chain,
+        ctx.config,
+        poll_s=poll_s,
+        role=role,
+        metrics=ctx.metrics,
+        on_cycle=lambda cycle: check_protocol_each_cycle(ctx.chain, role, cycle),
+    )

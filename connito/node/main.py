@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from connito.config import DomainConfig, config_digest, load_domain_config
-from connito.errors import ChainError, ConfigError, ConnitoError, StoreError
+from connito.errors import ChainError, ConfigError, ConnitoError, FatalNodeError, StoreError
 from connito.hub.metered import MeteredStore
 from connito.ml.distributed import Distributed, barrier, init_distributed
 from connito.ml.selection_record import load_domain_selection
@@ -23,6 +23,8 @@ from connito.node.context import NodeContext, load_node_data, open_store
 from connito.node.metrics import NodeMetrics, open_wandb
 from connito.node.neuron_cli import NeuronArgs, configure_logging, open_chain, parse_args, resolve_args
 from connito.node.neuron_flags import Role
+from connito.node.versioning import require_current_protocol
+from connito.protocol.version import PROTOCOL_VERSION
 
 if TYPE_CHECKING:  # imported where used: a miner does not load the validator's modules
     from connito.node.miner import Miner
@@ -125,12 +127,15 @@ def main(role: Role, argv: list[str] | None = None) -> int:
         if not dist.is_main:  # one metrics endpoint and one W&B run per miner: rank 0's
             args = dataclasses.replace(args, metrics_port=None, wandb_project=None, wandb_entity=None)
         chain = open_chain(args)
+        weights_version = require_current_protocol(chain)
         logger.info(
-            "%s start domain=%s netuid=%s config_digest=%s",
+            "%s start domain=%s netuid=%s config_digest=%s protocol_version=%d weights_version=%d",
             role,
             config.name,
             args.netuid,
             config_digest(config)[:12],
+            PROTOCOL_VERSION,
+            weights_version,
         )
         torch.set_num_threads(max(1, torch.get_num_threads()))
         ctx = build_context(args, config, chain)
@@ -139,7 +144,7 @@ def main(role: Role, argv: list[str] | None = None) -> int:
             barrier(dist)  # every rank has built its data in the shared workdir before rank 0 sweeps it
         elif args.eval_devices:  # the resident model lives on the first evaluation device
             ctx = dataclasses.replace(ctx, device=torch.device(args.eval_devices[0]))
-    except (ConfigError, ChainError, StoreError) as exc:
+    except (ConfigError, ChainError, StoreError, FatalNodeError) as exc:
         sys.stderr.write(f"{role}: {' '.join(str(exc).split())}\n")
         return 1
     node: Miner | Validator
@@ -165,6 +170,10 @@ def main(role: Role, argv: list[str] | None = None) -> int:
         )
     try:
         return node.run(until_cycle=args.until_cycle)
+    except FatalNodeError as exc:  # a fault retrying cannot heal: one line, never a traceback loop
+        logger.error("%s stopped: %s", role, exc)
+        sys.stderr.write(f"{role}: {' '.join(str(exc).split())}\n")
+        return 1
     except KeyboardInterrupt:
         logger.info("%s stopped", role)
         return 0

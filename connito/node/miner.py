@@ -27,7 +27,7 @@ from connito.ml.subset import SubsetModel, subset_expert_state
 from connito.ml.subset_loading import load_subset_model
 from connito.ml.training import SparseTrainer
 from connito.ml.update_bound import moments_may_carry
-from connito.node.context import NodeContext, PhaseLoop, uid_of
+from connito.node.context import NodeContext, node_loop, uid_of
 from connito.node.global_sync import pull_global
 from connito.protocol.checkpoint import MANIFEST_FILE, write_checkpoint
 from connito.protocol.commitments import (
@@ -88,9 +88,7 @@ class Miner:
             )
 
     def run(self, *, until_cycle: int | None = None) -> int:
-        loop = PhaseLoop(
-            self.ctx.chain, self.ctx.config, poll_s=self.poll_s, role="miner", metrics=self.ctx.metrics
-        )
+        loop = node_loop(self.ctx, role="miner", poll_s=self.poll_s)  # checks the protocol version
         return loop.run(self.tick, until_cycle=until_cycle)
 
     def tick(self, block: int, info: PhaseInfo) -> None:

@@ -31,7 +31,7 @@ from connito.ml.eval_pool import EvalPool
 from connito.ml.modeling import load_model
 from connito.ml.moe import read_experts, write_experts
 from connito.ml.update_bound import max_weight_change
-from connito.node.context import NodeContext, PhaseLoop
+from connito.node.context import NodeContext, node_loop
 from connito.node.global_sync import pull_global
 from connito.node.validator_downloads import SubmissionDownloads, downloads_root
 from connito.node.validator_merge import (
@@ -61,6 +61,7 @@ from connito.protocol.scoring import (
     update_ema,
 )
 from connito.protocol.submissions import observe_commitments
+from connito.protocol.version import PROTOCOL_VERSION
 
 logger = logging.getLogger(__name__)
 
@@ -96,9 +97,7 @@ class Validator:
         self._load()
 
     def run(self, *, until_cycle: int | None = None) -> int:
-        loop = PhaseLoop(
-            self.ctx.chain, self.ctx.config, poll_s=self.poll_s, role="validator", metrics=self.ctx.metrics
-        )
+        loop = node_loop(self.ctx, role="validator", poll_s=self.poll_s)  # checks the protocol version
         return loop.run(self.tick, until_cycle=until_cycle)
 
     def tick(self, block: int, info: PhaseInfo) -> None:
@@ -234,7 +233,7 @@ class Validator:
             )
             if not weights:
                 return
-            block = self.ctx.chain.set_weights(weights)
+            block = self.ctx.chain.set_weights(weights, version_key=PROTOCOL_VERSION)
         except ChainError as exc:
             logger.warning("cycle=%d set_weights failed (retry next block): %s", cycle, exc)
             return
