@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from bittensor.sp_core import Keypair
+from e2e_harness import domain_config
 
 from connito.chain.local import LocalChain
 from connito.chain.local_ledger import GenesisNeuron
@@ -20,7 +21,6 @@ from connito.errors import ChainError, FatalNodeError
 from connito.node.context import PhaseLoop
 from connito.node.versioning import check_protocol_each_cycle, require_current_protocol
 from connito.protocol.version import PROTOCOL_VERSION, is_outdated, upgrade_message
-from e2e_harness import domain_config
 
 ALICE = Keypair.create_from_uri("//Alice")
 

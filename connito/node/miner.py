@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from connito.errors import ChainError, ConfigError, StoreError
 from connito.fsutil import atomic_write, sweep_temp_files
+from connito.hub.base import StoreRef
 from connito.ml.distributed import Distributed, broadcast_object, main_decides
 from connito.ml.modeling import load_model
 from connito.ml.moe import moe_layers, parse_expert_key, read_experts, write_expert, write_experts
@@ -58,6 +59,9 @@ class MinerProgress(BaseModel):
     checkpoint: str | None = None  # folder of the finished checkpoint
     tensors_sha256: str | None = None
     commit_block: int | None = None
+    uploaded: StoreRef | None = (
+        None  # where the reveal's upload landed: a retried reveal re-sends only the chain write
+    )
     reveal_block: int | None = None
 
 
@@ -250,7 +254,7 @@ class Miner:
             return
         folder = Path(progress.checkpoint or "")
         try:
-            ref = self.ctx.store.upload(folder, repo=self.ctx.hub_repo, message=f"cycle {cycle}")
+            ref = progress.uploaded or self._upload_once(cycle, folder)
             manifest_sha = hashlib.sha256((folder / MANIFEST_FILE).read_bytes()).digest()
             payload = RevealPayload(
                 cycle=cycle,
@@ -267,6 +271,12 @@ class Miner:
         self.ctx.metrics.miner_stage("reveal", ok=True)
         self._save_progress(progress.model_copy(update={"reveal_block": block}))
         logger.info("revealed cycle=%d block=%d repo=%s rev=%s", cycle, block, ref.repo, ref.revision[:12])
+
+    def _upload_once(self, cycle: int, folder: Path) -> StoreRef:
+        """Upload the checkpoint and persist where it landed, so the cycle uploads it once."""
+        ref = self.ctx.store.upload(folder, repo=self.ctx.hub_repo, message=f"cycle {cycle}")
+        self._save_progress(self.progress.model_copy(update={"uploaded": ref}))
+        return ref
 
     # -- helpers -----------------------------------------------------------------------------
 
