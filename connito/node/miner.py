@@ -30,6 +30,7 @@ from connito.ml.training import SparseTrainer
 from connito.ml.update_bound import moments_may_carry
 from connito.node.context import NodeContext, node_loop, uid_of
 from connito.node.global_sync import pull_global
+from connito.node.startup_checks import load_state_file
 from connito.protocol.checkpoint import MANIFEST_FILE, write_checkpoint
 from connito.protocol.commitments import (
     CommitPayload,
@@ -85,8 +86,9 @@ class Miner:
         """Resume from the workdir: a restart within a cycle never trains or commits twice."""
         if self.dist.is_main:  # the other ranks write nothing there
             sweep_temp_files(self.ctx.workdir)  # what a kill -9 left half-written
-        if self._progress_path.exists():
-            self.progress = MinerProgress.model_validate_json(self._progress_path.read_bytes())
+        progress = load_state_file(self._progress_path, MinerProgress)  # StateError names the file
+        if progress is not None:
+            self.progress = progress
             logger.info(
                 "miner resumed cycle=%d committed=%s", self.progress.cycle, self.progress.commit_block
             )

@@ -33,6 +33,7 @@ from connito.ml.moe import read_experts, write_experts
 from connito.ml.update_bound import max_weight_change
 from connito.node.context import NodeContext, node_loop
 from connito.node.global_sync import pull_global
+from connito.node.startup_checks import load_state_file, recover_missing_global
 from connito.node.validator_downloads import SubmissionDownloads, downloads_root
 from connito.node.validator_merge import (
     choose_merge,
@@ -383,6 +384,8 @@ class Validator:
         from connito.protocol.global_state import load_global
 
         folder = self.ctx.workdir / "global" / str(self.state.global_cycle)
+        if not folder.is_dir():  # heal from chain and store rather than fail every poll
+            return recover_missing_global(self.state, folder, self._state_path, base)
         return load_global(
             folder,
             selection=self.ctx.selection,
@@ -429,8 +432,9 @@ class Validator:
         atomic_write(self._state_path, self.state.model_dump_json().encode())
 
     def _load(self) -> None:
-        if self._state_path.exists():
-            self.state = ValidatorState.model_validate_json(self._state_path.read_bytes())
+        state = load_state_file(self._state_path, ValidatorState)  # StateError names the file
+        if state is not None:
+            self.state = state
             logger.info(
                 "validator resumed global_cycle=%d cycles=%s",
                 self.state.global_cycle,
