@@ -20,12 +20,16 @@ from connito.errors import ChainError, ConfigError, FatalNodeError
 from connito.hub.base import CheckpointStore
 from connito.ml.selection_record import ExpertSelection
 from connito.node.metrics import NodeMetrics
+from connito.node.neuron_flags import KEEP_CYCLES_DEFAULT
 from connito.node.versioning import check_protocol_each_cycle
 from connito.protocol.phases import PhaseInfo, phase
 
 logger = logging.getLogger(__name__)
 
+DEFAULT_KEEP_CYCLES = KEEP_CYCLES_DEFAULT  # a restart or a late adoption reaches back fewer cycles
+
 __all__ = [
+    "DEFAULT_KEEP_CYCLES",
     "NodeContext",
     "open_store",
     "load_node_data",
@@ -51,6 +55,7 @@ class NodeContext:
     device: torch.device
     hub_repo: str  # where this node uploads
     metrics: NodeMetrics = field(default_factory=NodeMetrics)  # always recorded; served with --metrics.port
+    keep_cycles: int | None = DEFAULT_KEEP_CYCLES  # cycles of files kept on disk (--keep.cycles; None: all)
 
 
 def open_store(kind: str, path: Path | None, *, private: bool = False) -> CheckpointStore:

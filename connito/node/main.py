@@ -109,6 +109,7 @@ def build_context(args: NeuronArgs, config: DomainConfig, chain) -> NodeContext:
         device=_device(args.device),
         hub_repo=_hub_repo(args, config, chain.hotkey),
         metrics=metrics,
+        keep_cycles=args.keep_cycles,
     )
 
 

@@ -29,6 +29,7 @@ from connito.ml.subset_loading import load_subset_model
 from connito.ml.training import SparseTrainer
 from connito.ml.update_bound import moments_may_carry
 from connito.node.context import NodeContext, node_loop, uid_of
+from connito.node.disk_retention import Retention
 from connito.node.global_sync import pull_global
 from connito.node.startup_checks import load_state_file
 from connito.protocol.checkpoint import MANIFEST_FILE, write_checkpoint
@@ -77,6 +78,7 @@ class Miner:
     progress: MinerProgress = field(default_factory=MinerProgress)
     dist: Distributed = field(default_factory=Distributed.single)  # rank 0 alone writes, commits, reveals
     _model: torch.nn.Module | SubsetModel | None = None
+    _retention: Retention = field(init=False)
 
     @property
     def _progress_path(self) -> Path:
@@ -84,6 +86,7 @@ class Miner:
 
     def __post_init__(self) -> None:
         """Resume from the workdir: a restart within a cycle never trains or commits twice."""
+        self._retention = Retention(self.ctx)
         if self.dist.is_main:  # the other ranks write nothing there
             sweep_temp_files(self.ctx.workdir)  # what a kill -9 left half-written
         progress = load_state_file(self._progress_path, MinerProgress)  # StateError names the file
@@ -98,6 +101,9 @@ class Miner:
         return loop.run(self.tick, until_cycle=until_cycle)
 
     def tick(self, block: int, info: PhaseInfo) -> None:
+        if self.dist.is_main:  # keep the last ctx.keep_cycles cycles of files on disk
+            held = self.global_state.cycle if self.global_state is not None else -1
+            self._retention.at_cycle(info.cycle, global_cycle=held)
         if info.phase == "train":
             self.train(info.cycle)
         elif info.phase == "commit":

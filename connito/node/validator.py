@@ -32,6 +32,7 @@ from connito.ml.modeling import load_model
 from connito.ml.moe import read_experts, write_experts
 from connito.ml.update_bound import max_weight_change
 from connito.node.context import NodeContext, node_loop
+from connito.node.disk_retention import Retention
 from connito.node.global_sync import pull_global
 from connito.node.startup_checks import load_state_file, recover_missing_global
 from connito.node.validator_downloads import SubmissionDownloads, downloads_root
@@ -75,14 +76,13 @@ class Validator:
     poll_s: float = 1.0
     progress_bars: bool = True
     library: Library | None = None  # expert library to record each global version in (None: off)
-    eval_devices: tuple[
-        str, ...
-    ] = ()  # score on one model replica per device (fewer than 2: the model alone)
+    eval_devices: tuple[str, ...] = ()  # one model replica per eval device (fewer than 2: the model alone)
     state: ValidatorState = field(default_factory=ValidatorState)
     global_state: GlobalState | None = None
     _model: torch.nn.Module | None = None
     _pool: EvalPool | None = None
     _downloads: SubmissionDownloads = field(init=False)
+    _retention: Retention = field(init=False)
     _base_state: dict[str, torch.Tensor] | None = None  # the base model's experts (the drift cap)
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -95,6 +95,7 @@ class Validator:
         """Resume scores, EMA, observations and the adopted global state from the workdir."""
         sweep_temp_files(self.ctx.workdir)  # what a kill -9 left half-written
         self._downloads = SubmissionDownloads(progress_bars=self.progress_bars)
+        self._retention = Retention(self.ctx)
         self._load()
 
     def run(self, *, until_cycle: int | None = None) -> int:
@@ -104,6 +105,8 @@ class Validator:
     def tick(self, block: int, info: PhaseInfo) -> None:
         if self.global_state is None:
             self.global_state = self._genesis()  # the adopted state from the workdir, or genesis
+        if self._retention.at_cycle(info.cycle, global_cycle=self.state.global_cycle, state=self.state):
+            self._save()  # results older than ctx.keep_cycles dropped, with their files
         self.observe()
         if info.cycle < 0:
             return
