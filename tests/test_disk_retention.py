@@ -50,7 +50,10 @@ def test_local_store_keeps_the_newest_revisions_of_one_repo(tmp_path: Path) -> N
 @pytest.mark.slow
 def test_disk_use_stops_growing_after_k_cycles(tmp_path: Path) -> None:
     """Ten short cycles with keep_cycles=2: from cycle 4 on, nodes and store stay within the
-    largest size seen at cycles 2-3 (one payload's jitter), instead of growing by a cycle's files."""
+    largest size seen at cycles 2-3 (one payload's jitter), instead of growing by a cycle's files.
+
+    Measured (2 miners, 2 validators): 1.35, 2.69, 3.26, 2.64, 2.79, 3.26, 3.26, 3.26, 3.25,
+    3.25 MB after cycles 0-9."""
     keep, cycles = 2, 10
     config = domain_config()
     subnet = build_subnet(tmp_path, config, miners=2, validators=2)
@@ -68,4 +71,4 @@ def test_disk_use_stops_growing_after_k_cycles(tmp_path: Path) -> None:
     assert all(size <= plateau * 1.1 for size in sizes[keep + 2 :]), sizes
     assert sizes[-1] < sizes[keep] * (cycles - keep) / 2, sizes  # unpruned, it grows linearly
     assert len(list((tmp_path / "nodes" / "m0" / "checkpoints").iterdir())) <= keep
-    assert len(list((tmp_path / "hub" / "nodes" / "m0").iterdir())) <= keep
+    assert len(list((tmp_path / "hub" / "nodes" / "m0").iterdir())) <= keep + 1  # pruned, then this cycle's

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 
-from connito.chain.base import lead_validator
 from connito.errors import ChainError, StoreError
 from connito.fsutil import atomic_write, sweep_temp_files
 from connito.hub.base import StoreRef
@@ -33,6 +32,7 @@ from connito.ml.moe import read_experts, write_experts
 from connito.ml.update_bound import max_weight_change
 from connito.node.context import NodeContext, node_loop
 from connito.node.disk_retention import Retention
+from connito.node.failover import publication_counts, should_publish
 from connito.node.global_sync import pull_global
 from connito.node.startup_checks import load_state_file, recover_missing_global
 from connito.node.validator_downloads import SubmissionDownloads, downloads_root
@@ -115,7 +115,7 @@ class Validator:
         if info.phase in ("evaluate", "merge"):
             self.set_weights(info.cycle)
         if info.phase == "merge":
-            if self._is_lead():
+            if should_publish(self.ctx, block=block, cycle=info.cycle):  # the lead, or its stand-in
                 self.merge(info.cycle)
             else:
                 self.sync_global(info.cycle + 1)
@@ -284,6 +284,8 @@ class Validator:
         except (ChainError, StoreError) as exc:  # nothing adopted yet: the next block retries the same merge
             logger.warning("cycle=%d merge publication failed (retry next block): %s", cycle, exc)
             return
+        if not publication_counts(self.ctx, cycle=cycle, block=block):
+            return  # landed after our window: every node ignores it, so do we
         self._record_in_library(new_global, ref=ref, block=block)
         self._adopt(new_global)
         self._record(with_merge(result, record))
@@ -366,10 +368,6 @@ class Validator:
         )
 
     # -- helpers: model and state ------------------------------------------------------------
-
-    def _is_lead(self) -> bool:
-        lead = lead_validator(self.ctx.chain.metagraph())
-        return lead is not None and lead.hotkey == self.ctx.hotkey
 
     def _resident_model(self) -> torch.nn.Module:
         """The loaded base model holding the adopted global experts."""
