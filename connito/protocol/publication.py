@@ -11,10 +11,10 @@ still. So the merge phase is split in two publication windows:
 Both compute the same deterministic merge from the same public inputs (seeded evaluation of the
 same revealed submissions, the same outer state carried in the adopted global), so a failover
 publication is the merge the lead would have made. A publication counts only if its ``G``
-commitment landed inside its publisher's window; a late lead publication is ignored. Nodes adopt
-a cycle's global only after its merge phase has ended, and then choose the valid publication of
-the lowest rank: every node sees the same commitments, so every node adopts the same one, and at
-most one global per cycle is ever adopted.
+commitment landed inside its publisher's window; a late lead publication is ignored. Nodes
+choose the valid publication of the lowest rank, final once made (the windows do not overlap, so
+a stand-in's exists only after the lead's window closed): every node sees the same commitments,
+so every node adopts the same one, and at most one global per cycle is ever adopted.
 
 May import: connito.chain.base, connito.config, connito.errors, connito.protocol.
 """
@@ -102,17 +102,17 @@ def valid_publications(
 def chosen_publication(
     chain: Chain, cycle_config: CycleConfig, *, newer_than: int, before: int
 ) -> Publication | None:
-    """The publication a node adopts: the newest settled cycle's valid one of the lowest rank.
+    """The publication a node adopts: the newest cycle's valid one of the lowest rank.
 
-    A cycle is settled once its merge phase is over (no publication can still become valid);
-    it must be after ``newer_than`` (the node's own global) and before ``before``.
+    The choice is final as soon as it is made: a valid lead publication has the lowest rank
+    there is, and a stand-in's can only exist once the lead's window has closed (the windows do
+    not overlap), so no lower-ranked publication can appear after it. The cycle must be after
+    ``newer_than`` (the node's own global) and before ``before``.
     """
-    head = chain.current_block()
     publications = [
         p
         for p in valid_publications(chain.commitments(), publisher_ranks(chain.metagraph()), cycle_config)
         if newer_than < p.payload.cycle < before
-        and head > phase_bounds(p.payload.cycle, "merge", cycle_config)[1]
     ]
     if not publications:
         return None
