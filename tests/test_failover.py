@@ -38,6 +38,7 @@ def test_windows_split_the_merge_phase_without_overlap() -> None:
     assert publication_window(0, 3, config) == (first, first + 2)
     assert publication_window(1, 3, config) == (first + 3, last)
     assert publication_window(2, 3, config) is None
+    assert publication_window(0, 3, config, publishers=1) == (first, last)  # no stand-in: the whole phase
 
 
 def test_ranks_are_permit_holders_by_stake_then_uid() -> None:

@@ -27,8 +27,11 @@ def publication_counts(ctx: NodeContext, *, cycle: int, block: int) -> bool:
     A publication that landed late is ignored by every node (they adopt the stand-in's, or
     nothing); the publisher must not adopt it either, or it would hold a global nobody else has.
     """
-    rank = publisher_ranks(ctx.chain.metagraph()).get(ctx.hotkey)
-    window = None if rank is None else publication_window(rank, cycle, ctx.config.cycle)
+    ranks = publisher_ranks(ctx.chain.metagraph())
+    rank = ranks.get(ctx.hotkey)
+    window = (
+        None if rank is None else publication_window(rank, cycle, ctx.config.cycle, publishers=len(ranks))
+    )
     if window is not None and window[0] <= block <= window[1]:
         if rank:
             logger.warning("cycle=%d phase=merge failover: published as rank=%d block=%d", cycle, rank, block)

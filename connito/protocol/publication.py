@@ -4,7 +4,7 @@ If the lead validator is down during the merge phase, nobody publishes and the m
 still. So the merge phase is split in two publication windows:
 
 - rank 0 (the lead: most stake with a validator permit, ties to the lower uid) may publish in
-  ``[merge_first, failover_block)``;
+  ``[merge_first, failover_block)`` (the whole phase when it is the only permit holder);
 - rank 1 (the next validator in that order) may publish in ``[failover_block, merge_last]``,
   and only when no valid rank-0 publication of the cycle is on chain.
 
@@ -65,12 +65,18 @@ def failover_block(cycle: int, cycle_config: CycleConfig) -> int:
     return min(last, first + max(1, (last - first + 1) // 2))
 
 
-def publication_window(rank: int, cycle: int, cycle_config: CycleConfig) -> tuple[int, int] | None:
-    """The blocks (inclusive) in which a publisher of ``rank`` may publish ``cycle``'s global."""
+def publication_window(
+    rank: int, cycle: int, cycle_config: CycleConfig, *, publishers: int = PUBLISHER_RANKS
+) -> tuple[int, int] | None:
+    """The blocks (inclusive) in which a publisher of ``rank`` may publish ``cycle``'s global.
+
+    With a single permitted validator (``publishers`` 1) there is no stand-in to hand over to,
+    and the lead keeps the whole merge phase.
+    """
     first, last = phase_bounds(cycle, "merge", cycle_config)
     middle = failover_block(cycle, cycle_config)
     if rank == 0:
-        return first, middle - 1
+        return (first, middle - 1) if publishers > 1 else (first, last)
     if rank == 1:
         return middle, last
     return None
@@ -91,7 +97,7 @@ def valid_publications(
             continue
         if not isinstance(payload, GlobalPayload):
             continue
-        window = publication_window(rank, payload.cycle, cycle_config)
+        window = publication_window(rank, payload.cycle, cycle_config, publishers=len(ranks))
         if window is not None and window[0] <= commitment.block <= window[1]:
             found.append(
                 Publication(hotkey=commitment.hotkey, block=commitment.block, rank=rank, payload=payload)
@@ -128,7 +134,7 @@ def may_publish(chain: Chain, hotkey: str, *, block: int, cycle: int, cycle_conf
     """
     ranks = publisher_ranks(chain.metagraph())
     rank = ranks.get(hotkey)
-    window = None if rank is None else publication_window(rank, cycle, cycle_config)
+    window = None if rank is None else publication_window(rank, cycle, cycle_config, publishers=len(ranks))
     if rank is None or window is None or not window[0] <= block <= window[1]:
         return False
     if rank == 0:
