@@ -237,6 +237,8 @@ class _HubHandler(BaseHTTPRequestHandler):
     def _route(self, method: str, segments: list[str], query: dict[str, list[str]], body: bytes) -> None:
         if segments[:3] == ["api", "repos", "create"] and method == "POST":
             return self._create_repo(json.loads(body or b"{}"))
+        if segments[:2] == ["api", "validate-yaml"] and method == "POST":
+            return self._validate_yaml(json.loads(body or b"{}"))
         if segments[:2] == ["api", "models"] and len(segments) >= 4:
             repo_id, rest = _split_repo(segments[2:])
             return self._api_models(method, repo_id, rest, query, body)
@@ -244,6 +246,22 @@ class _HubHandler(BaseHTTPRequestHandler):
             repo_id, rest = _split_repo(segments)
             return self._resolve(method, repo_id, rest[1], "/".join(rest[2:]))
         raise _HubError(404, None, "unknown endpoint")
+
+    def _validate_yaml(self, payload: dict[str, Any]) -> None:
+        """The Hub checks a README.md's metadata block before a commit that adds one."""
+        import yaml
+
+        content = str(payload.get("content", ""))
+        front = content[3:].partition("\n---")[0] if content.startswith("---") else ""
+        try:
+            metadata = yaml.safe_load(front) if front else {}
+        except yaml.YAMLError as e:
+            raise _HubError(400, None, "invalid YAML", body={"errors": [{"message": str(e)}]}) from None
+        if metadata is not None and not isinstance(metadata, dict):
+            raise _HubError(
+                400, None, "metadata must be a mapping", body={"errors": [{"message": "not a mapping"}]}
+            )
+        self._send_json({"errors": [], "warnings": []})
 
     def _api_models(
         self, method: str, repo_id: str, rest: list[str], query: dict[str, list[str]], body: bytes

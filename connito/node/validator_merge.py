@@ -21,6 +21,7 @@ import torch
 
 from connito.config import DomainConfig
 from connito.hub.base import StoreRef
+from connito.library.model_card import MODEL_CARD_FILE, card_for_global, write_model_card
 from connito.ml.outer import OuterState
 from connito.node.context import NodeContext
 from connito.node.validator_state import CycleResult
@@ -176,8 +177,13 @@ def publish_global(ctx: NodeContext, new_global: GlobalState) -> tuple[StoreRef,
     assert new_global.record is not None
     folder = _global_folder(ctx, new_global.cycle)
     save_global(new_global, folder, config=ctx.config, selection=ctx.selection, hotkey=ctx.hotkey)
+    card = card_for_global(new_global, config=ctx.config, selection=ctx.selection, base_dir=ctx.base_dir)
+    write_model_card(card, folder)  # the repo's README.md: what this global is and where it came from
     ref = ctx.store.upload(
-        folder, repo=ctx.hub_repo, files=GLOBAL_FILES, message=f"global cycle {new_global.cycle}"
+        folder,
+        repo=ctx.hub_repo,
+        files=(*GLOBAL_FILES, MODEL_CARD_FILE),
+        message=f"global cycle {new_global.cycle}",
     )
     payload = GlobalPayload(
         cycle=new_global.cycle,
