@@ -30,7 +30,6 @@ from connito.chain.base import Chain, ChainParams, Commitment, Neuron
 from connito.errors import ChainError, InvalidSubmission, StoreError
 from connito.hub.base import StoreRef
 from connito.node.context import NodeContext
-from connito.node.validator import Validator
 from connito.node.validator_state import submission_scores
 from connito.protocol.merge import MERGE_RECORD_FILE, MergeRecord
 from connito.protocol.publication import chosen_publication
@@ -106,6 +105,8 @@ def explain_submission(ctx: NodeContext, hotkey: str, cycle: int) -> SubmissionS
     Raises:
         ChainError, StoreError: the chain or the store cannot be read.
     """
+    from connito.node.validator import Validator  # loads the model stack only when asked
+
     chain = _ReadOnlyHistory(ctx.chain)
     shadow_ctx = dataclasses.replace(ctx, chain=chain, hotkey=f"status-{hotkey[:16]}", keep_cycles=None)
     neurons = chain.metagraph()
