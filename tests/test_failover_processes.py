@@ -5,6 +5,11 @@ model does not stand still), every live node holds the same global at the end of
 (one global per cycle, agreed by all), and with ``keep_cycles=3`` the disk use of the nodes and
 the store stops growing after a few cycles. The chain's clock is driven by this process in
 lockstep with the nodes (see ``tests/harness_node_proc.py``).
+
+Measured on a 2-core machine (about 7 minutes): cycles 0-4 published by the lead, 5-8 and 10-11
+by the stand-in (rank 1), cycle 9 nothing (no submission beat the global); one global per role
+each cycle; nodes + store 1.76, 3.52, 4.67, 4.93, 4.92, 4.31, 4.31, 4.47, 4.62, 4.31, 3.85,
+4.47 MB after cycles 0-11 with keep_cycles=3.
 """
 
 from __future__ import annotations
