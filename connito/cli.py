@@ -12,6 +12,7 @@ from pathlib import Path
 
 from connito.errors import ConnitoError
 from connito.library.commands import DEFAULT_LIBRARY, add_library_parsers, run_library_command
+from connito.node.status import add_status_parser
 from connito.owner.downstream_eval import add_owner_eval_parser
 
 logger = logging.getLogger(__name__)
@@ -90,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_localnet(sub)
     add_library_parsers(sub)
     add_owner_eval_parser(sub)
+    add_status_parser(sub)
     return parser
 
 
@@ -117,6 +119,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         return run_localnet(args)
     if args.command in ("library", "export"):
         return run_library_command(args)
+    if args.command == "status":
+        from connito.node.status import run_status
+
+        return run_status(args)
     if args.command == "owner-eval":
         from connito.owner.downstream_eval import run_owner_eval
 

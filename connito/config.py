@@ -152,6 +152,9 @@ class DataSource(_Strict):
         description="generator name (math, english, code), Hub dataset id, or a glob of local files",
     )
     subset: str | None = Field(None, description="datasets config name")
+    revision: str | None = Field(
+        None, description="hub: dataset revision (commit sha preferred); None reads the moving main branch"
+    )
     split: str = Field("train", description="datasets split")
     text_field: str = Field("text", description="column holding the document text")
     max_documents: int | None = Field(None, ge=1, description="cap on documents read; None reads all")

@@ -16,6 +16,7 @@ __all__ = [
     "CommitmentDecodeError",
     "StateError",
     "LibraryError",
+    "FatalNodeError",
 ]
 
 
@@ -113,4 +114,12 @@ class LibraryError(ConnitoError, ValueError):
 
     An unknown or removed version, two lanes changing one expert, a blob that does not match its
     digest, or a base model the library cannot find. The message names the version or lanes.
+    """
+
+
+class FatalNodeError(ConnitoError, RuntimeError):
+    """A fault a running neuron cannot heal by retrying: it stops with this one line (exit 1).
+
+    An outdated protocol version, a selection built for another model, a state file naming a
+    global folder that is gone. The message says what to do (upgrade, fix the file).
     """

@@ -80,6 +80,7 @@ class FakeSubstrate:
     head: int = 1000
     tempo: int = 360
     weights_rate_limit: int = 100
+    weights_version: int = 0  # SubtensorModule.WeightsVersionKey: the minimum set_weights version_key
     max_space: int | None = 3100  # None: the runtime has no Commitments.MaxSpace item
     commit_reveal: bool = False
     fail_connects: int = 0
@@ -171,6 +172,7 @@ class FakeSubstrate:
         scalar = {
             ("SubtensorModule", "Tempo"): self.tempo,
             ("SubtensorModule", "WeightsSetRateLimit"): self.weights_rate_limit,
+            ("SubtensorModule", "WeightsVersionKey"): self.weights_version,
             ("SubtensorModule", "CommitRevealWeightsEnabled"): self.commit_reveal,
             ("SubtensorModule", "MinAllowedWeights"): 1,
             ("SubtensorModule", "MaxWeightsLimit"): 65535,
@@ -288,6 +290,8 @@ class FakeSubstrate:
             if uid is None:
                 return "HotKeyNotRegisteredInSubNet"
             if call.function == "set_mechanism_weights":
+                if int(call.params["version_key"]) < self.weights_version:
+                    return "IncorrectWeightVersionKey"
                 self.weights[uid] = dict(zip(call.params["dests"], call.params["weights"], strict=True))
             self.neurons[uid].last_update = self.head
             return None

@@ -82,8 +82,10 @@ class _HubError(Exception):
         *,
         commit: str | None = None,
         body: dict[str, Any] | None = None,
+        retry_after_s: int | None = None,
     ) -> None:
         super().__init__(message)
+        self.retry_after_s = retry_after_s
         self.body = body or {}
         self.status = status
         self.code = code
@@ -104,7 +106,7 @@ class HubServer:
         self.requests: list[tuple[str, str]] = []
         self.unknown_requests: list[tuple[str, str]] = []
         self.auth_headers: list[str | None] = []
-        self._fail_next: list[tuple[str, int]] = []
+        self._fail_next: list[tuple[str, int, int | None]] = []
         self._lock = threading.Lock()
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -149,10 +151,11 @@ class HubServer:
         self.stop()
 
     # -- test helpers --------------------------------------------------------------------------
-    def fail_next(self, path_contains: str, status: int = 503) -> None:
-        """Inject a fault: the next request whose path contains ``path_contains`` gets ``status``."""
+    def fail_next(self, path_contains: str, status: int = 503, *, retry_after_s: int | None = None) -> None:
+        """Inject a fault: the next request whose path contains ``path_contains`` gets ``status``
+        (with a ``Retry-After`` header when ``retry_after_s`` is given)."""
         with self._lock:
-            self._fail_next.append((path_contains, status))
+            self._fail_next.append((path_contains, status, retry_after_s))
 
     def add_commit(self, repo_id: str, files: dict[str, bytes], *, summary: str = "fixture") -> str:
         """Commit ``files`` (merged over the branch head) directly, bypassing the HTTP API."""
@@ -172,12 +175,12 @@ class HubServer:
         """The paths of every file-content request (HEAD or GET on /resolve/) seen so far."""
         return [path for _, path in self.requests if "/resolve/" in path]
 
-    def _take_fault(self, path: str) -> int | None:
+    def _take_fault(self, path: str) -> tuple[int, int | None] | None:
         with self._lock:
-            for i, (needle, status) in enumerate(self._fail_next):
+            for i, (needle, status, retry_after_s) in enumerate(self._fail_next):
                 if needle in path:
                     del self._fail_next[i]
-                    return status
+                    return status, retry_after_s
         return None
 
 
@@ -220,7 +223,7 @@ class _HubHandler(BaseHTTPRequestHandler):
         body = self._read_body() if method == "POST" else b""
         fault = self.hub._take_fault(path)
         if fault is not None:
-            self._send_error(_HubError(fault, None, "injected fault"), method)
+            self._send_error(_HubError(fault[0], None, "injected fault", retry_after_s=fault[1]), method)
             return
         segments = [unquote(s) for s in path.strip("/").split("/")]
         try:
@@ -234,6 +237,8 @@ class _HubHandler(BaseHTTPRequestHandler):
     def _route(self, method: str, segments: list[str], query: dict[str, list[str]], body: bytes) -> None:
         if segments[:3] == ["api", "repos", "create"] and method == "POST":
             return self._create_repo(json.loads(body or b"{}"))
+        if segments[:2] == ["api", "validate-yaml"] and method == "POST":
+            return self._validate_yaml(json.loads(body or b"{}"))
         if segments[:2] == ["api", "models"] and len(segments) >= 4:
             repo_id, rest = _split_repo(segments[2:])
             return self._api_models(method, repo_id, rest, query, body)
@@ -241,6 +246,22 @@ class _HubHandler(BaseHTTPRequestHandler):
             repo_id, rest = _split_repo(segments)
             return self._resolve(method, repo_id, rest[1], "/".join(rest[2:]))
         raise _HubError(404, None, "unknown endpoint")
+
+    def _validate_yaml(self, payload: dict[str, Any]) -> None:
+        """The Hub checks a README.md's metadata block before a commit that adds one."""
+        import yaml
+
+        content = str(payload.get("content", ""))
+        front = content[3:].partition("\n---")[0] if content.startswith("---") else ""
+        try:
+            metadata = yaml.safe_load(front) if front else {}
+        except yaml.YAMLError as e:
+            raise _HubError(400, None, "invalid YAML", body={"errors": [{"message": str(e)}]}) from None
+        if metadata is not None and not isinstance(metadata, dict):
+            raise _HubError(
+                400, None, "metadata must be a mapping", body={"errors": [{"message": "not a mapping"}]}
+            )
+        self._send_json({"errors": [], "warnings": []})
 
     def _api_models(
         self, method: str, repo_id: str, rest: list[str], query: dict[str, list[str]], body: bytes
@@ -421,6 +442,8 @@ class _HubHandler(BaseHTTPRequestHandler):
             self.send_header("X-Error-Message", error.message)
         if error.commit:
             self.send_header("X-Repo-Commit", error.commit)
+        if error.retry_after_s is not None:
+            self.send_header("Retry-After", str(error.retry_after_s))
         self.end_headers()
         if method != "HEAD":
             self.wfile.write(data)

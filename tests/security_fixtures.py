@@ -177,12 +177,12 @@ class FlakyChain:
     def hotkey(self) -> str | None:
         return self.inner.hotkey
 
-    def set_weights(self, weights: dict[int, float]) -> int:
+    def set_weights(self, weights: dict[int, float], *, version_key: int = 0) -> int:
         self.attempts.append(self.inner.current_block())
         if self.failures > 0:
             self.failures -= 1
             raise ChainError(f"set_weights refused hotkey={self.inner.hotkey}: injected transaction failure")
-        return self.inner.set_weights(weights)
+        return self.inner.set_weights(weights, version_key=version_key)
 
     def __getattr__(self, name: str):
         return getattr(self.inner, name)

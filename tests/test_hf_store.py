@@ -283,3 +283,31 @@ def test_bad_repo_id_refused_without_contacting_hub(hub: HubServer, tmp_path: Pa
     assert info.value.reason == "refused"
     assert "'../etc'" in _single_line(info.value)
     assert hub.requests == []
+
+
+def test_retry_waits_as_long_as_the_hubs_retry_after(hub: HubServer, tmp_path: Path) -> None:
+    """A 429 with ``Retry-After: 7`` waits 7 s (not the 0 s backoff) before the one retry."""
+    sleeps: list[float] = []
+    store = HfHubStore(token=None, endpoint=hub.url, max_retries=2, backoff_s=0.0, sleep=sleeps.append)
+    _write_checkpoint(tmp_path / "ckpt")
+    ref = store.upload(tmp_path / "ckpt", repo=REPO)
+    hub.fail_next("/paths-info/", 429, retry_after_s=7)
+
+    store.download(ref, tmp_path / "dest", max_bytes=1 << 20)
+
+    assert sleeps == [7.0]
+
+
+def test_retry_after_is_capped(hub: HubServer, tmp_path: Path) -> None:
+    """A hostile ``Retry-After`` cannot park the node for longer than MAX_RETRY_AFTER_S."""
+    from connito.hub.hf import MAX_RETRY_AFTER_S
+
+    sleeps: list[float] = []
+    store = HfHubStore(token=None, endpoint=hub.url, max_retries=1, backoff_s=0.0, sleep=sleeps.append)
+    _write_checkpoint(tmp_path / "ckpt")
+    ref = store.upload(tmp_path / "ckpt", repo=REPO)
+    hub.fail_next("/paths-info/", 503, retry_after_s=86_400)
+
+    store.download(ref, tmp_path / "dest", max_bytes=1 << 20)
+
+    assert sleeps == [float(MAX_RETRY_AFTER_S)]

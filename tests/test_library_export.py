@@ -120,6 +120,9 @@ def test_connito_export_writes_a_checkpoint_plain_transformers_loads(world, tmp_
     ids = tokenizer("Tom has 3 apples and buys 4 more.", return_tensors="pt").input_ids
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=ids).logits).all()
+    card = (out / "README.md").read_text()  # the export's model card: version, lineage, losses
+    assert "connito tiny-math@v1" in card and "4 of 16 experts per layer kept" in card
+    assert f"{report['domain_loss_exported']:.4f}" in card
 
 
 def test_connito_library_compose_writes_a_loadable_model(world, tmp_path, capsys):

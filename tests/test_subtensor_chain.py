@@ -360,3 +360,22 @@ def test_commitment_fields_round_trip_as_the_chain_returns_them(data: bytes) -> 
 def test_commitment_without_raw_field_decodes_to_none() -> None:
     assert decode_commitment_fields([{"Sha256": "0x" + "00" * 32}, "ResetBondsFlag"]) is None
     assert decode_commitment_fields([{"Raw2": "0xzz"}]) is None
+
+
+def test_params_read_the_subnets_weights_version(chain: SubtensorChain, fake: FakeSubstrate) -> None:
+    """``WeightsVersionKey`` is read with the other hyperparameters (the owner's upgrade lever)."""
+    fake.weights_version = 3
+    assert chain.params().weights_version == 3
+
+
+def test_set_weights_sends_the_version_key_and_an_outdated_one_is_refused(
+    chain: SubtensorChain, fake: FakeSubstrate
+) -> None:
+    """The version key reaches the extrinsic; below the subnet's weights_version the chain refuses it."""
+    fake.weights_version = 2
+    with pytest.raises(ChainError, match="IncorrectWeightVersionKey"):
+        chain.set_weights({1: 1.0}, version_key=1)
+    fake.head += 200  # past the rate limit the refused attempt does not consume, to be safe
+    chain.set_weights({1: 1.0}, version_key=2)
+    assert [s.call.params["version_key"] for s in fake.submissions] == [1, 2]
+    assert [s.success for s in fake.submissions] == [False, True]

@@ -43,6 +43,8 @@ class ChainParams:
     tempo: int
     weights_rate_limit: int
     commitment_rate_limit: int
+    # the subnet's minimum set_weights version_key (0: unchecked); the owner raises it to force an upgrade
+    weights_version: int = 0
 
 
 @runtime_checkable
@@ -89,11 +91,14 @@ class Chain(Protocol):
         """
         ...
 
-    def set_weights(self, weights: dict[int, float]) -> int:
+    def set_weights(self, weights: dict[int, float], *, version_key: int = 0) -> int:
         """Set this hotkey's weights over uids (normalised by the chain); returns the block.
 
+        ``version_key`` is the sender's protocol version; the chain refuses it when it is below
+        the subnet's ``weights_version`` (as subtensor's ``IncorrectWeightVersionKey`` does).
+
         Raises:
-            ChainError: rate limited, no validator permit, or the chain refused it.
+            ChainError: rate limited, no validator permit, an outdated version key, or refused.
         """
         ...
 

@@ -41,6 +41,7 @@ from connito.chain.local_ledger import (
     connect_ledger,
     read_chain_row,
     write_new_ledger,
+    write_weights_version,
 )
 from connito.chain.local_signing import (
     decode_weights,
@@ -247,15 +248,22 @@ class LocalChain:
         payload = bytes(data)
         return self._signed_write("commitment", lambda _conn, _neuron: payload)
 
-    def set_weights(self, weights: dict[int, float]) -> int:
+    def set_weights(self, weights: dict[int, float], *, version_key: int = 0) -> int:
         """Set this validator's weights, normalised to sum 1; returns the block.
 
         Raises:
-            ChainError: read-only, not registered, no validator permit, rate limited, or the
-                weights are empty, non-finite, negative, all zero or name an unknown uid.
+            ChainError: read-only, not registered, no validator permit, rate limited, a
+                ``version_key`` below the subnet's ``weights_version``, or the weights are
+                empty, non-finite, negative, all zero or name an unknown uid.
         """
 
         def payload(conn: sqlite3.Connection, neuron: Neuron) -> bytes:
+            required = read_chain_row(conn, self._path).params.weights_version
+            if version_key < required:  # subtensor's IncorrectWeightVersionKey
+                raise ChainError(
+                    f"set_weights refused hotkey={neuron.hotkey}: IncorrectWeightVersionKey "
+                    f"version_key={version_key} is below the subnet's weights_version={required}"
+                )
             if not neuron.validator_permit:
                 raise ChainError(
                     f"set_weights refused hotkey={neuron.hotkey} uid={neuron.uid}: no validator permit"
@@ -309,6 +317,16 @@ class LocalChain:
         with self._transaction(write=True) as conn:
             conn.execute("UPDATE chain SET block_offset = block_offset + ?", (n,))
             return self._block_of(self._chain_row(conn))
+
+    def set_weights_version(self, value: int) -> None:
+        """The owner raises the subnet's minimum weights version (forces validators to upgrade).
+
+        Raises:
+            ChainError: ``value`` is not a u64.
+        """
+        with self._transaction(write=True) as conn:
+            write_weights_version(conn, self._path, value)
+        logger.info("chain=local weights_version=%d", value)
 
     def register(
         self, hotkey: str, *, stake: float = 0.0, validator_permit: bool = False, uid: int | None = None

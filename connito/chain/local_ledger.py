@@ -31,9 +31,10 @@ __all__ = [
     "connect_ledger",
     "read_chain_row",
     "write_new_ledger",
+    "write_weights_version",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the hyperparameters table (weights_version)
 BUSY_TIMEOUT_S = 60.0  # how long a writer waits for another process's transaction to finish
 MAX_UID = 0xFFFF  # uids are u16 on chain and in the weights payload
 
@@ -67,6 +68,11 @@ CREATE TABLE writes (                       -- every signed write ever accepted,
     signature BLOB NOT NULL
 );
 CREATE INDEX writes_by_hotkey ON writes (kind, hotkey, seq);
+CREATE TABLE hyperparameters (              -- the owner's knobs that change after genesis
+    name TEXT PRIMARY KEY CHECK (name IN ('weights_version')),
+    value INTEGER NOT NULL
+);
+INSERT INTO hyperparameters VALUES ('weights_version', 0);
 """
 
 
@@ -105,7 +111,12 @@ def read_chain_row(conn: sqlite3.Connection, path: Path) -> ChainRow:
         found = None if fields is None else fields[1]
         raise ChainError(f"ledger {path}: schema_version={found}, expected {SCHEMA_VERSION}")
     _, _, netuid, seed, block_time_s, genesis_time, offset, tempo, wrl, crl = fields
-    params = ChainParams(tempo=tempo, weights_rate_limit=wrl, commitment_rate_limit=crl)
+    (weights_version,) = conn.execute(
+        "SELECT value FROM hyperparameters WHERE name = 'weights_version'"
+    ).fetchone()
+    params = ChainParams(
+        tempo=tempo, weights_rate_limit=wrl, commitment_rate_limit=crl, weights_version=weights_version
+    )
     return ChainRow(
         netuid=netuid,
         seed=seed,
@@ -114,6 +125,17 @@ def read_chain_row(conn: sqlite3.Connection, path: Path) -> ChainRow:
         block_offset=offset,
         params=params,
     )
+
+
+def write_weights_version(conn: sqlite3.Connection, path: Path, value: int) -> None:
+    """Set the subnet's minimum weights ``version_key`` (the owner's ``sudo_set_weights_version_key``).
+
+    Raises:
+        ChainError: ``value`` is not a u64.
+    """
+    if not 0 <= value < 2**64:
+        raise ChainError(f"ledger {path}: weights_version: must be a u64, got {value}")
+    conn.execute("UPDATE hyperparameters SET value = ? WHERE name = 'weights_version'", (value,))
 
 
 def connect_ledger(path: Path) -> sqlite3.Connection:

@@ -190,17 +190,20 @@ class SubtensorChain:
         default of 3100 bytes is used and a WARNING says so.
         """
 
-        def read(client: bt.Subtensor) -> tuple[int, int, int | None]:
+        def read(client: bt.Subtensor) -> tuple[int, int, int | None, int]:
             head = int(client.block)  # every read below is pinned to this block
             tempo = int(client.query(storage.SubtensorModule.Tempo, [self.netuid], block=head) or 0)
             weights_rate_limit = int(client.hyperparameters.weights_rate_limit(self.netuid, block=head))
+            weights_version = int(
+                client.query(storage.SubtensorModule.WeightsVersionKey, [self.netuid], block=head) or 0
+            )
             try:
                 max_space = client.query(storage.Commitments.MaxSpace, block=head)
             except bt.ChainError:  # an older runtime without the byte budget storage item
                 max_space = None
-            return tempo, weights_rate_limit, None if max_space is None else int(max_space)
+            return tempo, weights_rate_limit, None if max_space is None else int(max_space), weights_version
 
-        tempo, weights_rate_limit, max_space = self._call("params", read)
+        tempo, weights_rate_limit, max_space, weights_version = self._call("params", read)
         if max_space is None:
             max_space = DEFAULT_MAX_SPACE_BYTES
             if not self._warned_default_space:
@@ -214,6 +217,7 @@ class SubtensorChain:
             tempo=tempo,
             weights_rate_limit=weights_rate_limit,
             commitment_rate_limit=commit_spacing_blocks(tempo=tempo, max_space_bytes=max_space),
+            weights_version=weights_version,
         )
 
     # Writes ---------------------------------------------------------------------------------
@@ -255,15 +259,16 @@ class SubtensorChain:
         )
         return block
 
-    def set_weights(self, weights: dict[int, float]) -> int:
+    def set_weights(self, weights: dict[int, float], *, version_key: int = 0) -> int:
         """Set this hotkey's weights over uids through the SDK's ``SetWeights`` intent.
 
         The SDK conforms the vector to the subnet (max-weight clip, u16 quantization) and submits
-        plaintext or timelock-encrypted commit-reveal as the subnet requires.
+        plaintext or timelock-encrypted commit-reveal as the subnet requires. ``version_key`` is
+        sent as is; the chain refuses one below the subnet's ``WeightsVersionKey``.
 
         Raises:
             ChainError: read-only, empty, not registered, no validator permit, rate limited, or
-                refused on chain.
+                refused on chain (``IncorrectWeightVersionKey`` for an outdated version key).
         """
         hotkey = self._require_hotkey("set_weights")
         where = f"set_weights hotkey={hotkey} netuid={self.netuid}"
@@ -292,7 +297,12 @@ class SubtensorChain:
             )
         try:
             uids = sorted(weights)
-            intent = SetWeights(netuid=self.netuid, uids=uids, weights=[float(weights[u]) for u in uids])
+            intent = SetWeights(
+                netuid=self.netuid,
+                uids=uids,
+                weights=[float(weights[u]) for u in uids],
+                version_key=version_key,
+            )
         except bt.BittensorError as exc:
             raise self._error(f"{where}: {_one_line(exc)}") from exc
         result = self._call(

@@ -1,7 +1,8 @@
 """Turn a configured ``DataSource`` into documents, always through ``datasets``.
 
 ``generated`` sources come from connito's offline generators (``Dataset.from_dict``), ``hub``
-sources from ``datasets.load_dataset(name, subset, split=...)`` and ``files`` sources from
+sources are streamed with ``datasets.load_dataset(name, subset, split=..., revision=...,
+streaming=True)`` up to ``max_documents`` (no copy of the source in any cache), and ``files`` sources from
 ``load_dataset("json" | "text" | "parquet", data_files=...)`` chosen by file extension. Every path
 ends in a one-column dataset named ``text``, capped at ``max_documents`` in source order.
 """
@@ -42,8 +43,7 @@ def load_source(source: DataSource, *, cache_dir: str | Path | None = None) -> d
         texts = generate_documents(source.name, max_documents=source.max_documents)
         return datasets.Dataset.from_dict({"text": texts})
     if source.kind == "hub":
-        split = source.split if source.max_documents is None else f"{source.split}[:{source.max_documents}]"
-        dataset = _load(source, source.name, source.subset, split=split)
+        return _stream_hub(source)
     else:
         dataset = _load_files(source, cache_dir)
     return _select_text(dataset, source)
@@ -68,6 +68,41 @@ def load_documents(source: DataSource, *, cache_dir: str | Path | None = None) -
     return documents
 
 
+def _stream_hub(source: DataSource) -> datasets.Dataset:
+    """Stream a Hub dataset at its pinned revision, reading only the first ``max_documents``.
+
+    Loading a split (even sliced, ``train[:N]``) downloads and converts the whole split into the
+    datasets cache first; streaming reads rows in order and stops at the cap, so a node's disk
+    holds no copy of the source and its memory only the documents it uses. The held-out split is
+    decided per document afterwards (``connito.data.split``), never by downloading a split.
+    """
+    if source.revision is None:
+        logger.warning(
+            "data source %s has no revision: the main branch can change under the nodes; pin data.*.revision",
+            source.name,
+        )
+    stream = _load(
+        source, source.name, source.subset, split=source.split, revision=source.revision, streaming=True
+    )
+    if source.text_field not in (stream.column_names or [source.text_field]):
+        raise ConfigError(
+            f"column {source.text_field!r} not found, columns are {stream.column_names}",
+            path=source.name,
+            field="text_field",
+        )
+    rows = stream if source.max_documents is None else stream.take(source.max_documents)
+    try:
+        texts = [row[source.text_field] for row in rows]
+    except (OSError, ValueError, KeyError, datasets.exceptions.DatasetsError) as exc:
+        raise ConfigError(
+            f"cannot stream dataset: {type(exc).__name__}: {str(exc)[:200]}", path=source.name
+        ) from exc
+    logger.debug(
+        "data source streamed name=%s revision=%s documents=%d", source.name, source.revision, len(texts)
+    )
+    return datasets.Dataset.from_dict({"text": texts})
+
+
 def _load_files(source: DataSource, cache_dir: str | Path | None) -> datasets.Dataset:
     files = sorted(p for p in glob.glob(source.name, recursive=True) if Path(p).is_file())
     if not files:
@@ -86,7 +121,7 @@ def _load_files(source: DataSource, cache_dir: str | Path | None) -> datasets.Da
     return _load(source, builder, data_files=files, split="train", cache_dir=cache, **options)
 
 
-def _load(source: DataSource, *args: object, **kwargs: object) -> datasets.Dataset:
+def _load(source: DataSource, *args: object, **kwargs: object):  # noqa: ANN202 - Dataset or IterableDataset
     try:
         return datasets.load_dataset(*args, **kwargs)
     except (OSError, ValueError, datasets.exceptions.DatasetsError) as exc:

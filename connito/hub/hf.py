@@ -34,6 +34,7 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 from huggingface_hub.hf_api import RepoFile
+from huggingface_hub.utils import parse_ratelimit_headers
 
 from connito.errors import ConfigError, StoreError
 from connito.hub.base import CHECKPOINT_FILES, StoreRef, check_ref, validate_file_names, validate_repo_id
@@ -47,6 +48,7 @@ DEFAULT_ENDPOINT = "https://huggingface.co"
 DEFAULT_MAX_RETRIES = 3
 DEFAULT_BACKOFF_S = 1.0
 MAX_BACKOFF_S = 30.0
+MAX_RETRY_AFTER_S = 300  # the longest Retry-After a node honours (seconds)
 _COMMIT_SHA = re.compile(r"[0-9a-f]{40}")
 _TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 # Errors that call for a retry: the request may not have reached the Hub, or the Hub was busy.
@@ -68,9 +70,11 @@ class HfHubStore:
 
     The token comes only from the constructor: ``token=None`` means anonymous, never a token
     that huggingface_hub would otherwise pick up from the environment or a login file.
-    Transient failures (connection errors, 408/429/5xx) are retried ``max_retries`` times with
-    exponential backoff from ``backoff_s`` (capped at ``MAX_BACKOFF_S``), one WARNING line per
-    retried failure; the last failure is raised as a ``StoreError``.
+    Transient failures (connection errors, 408/429/5xx) are retried ``max_retries`` times, one
+    WARNING line per retried failure; the last failure is raised as a ``StoreError``. The wait is
+    what the Hub asked for (``Retry-After`` or ``RateLimit`` headers, read with huggingface_hub's
+    parser), else exponential backoff from ``backoff_s`` (capped at ``MAX_BACKOFF_S``). Requests
+    huggingface_hub retries itself (preupload, LFS, file GETs) go through its ``http_backoff``.
     """
 
     kind: str = HF_KIND
@@ -83,6 +87,7 @@ class HfHubStore:
         private: bool = False,
         max_retries: int = DEFAULT_MAX_RETRIES,
         backoff_s: float = DEFAULT_BACKOFF_S,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         if max_retries < 0:
             raise ConfigError(f"must be >= 0, got {max_retries}", field="hub.max_retries")
@@ -92,6 +97,7 @@ class HfHubStore:
         self.private = private
         self.max_retries = max_retries
         self.backoff_s = backoff_s
+        self._sleep = sleep
         # token=False tells huggingface_hub not to look for a token of its own.
         self._token: str | bool = token if token else False
         self._api = HfApi(endpoint=self.endpoint, token=self._token)
@@ -280,7 +286,9 @@ class HfHubStore:
                 error = _to_store_error(e, what=what, repo=repo, revision=revision)
                 if not _is_transient(e) or attempt == attempts:
                     raise error from e
-                delay_s = min(self.backoff_s * 2 ** (attempt - 1), MAX_BACKOFF_S)
+                delay_s = _retry_delay_s(
+                    e, fallback_s=min(self.backoff_s * 2 ** (attempt - 1), MAX_BACKOFF_S)
+                )
                 logger.warning(
                     "hf %s failed repo=%s rev=%s attempt=%d/%d retry_in_s=%.1f error=%s",
                     what,
@@ -292,7 +300,7 @@ class HfHubStore:
                     type(e).__name__,
                 )
                 if delay_s > 0:
-                    time.sleep(delay_s)
+                    self._sleep(delay_s)
         raise AssertionError("unreachable: the loop returns or raises")
 
 
@@ -314,6 +322,27 @@ def _check_size(ref: StoreRef, name: str, path: Path, expected_bytes: int) -> No
             repo=ref.repo,
             revision=ref.revision,
         )
+
+
+def _retry_delay_s(error: BaseException, *, fallback_s: float) -> float:
+    """How long to wait before retrying: what the Hub asked for, else ``fallback_s``.
+
+    A 429 or 503 carries the Hub's own answer (``RateLimit`` headers or ``Retry-After``);
+    retrying sooner only spends the rate-limit budget again. ``RateLimit`` is read with
+    huggingface_hub's parser, the one its own ``http_backoff`` uses; both are capped at
+    ``MAX_RETRY_AFTER_S`` so a hostile endpoint cannot park a node for hours.
+    """
+    response = getattr(error, "response", None)
+    headers = getattr(response, "headers", None)
+    if headers is None:
+        return fallback_s
+    ratelimit = parse_ratelimit_headers(headers)
+    if ratelimit is not None and ratelimit.remaining == 0:
+        return float(min(ratelimit.reset_in_seconds, MAX_RETRY_AFTER_S))
+    retry_after = str(headers.get("Retry-After", "")).strip()
+    if retry_after.isdigit():  # delay-seconds; an HTTP-date is not honoured (as in huggingface_hub)
+        return float(min(int(retry_after), MAX_RETRY_AFTER_S))
+    return fallback_s
 
 
 def _status(error: BaseException) -> int | None:

@@ -191,6 +191,31 @@ class LocalStore:
         index = self._read_index(ref)
         return {name: entry.size for name, entry in sorted(index.files.items())}
 
+    def prune_revisions(self, repo: str, *, keep_newest: int) -> int:
+        """Delete all but the ``keep_newest`` most recently stored revisions of ``repo``.
+
+        The uploader calls it to keep its repo bounded (``connito.node.disk_retention``); a
+        revision folder is removed whole, index first, so a concurrent download of it fails as
+        ``missing`` rather than reading half a revision. Returns how many were deleted.
+
+        Raises:
+            StoreError: ``refused`` for a bad repo id or ``keep_newest`` < 1.
+        """
+        validate_repo_id(repo)
+        if keep_newest < 1:
+            raise StoreError(
+                f"local prune repo={repo}: keep_newest must be >= 1, got {keep_newest}", reason="refused"
+            )
+        repo_dir = self.root / repo
+        if not repo_dir.is_dir():
+            return 0
+        revisions = [d for d in repo_dir.iterdir() if d.is_dir() and _REVISION.fullmatch(d.name)]
+        revisions.sort(key=lambda d: (d.stat().st_mtime_ns, d.name), reverse=True)
+        for old in revisions[keep_newest:]:
+            (old / INDEX_NAME).unlink(missing_ok=True)
+            shutil.rmtree(old, ignore_errors=True)
+        return max(0, len(revisions) - keep_newest)
+
     # -- helpers -------------------------------------------------------------------------------
     def _read_index(self, ref: StoreRef) -> _RevisionIndex:
         """Validate ``ref``, load its index and check the index hashes to the revision."""

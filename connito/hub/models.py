@@ -8,7 +8,8 @@ from connito.errors import StoreError
 
 __all__ = ["snapshot_base_model"]
 
-_MODEL_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]
+# README.md carries the base model's license (model cards of published globals inherit it)
+_MODEL_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "README.md", "LICENSE*"]
 
 
 def snapshot_base_model(model_id: str, revision: str, *, cache_dir: Path | None = None) -> Path:

@@ -25,7 +25,8 @@ from connito.errors import LibraryError
 from connito.fsutil import atomic_write
 from connito.library.composition import compose
 from connito.library.index import Library
-from connito.library.records import LATEST
+from connito.library.model_card import card_for_version, write_model_card
+from connito.library.records import LATEST, VersionRecord
 from connito.ml.modeling import heldout_loss
 from connito.ml.moe import RoutingStats, moe_layers
 from connito.ml.selection import probe_routing
@@ -225,11 +226,31 @@ def export_domain(
         out=str(out),
     )
     atomic_write(out / EXPORT_FILE, (json.dumps(report.to_json(), indent=2, sort_keys=True) + "\n").encode())
+    _write_card(library, record, report, base_location=composition.base_location)
     logger.info(
         "exported version=%s keep_fraction=%.3f expert_params=%.3f domain_loss=%.4f full=%.4f",
         record.name, keep_fraction, report.expert_param_fraction, report.domain_loss_exported, full_domain,
     )  # fmt: skip
     return report
+
+
+def _write_card(library: Library, record: VersionRecord, report: ExportReport, *, base_location: str) -> None:
+    """The export's README.md: the version's card plus what the export kept and measured."""
+    card = card_for_version(
+        record,
+        base_dir=Path(base_location),
+        owner_evals=library.evals(record.name),
+        losses={
+            "held-out domain loss, full version": report.domain_loss_full,
+            "held-out domain loss, this export": report.domain_loss_exported,
+            "held-out general loss, this export": report.general_loss_exported,
+        },
+        extra={
+            "export": f"{report.kept_per_layer} of {report.num_experts} experts per layer kept "
+            f"(keep_fraction {report.keep_fraction:g}), {report.params_exported} parameters",
+        },
+    )
+    write_model_card(card, Path(report.out))
 
 
 def _save(model: PreTrainedModel, out: Path, *, base_location: str, data: DomainData) -> None:

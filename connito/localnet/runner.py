@@ -240,6 +240,7 @@ def _neuron_flags(
         "--model.path", str(base_dir),
         "--data.cache", str(workdir / "cache"),
         "--until-cycle", str(plan.cycles - 1),
+        "--keep.cycles", str(plan.cycles + 1),  # the report reads every cycle's global and record
         "--poll", str(max(0.2, plan.block_time_s / 2)),
         "--no-progress",
         *metrics,

@@ -61,13 +61,24 @@ def build_model(model_cfg: ModelConfig) -> PreTrainedModel:
 
 
 def load_model(path_or_id: str | Path, model_cfg: ModelConfig) -> PreTrainedModel:
-    """Load a pretrained MoE from a folder or the Hub (pinned revision, no remote code)."""
+    """Load a pretrained MoE from a folder or the Hub (pinned revision, no remote code).
+
+    Raises:
+        ConfigError: the id is unknown, unreachable or gated, or the folder holds no model.
+        UnsupportedModelError: its model_type has no MoE adapter.
+    """
     kwargs = {"dtype": TORCH_DTYPES[model_cfg.dtype], "trust_remote_code": False}
     if model_cfg.experts_implementation is not None:
         kwargs["experts_implementation"] = model_cfg.experts_implementation
     if not Path(path_or_id).exists():
         kwargs["revision"] = model_cfg.revision
-    model = AutoModelForCausalLM.from_pretrained(str(path_or_id), **kwargs)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path_or_id), **kwargs)
+    except (OSError, ValueError) as exc:  # unknown or unreachable id, gated repo, no weights: one line
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ConfigError(
+            f"cannot load model {path_or_id}@{model_cfg.revision}: {first_line}", field="model.id"
+        ) from None
     _check_supported(model.config.model_type)
     return model.eval()
 

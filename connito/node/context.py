@@ -16,15 +16,28 @@ import torch
 from connito.chain.base import Chain, Neuron
 from connito.config import DomainConfig
 from connito.data import DomainData, build_domain_data
-from connito.errors import ChainError, ConfigError
+from connito.errors import ChainError, ConfigError, FatalNodeError
 from connito.hub.base import CheckpointStore
 from connito.ml.selection_record import ExpertSelection
 from connito.node.metrics import NodeMetrics
+from connito.node.neuron_flags import KEEP_CYCLES_DEFAULT
+from connito.node.versioning import check_protocol_each_cycle
 from connito.protocol.phases import PhaseInfo, phase
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["NodeContext", "open_store", "load_node_data", "uid_of", "PhaseLoop", "guarded_tick"]
+DEFAULT_KEEP_CYCLES = KEEP_CYCLES_DEFAULT  # a restart or a late adoption reaches back fewer cycles
+
+__all__ = [
+    "DEFAULT_KEEP_CYCLES",
+    "NodeContext",
+    "open_store",
+    "load_node_data",
+    "uid_of",
+    "PhaseLoop",
+    "guarded_tick",
+    "node_loop",
+]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -42,6 +55,7 @@ class NodeContext:
     device: torch.device
     hub_repo: str  # where this node uploads
     metrics: NodeMetrics = field(default_factory=NodeMetrics)  # always recorded; served with --metrics.port
+    keep_cycles: int | None = DEFAULT_KEEP_CYCLES  # cycles of files kept on disk (--keep.cycles; None: all)
 
 
 def open_store(kind: str, path: Path | None, *, private: bool = False) -> CheckpointStore:
@@ -77,6 +91,8 @@ def guarded_tick(
     """Run one tick; any failure is logged with its traceback and the neuron lives on (False)."""
     try:
         tick(block, info)
+    except FatalNodeError:  # retrying cannot heal it: the neuron stops with one line
+        raise
     except Exception as exc:  # the top-level loop: log, keep the neuron alive, retry next block
         logger.error("%s tick failed cycle=%d phase=%s", role, info.cycle, info.phase, exc_info=True)
         if metrics is not None:
@@ -92,7 +108,8 @@ class PhaseLoop:
     """Polls the chain and calls ``tick(info)`` once per block, logging each phase transition.
 
     Chain outages are survived: a failed read logs one WARNING line and backs off (bounded),
-    never crashing the neuron. ``metrics`` sees every head read, tick and failure.
+    never crashing the neuron. ``metrics`` sees every head read, tick and failure. ``on_cycle``
+    runs at the first block seen of every cycle; a ``FatalNodeError`` from it or a tick ends the loop.
     """
 
     def __init__(
@@ -104,9 +121,11 @@ class PhaseLoop:
         role: str,
         sleep: Callable[[float], None] = time.sleep,
         metrics: NodeMetrics | None = None,
+        on_cycle: Callable[[int], None] | None = None,
     ) -> None:
         self.chain = chain
         self.metrics = metrics
+        self.on_cycle = on_cycle
         self.config = config
         self.poll_s = poll_s
         self.role = role
@@ -134,6 +153,8 @@ class PhaseLoop:
             if until_cycle is not None and info.cycle > until_cycle:
                 logger.info("%s done cycles=%d block=%d", self.role, until_cycle + 1, block)
                 return 0
+            if self.on_cycle is not None and (self._last is None or info.cycle != self._last[0]):
+                self.on_cycle(info.cycle)  # e.g. the protocol version check; may stop the node
             if (info.cycle, info.phase) != self._last:
                 logger.info(
                     "%s cycle=%d phase=%s block=%d blocks_left=%d",
@@ -150,3 +171,15 @@ class PhaseLoop:
                     self._sleep(self.poll_s)
                 continue
             self._sleep(self.poll_s)
+
+
+def node_loop(ctx: NodeContext, *, role: str, poll_s: float) -> PhaseLoop:
+    """A neuron's phase loop: ``ctx``'s chain and metrics, the protocol version checked every cycle."""
+    return PhaseLoop(
+        ctx.chain,
+        ctx.config,
+        poll_s=poll_s,
+        role=role,
+        metrics=ctx.metrics,
+        on_cycle=lambda cycle: check_protocol_each_cycle(ctx.chain, role, cycle),
+    )

@@ -1,7 +1,8 @@
 """Pulling the lead's newest global state: the one step miners and validators share.
 
-A node adopts only a publication that ``adoptable_global`` allows (newer than its own, from
-before this cycle, committed inside its merge phase), fetched from the store at its pinned
+A node adopts only the publication ``chosen_publication`` names (newer than its own, from
+before this cycle, of a cycle whose merge phase is over, the lead's or on failover the
+stand-in's, committed inside its publisher's window), fetched from the store at its pinned
 revision and checked by the strict loader. A failed fetch is one WARNING line: the node keeps
 its global and tries again at the next block.
 
@@ -16,7 +17,8 @@ from pathlib import Path
 
 from connito.errors import InvalidSubmission, StoreError
 from connito.node.context import NodeContext
-from connito.protocol.global_state import GlobalState, adoptable_global, expected_specs, fetch_global
+from connito.protocol.global_state import GlobalState, expected_specs, fetch_global
+from connito.protocol.publication import chosen_publication
 
 logger = logging.getLogger(__name__)
 
@@ -33,10 +35,10 @@ def pull_global(
     ``folder(cycle)`` is where the download lands. Nothing is adopted here: the caller decides
     (a validator recomputes the merge first).
     """
-    found = adoptable_global(ctx.chain, ctx.config.cycle, newer_than=current.cycle, before=before)
+    found = chosen_publication(ctx.chain, ctx.config.cycle, newer_than=current.cycle, before=before)
     if found is None:
         return None
-    lead, payload = found
+    lead, payload = found.hotkey, found.payload  # the lead's, or the stand-in's on failover
     try:
         fetched = fetch_global(
             ctx.store,

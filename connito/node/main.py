@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from connito.config import DomainConfig, config_digest, load_domain_config
-from connito.errors import ChainError, ConfigError, ConnitoError, StoreError
+from connito.errors import ChainError, ConfigError, ConnitoError, FatalNodeError, StoreError
 from connito.hub.metered import MeteredStore
 from connito.ml.distributed import Distributed, barrier, init_distributed
 from connito.ml.selection_record import load_domain_selection
@@ -23,6 +23,9 @@ from connito.node.context import NodeContext, load_node_data, open_store
 from connito.node.metrics import NodeMetrics, open_wandb
 from connito.node.neuron_cli import NeuronArgs, configure_logging, open_chain, parse_args, resolve_args
 from connito.node.neuron_flags import Role
+from connito.node.startup_checks import check_selection_matches_model
+from connito.node.versioning import require_current_protocol
+from connito.protocol.version import PROTOCOL_VERSION
 
 if TYPE_CHECKING:  # imported where used: a miner does not load the validator's modules
     from connito.node.miner import Miner
@@ -87,6 +90,8 @@ def build_context(args: NeuronArgs, config: DomainConfig, chain) -> NodeContext:
     if args.selection is None:
         raise ConfigError("--selection is required (the owner's SELECTION.json)", field="--selection")
     selection = load_domain_selection(args.selection, config)
+    base_dir = _base_dir(args, config)
+    check_selection_matches_model(selection, selection_path=args.selection, config=config, base_dir=base_dir)
     metrics = open_metrics(args, config, chain.hotkey)
     cache = args.data_cache or args.workdir / "cache"
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -102,12 +107,13 @@ def build_context(args: NeuronArgs, config: DomainConfig, chain) -> NodeContext:
             open_store(args.hub, args.hub_path, private=args.hub_private), on_bytes=metrics.add_store_bytes
         ),
         hotkey=chain.hotkey,
-        base_dir=_base_dir(args, config),
+        base_dir=base_dir,
         workdir=args.workdir,
         data=load_node_data(config, cache, private=args.eval_private_data),
         device=_device(args.device),
         hub_repo=_hub_repo(args, config, chain.hotkey),
         metrics=metrics,
+        keep_cycles=args.keep_cycles,
     )
 
 
@@ -129,12 +135,15 @@ def main(role: Role, argv: list[str] | None = None) -> int:
         if not dist.is_main:  # one metrics endpoint and one W&B run per miner: rank 0's
             args = dataclasses.replace(args, metrics_port=None, wandb_project=None, wandb_entity=None)
         chain = open_chain(args)
+        weights_version = require_current_protocol(chain)
         logger.info(
-            "%s start domain=%s netuid=%s config_digest=%s",
+            "%s start domain=%s netuid=%s config_digest=%s protocol_version=%d weights_version=%d",
             role,
             config.name,
             args.netuid,
             config_digest(config)[:12],
+            PROTOCOL_VERSION,
+            weights_version,
         )
         torch.set_num_threads(max(1, torch.get_num_threads()))
         ctx = build_context(args, config, chain)
@@ -143,9 +152,35 @@ def main(role: Role, argv: list[str] | None = None) -> int:
             barrier(dist)  # every rank has built its data in the shared workdir before rank 0 sweeps it
         elif args.eval_devices:  # the resident model lives on the first evaluation device
             ctx = dataclasses.replace(ctx, device=torch.device(args.eval_devices[0]))
-    except (ConfigError, ChainError, StoreError) as exc:
+    except (ConfigError, ChainError, StoreError, FatalNodeError) as exc:
         sys.stderr.write(f"{role}: {' '.join(str(exc).split())}\n")
         return 1
+    try:
+        node = _build_node(role, args, ctx, dist)
+    except ConnitoError as exc:  # e.g. a corrupt state file: one line naming it, the file untouched
+        sys.stderr.write(f"{role}: {' '.join(str(exc).split())}\n")
+        ctx.metrics.close()
+        return 1
+    if node is None:
+        ctx.metrics.close()
+        return 1
+    try:
+        return node.run(until_cycle=args.until_cycle)
+    except FatalNodeError as exc:  # a fault retrying cannot heal: one line, never a traceback loop
+        logger.error("%s stopped: %s", role, exc)
+        sys.stderr.write(f"{role}: {' '.join(str(exc).split())}\n")
+        return 1
+    except KeyboardInterrupt:
+        logger.info("%s stopped", role)
+        return 0
+    finally:
+        ctx.metrics.close()
+
+
+def _build_node(
+    role: Role, args: NeuronArgs, ctx: NodeContext, dist: Distributed
+) -> Miner | Validator | None:
+    """The role's neuron, resumed from its workdir (None: a one-line error was printed)."""
     node: Miner | Validator
     if role == "miner":
         from connito.node.miner import Miner
@@ -159,7 +194,7 @@ def main(role: Role, argv: list[str] | None = None) -> int:
             library = Library(args.library) if args.library is not None else None
         except (ConnitoError, OSError) as exc:  # a folder that cannot be made, or not a library index
             sys.stderr.write(f"{role}: --library {args.library}: {' '.join(str(exc).split())}\n")
-            return 1
+            return None
         node = Validator(
             ctx,
             poll_s=args.poll_s,
@@ -167,13 +202,7 @@ def main(role: Role, argv: list[str] | None = None) -> int:
             library=library,
             eval_devices=args.eval_devices,
         )
-    try:
-        return node.run(until_cycle=args.until_cycle)
-    except KeyboardInterrupt:
-        logger.info("%s stopped", role)
-        return 0
-    finally:
-        ctx.metrics.close()
+    return node
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from connito.errors import ChainError, ConfigError, StoreError
 from connito.fsutil import atomic_write, sweep_temp_files
+from connito.hub.base import StoreRef
 from connito.ml.distributed import Distributed, broadcast_object, main_decides
 from connito.ml.modeling import load_model
 from connito.ml.moe import moe_layers, parse_expert_key, read_experts, write_expert, write_experts
@@ -28,8 +29,10 @@ from connito.ml.subset import SubsetModel, subset_expert_state
 from connito.ml.subset_loading import load_subset_model
 from connito.ml.training import SparseTrainer
 from connito.ml.update_bound import moments_may_carry
-from connito.node.context import NodeContext, PhaseLoop, uid_of
+from connito.node.context import NodeContext, node_loop, uid_of
+from connito.node.disk_retention import Retention
 from connito.node.global_sync import pull_global
+from connito.node.startup_checks import load_state_file
 from connito.protocol.checkpoint import MANIFEST_FILE, write_checkpoint
 from connito.protocol.commitments import (
     CommitPayload,
@@ -59,6 +62,9 @@ class MinerProgress(BaseModel):
     checkpoint: str | None = None  # folder of the finished checkpoint
     tensors_sha256: str | None = None
     commit_block: int | None = None
+    uploaded: StoreRef | None = (
+        None  # where the reveal's upload landed: a retried reveal re-sends only the chain write
+    )
     reveal_block: int | None = None
 
 
@@ -73,6 +79,7 @@ class Miner:
     progress: MinerProgress = field(default_factory=MinerProgress)
     dist: Distributed = field(default_factory=Distributed.single)  # rank 0 alone writes, commits, reveals
     _model: torch.nn.Module | SubsetModel | None = None
+    _retention: Retention = field(init=False)
 
     @property
     def _progress_path(self) -> Path:
@@ -80,21 +87,24 @@ class Miner:
 
     def __post_init__(self) -> None:
         """Resume from the workdir: a restart within a cycle never trains or commits twice."""
+        self._retention = Retention(self.ctx)
         if self.dist.is_main:  # the other ranks write nothing there
             sweep_temp_files(self.ctx.workdir)  # what a kill -9 left half-written
-        if self._progress_path.exists():
-            self.progress = MinerProgress.model_validate_json(self._progress_path.read_bytes())
+        progress = load_state_file(self._progress_path, MinerProgress)  # StateError names the file
+        if progress is not None:
+            self.progress = progress
             logger.info(
                 "miner resumed cycle=%d committed=%s", self.progress.cycle, self.progress.commit_block
             )
 
     def run(self, *, until_cycle: int | None = None) -> int:
-        loop = PhaseLoop(
-            self.ctx.chain, self.ctx.config, poll_s=self.poll_s, role="miner", metrics=self.ctx.metrics
-        )
+        loop = node_loop(self.ctx, role="miner", poll_s=self.poll_s)  # checks the protocol version
         return loop.run(self.tick, until_cycle=until_cycle)
 
     def tick(self, block: int, info: PhaseInfo) -> None:
+        if self.dist.is_main:  # keep the last ctx.keep_cycles cycles of files on disk
+            held = self.global_state.cycle if self.global_state is not None else -1
+            self._retention.at_cycle(info.cycle, global_cycle=held)
         if info.phase == "train":
             self.train(info.cycle)
         elif info.phase == "commit":
@@ -267,7 +277,7 @@ class Miner:
             return
         folder = Path(progress.checkpoint or "")
         try:
-            ref = self.ctx.store.upload(folder, repo=self.ctx.hub_repo, message=f"cycle {cycle}")
+            ref = progress.uploaded or self._upload_once(cycle, folder)
             manifest_sha = hashlib.sha256((folder / MANIFEST_FILE).read_bytes()).digest()
             payload = RevealPayload(
                 cycle=cycle,
@@ -284,6 +294,12 @@ class Miner:
         self.ctx.metrics.miner_stage("reveal", ok=True)
         self._save_progress(progress.model_copy(update={"reveal_block": block}))
         logger.info("revealed cycle=%d block=%d repo=%s rev=%s", cycle, block, ref.repo, ref.revision[:12])
+
+    def _upload_once(self, cycle: int, folder: Path) -> StoreRef:
+        """Upload the checkpoint and persist where it landed, so the cycle uploads it once."""
+        ref = self.ctx.store.upload(folder, repo=self.ctx.hub_repo, message=f"cycle {cycle}")
+        self._save_progress(self.progress.model_copy(update={"uploaded": ref}))
+        return ref
 
     # -- helpers -----------------------------------------------------------------------------
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from connito.errors import ConfigError
-from connito.node.neuron_flags import DEFAULT_WORKDIR_ROOT, Role, build_parser
+from connito.node.neuron_flags import DEFAULT_WORKDIR_ROOT, KEEP_CYCLES_DEFAULT, Role, build_parser
 
 if TYPE_CHECKING:
     from connito.chain.base import Chain
@@ -76,6 +76,7 @@ class NeuronArgs:
     training_strategy: str = "auto"  # miners: single | ddp | fsdp across launched processes
     eval_devices: tuple[str, ...] = ()  # validators: one model replica per device (empty: --device only)
     eval_private_data: tuple[Path, ...] = ()  # validators: private evaluation documents
+    keep_cycles: int = KEEP_CYCLES_DEFAULT  # --keep.cycles: cycles of files kept on disk
 
     @property
     def subtensor_network(self) -> str:
@@ -116,6 +117,7 @@ def parse_args(role: Role, argv: list[str] | None = None) -> NeuronArgs:
         progress=ns.progress,
         metrics_port=ns.metrics_port or None,
         metrics_addr=ns.metrics_addr,
+        keep_cycles=ns.keep_cycles,
         wandb_project=ns.wandb_project,
         wandb_entity=ns.wandb_entity,
         library=ns.library if role == "validator" else None,

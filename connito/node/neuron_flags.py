@@ -17,6 +17,8 @@ import argparse
 from pathlib import Path
 from typing import Literal
 
+KEEP_CYCLES_DEFAULT = 4  # --keep.cycles: a restart or a late adoption reaches back fewer cycles
+
 __all__ = [
     "Role",
     "NETWORKS",
@@ -150,6 +152,16 @@ def _add_store_args(parser: argparse.ArgumentParser, role: Role) -> None:
         metavar="PATH",
         default=None,
         help=f"state folder (path) for crash-safe {role} state (default: {DEFAULT_WORKDIR_ROOT}/<wallet>/<hotkey>/netuid<N>/{role})",
+    )
+
+    group.add_argument(
+        "--keep.cycles",
+        dest="keep_cycles",
+        type=_positive_int,
+        metavar="N",
+        default=KEEP_CYCLES_DEFAULT,
+        help="keep the files of the last N cycles in the workdir and in a local:PATH store; older "
+        f"checkpoints, globals and decision records are deleted (cycles; default: {KEEP_CYCLES_DEFAULT})",
     )
 
     if role == "validator":
@@ -310,6 +322,13 @@ def _non_negative_int(value: str) -> int:
         raise argparse.ArgumentTypeError(f"must be an integer, got {value!r}") from None
     if number < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {number}")
+    return number
+
+
+def _positive_int(value: str) -> int:
+    number = _non_negative_int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {number}")
     return number
 
 

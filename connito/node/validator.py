@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 
-from connito.chain.base import lead_validator
 from connito.errors import ChainError, StoreError
 from connito.fsutil import atomic_write, sweep_temp_files
 from connito.hub.base import StoreRef
@@ -31,8 +30,11 @@ from connito.ml.eval_pool import EvalPool
 from connito.ml.modeling import load_model
 from connito.ml.moe import read_experts, write_experts
 from connito.ml.update_bound import max_weight_change
-from connito.node.context import NodeContext, PhaseLoop
+from connito.node.context import NodeContext, node_loop
+from connito.node.disk_retention import Retention
+from connito.node.failover import publication_counts, should_publish
 from connito.node.global_sync import pull_global
+from connito.node.startup_checks import load_state_file, recover_missing_global
 from connito.node.validator_downloads import SubmissionDownloads, downloads_root
 from connito.node.validator_history import observe_window_ends, previous_step_norm, remember_accepted
 from connito.node.validator_merge import (
@@ -57,6 +59,7 @@ from connito.protocol.phases import PhaseInfo, seed_block
 from connito.protocol.replay import MERGE_SOURCE, ReplayHistory
 from connito.protocol.scoring import Candidate, pseudo_gradient, score_submissions
 from connito.protocol.submissions import observe_commitments
+from connito.protocol.version import PROTOCOL_VERSION
 from connito.protocol.weights import chain_weights, rank_weights, ranked, update_ema
 
 logger = logging.getLogger(__name__)
@@ -70,14 +73,13 @@ class Validator:
     poll_s: float = 1.0
     progress_bars: bool = True
     library: Library | None = None  # expert library to record each global version in (None: off)
-    eval_devices: tuple[
-        str, ...
-    ] = ()  # score on one model replica per device (fewer than 2: the model alone)
+    eval_devices: tuple[str, ...] = ()  # one model replica per eval device (fewer than 2: the model alone)
     state: ValidatorState = field(default_factory=ValidatorState)
     global_state: GlobalState | None = None
     _model: torch.nn.Module | None = None
     _pool: EvalPool | None = None
     _downloads: SubmissionDownloads = field(init=False)
+    _retention: Retention = field(init=False)
     _base_state: dict[str, torch.Tensor] | None = None  # the base model's experts (the drift cap)
     _watching_since: int | None = None  # first block this process observed the chain at
     _history: ReplayHistory = field(init=False)  # earlier cycles' accepted and merged updates
@@ -93,17 +95,18 @@ class Validator:
         sweep_temp_files(self.ctx.workdir)  # what a kill -9 left half-written
         self._downloads = SubmissionDownloads(progress_bars=self.progress_bars)
         self._history = ReplayHistory(self.ctx.workdir / "replay")
+        self._retention = Retention(self.ctx)
         self._load()
 
     def run(self, *, until_cycle: int | None = None) -> int:
-        loop = PhaseLoop(
-            self.ctx.chain, self.ctx.config, poll_s=self.poll_s, role="validator", metrics=self.ctx.metrics
-        )
+        loop = node_loop(self.ctx, role="validator", poll_s=self.poll_s)  # checks the protocol version
         return loop.run(self.tick, until_cycle=until_cycle)
 
     def tick(self, block: int, info: PhaseInfo) -> None:
         if self.global_state is None:
             self.global_state = self._genesis()  # the adopted state from the workdir, or genesis
+        if self._retention.at_cycle(info.cycle, global_cycle=self.state.global_cycle, state=self.state):
+            self._save()  # results older than ctx.keep_cycles dropped, with their files
         self.observe()
         if info.cycle < 0:
             return
@@ -112,7 +115,7 @@ class Validator:
         if info.phase in ("evaluate", "merge"):
             self.set_weights(info.cycle)
         if info.phase == "merge":
-            if self._is_lead():
+            if should_publish(self.ctx, block=block, cycle=info.cycle):  # the lead, or its stand-in
                 self.merge(info.cycle)
             else:
                 self.sync_global(info.cycle + 1)
@@ -248,7 +251,7 @@ class Validator:
             )
             if not weights:
                 return
-            block = self.ctx.chain.set_weights(weights)
+            block = self.ctx.chain.set_weights(weights, version_key=PROTOCOL_VERSION)
         except ChainError as exc:
             logger.warning("cycle=%d set_weights failed (retry next block): %s", cycle, exc)
             return
@@ -295,6 +298,8 @@ class Validator:
         except (ChainError, StoreError) as exc:  # nothing adopted yet: the next block retries the same merge
             logger.warning("cycle=%d merge publication failed (retry next block): %s", cycle, exc)
             return
+        if not publication_counts(self.ctx, cycle=cycle, block=block):
+            return  # landed after our window: every node ignores it, so do we
         self._record_in_library(new_global, ref=ref, block=block)
         self._adopt(new_global)
         self._record(with_merge(result, record))
@@ -381,10 +386,6 @@ class Validator:
 
     # -- helpers: model and state ------------------------------------------------------------
 
-    def _is_lead(self) -> bool:
-        lead = lead_validator(self.ctx.chain.metagraph())
-        return lead is not None and lead.hotkey == self.ctx.hotkey
-
     def _resident_model(self) -> torch.nn.Module:
         """The loaded base model holding the adopted global experts."""
         model = self._resident_model_raw()
@@ -401,6 +402,8 @@ class Validator:
         from connito.protocol.global_state import load_global
 
         folder = self.ctx.workdir / "global" / str(self.state.global_cycle)
+        if not folder.is_dir():  # heal from chain and store rather than fail every poll
+            return recover_missing_global(self.state, folder, self._state_path, base)
         return load_global(
             folder,
             selection=self.ctx.selection,
@@ -447,8 +450,9 @@ class Validator:
         atomic_write(self._state_path, self.state.model_dump_json().encode())
 
     def _load(self) -> None:
-        if self._state_path.exists():
-            self.state = ValidatorState.model_validate_json(self._state_path.read_bytes())
+        state = load_state_file(self._state_path, ValidatorState)  # StateError names the file
+        if state is not None:
+            self.state = state
             logger.info(
                 "validator resumed global_cycle=%d cycles=%s",
                 self.state.global_cycle,

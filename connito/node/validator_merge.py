@@ -12,6 +12,9 @@ May import: the protocol (merge, global state, commitments), ``connito.node.cont
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +24,7 @@ import torch
 
 from connito.config import DomainConfig
 from connito.hub.base import StoreRef
+from connito.library.model_card import MODEL_CARD_FILE, card_for_global, write_model_card
 from connito.ml.outer import OuterState
 from connito.node.context import NodeContext
 from connito.node.validator_state import CycleResult
@@ -174,9 +178,7 @@ def publish_global(ctx: NodeContext, new_global: GlobalState) -> tuple[StoreRef,
     assert new_global.record is not None
     folder = _global_folder(ctx, new_global.cycle)
     save_global(new_global, folder, config=ctx.config, selection=ctx.selection, hotkey=ctx.hotkey)
-    ref = ctx.store.upload(
-        folder, repo=ctx.hub_repo, files=GLOBAL_FILES, message=f"global cycle {new_global.cycle}"
-    )
+    ref = _upload_with_card(ctx, new_global, folder)
     payload = GlobalPayload(
         cycle=new_global.cycle,
         store_kind=cast(StoreKind, ref.kind),  # the payload model validates it
@@ -189,6 +191,29 @@ def publish_global(ctx: NodeContext, new_global: GlobalState) -> tuple[StoreRef,
         "cycle=%d global published rev=%s repo=%s", new_global.cycle, new_global.revision[:12], ref.repo
     )
     return ref, block
+
+
+def _upload_with_card(ctx: NodeContext, new_global: GlobalState, folder: Path) -> StoreRef:
+    """Upload the global's files plus its model card (the repo's README.md).
+
+    The card goes in a staging folder (``.tmp-*``, swept after a crash) next to hard links of
+    the global's files: the global folder itself stays exactly what the strict loader accepts
+    when a restarted validator reloads it.
+    """
+    staging = Path(tempfile.mkdtemp(prefix=".tmp-upload-", dir=folder.parent))
+    try:
+        for name in GLOBAL_FILES:
+            os.link(folder / name, staging / name)
+        card = card_for_global(new_global, config=ctx.config, selection=ctx.selection, base_dir=ctx.base_dir)
+        write_model_card(card, staging)  # what this global is and where it came from
+        return ctx.store.upload(
+            staging,
+            repo=ctx.hub_repo,
+            files=(*GLOBAL_FILES, MODEL_CARD_FILE),
+            message=f"global cycle {new_global.cycle}",
+        )
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def recompute_merge(
