@@ -16,8 +16,8 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from connito.config import ModelConfig
-from connito.errors import ConfigError, UnsupportedModelError
-from connito.ml.moe import SUPPORTED_MODEL_TYPES
+from connito.errors import ConfigError
+from connito.ml.moe import check_model_type
 
 logger = logging.getLogger(__name__)
 
@@ -31,10 +31,7 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
 
 
 def _check_supported(model_type: str) -> None:
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise UnsupportedModelError(
-            f"model_type={model_type}: no MoE adapter (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
-        )
+    check_model_type(model_type)
 
 
 def build_model(model_cfg: ModelConfig) -> PreTrainedModel:
