@@ -66,7 +66,7 @@ FAMILIES: dict[str, Family] = {
         Family(model_type="ernie4_5_moe"),
         Family(model_type="hunyuan_v1_moe"),
         Family(model_type="flex_olmo"),
-        Family(model_type="lfm2_moe"),
+        Family(model_type="lfm2_moe", disk_names=_MIXTRAL_NAMES),
     )
 }
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(FAMILIES)
