@@ -182,7 +182,9 @@ def trained_experts(slices: list[ExpertSlice]) -> dict[str, torch.Tensor]:
         layer = item.layer_view
         for row, expert in zip(rows, item.expert_ids, strict=True):
             if item.tensor == "down_proj":
-                state[layer.key(expert, "down_proj")] = down_linear(layer, row).clone(memory_format=torch.contiguous_format)
+                state[layer.key(expert, "down_proj")] = down_linear(layer, row).clone(
+                    memory_format=torch.contiguous_format
+                )
             else:  # the family's fused layout, split as connito.ml.moe reads it
                 gate, up = split_gate_up(layer, row)
                 state[layer.key(expert, "gate_proj")] = gate.clone(memory_format=torch.contiguous_format)

@@ -105,7 +105,7 @@ class MoELayer:
 
     def key(self, expert: int, projection: str) -> str:
         """The checkpoint key of one expert projection, as ``save_pretrained`` writes it for this family."""
-        return expert_key(self.index, expert, projection, family=self.family, block=self.block_name)
+        return expert_key(self.index, expert, projection, family=self.family)
 
 
 def _model_type(model: nn.Module) -> str:
@@ -161,6 +161,10 @@ def moe_layers(model: nn.Module) -> list[MoELayer]:
         if parts is None:
             continue  # a dense layer (DeepSeek first_k_dense_replace, Qwen mlp_only_layers, ...)
         name, block, experts, router = parts
+        if name != family.block:  # the family table names keys by this block: keep them in step
+            raise UnsupportedModelError(
+                f"model_type={model_type}: layer {index} MoE block is {name!r}, expected {family.block!r}"
+            )
         if not hasattr(experts, "gate_up_proj") or not hasattr(experts, "down_proj"):
             raise UnsupportedModelError(
                 f"model_type={model_type}: layer {index} experts are not fused 3-D tensors (transformers>=5 needed)"
@@ -186,20 +190,18 @@ def moe_layers(model: nn.Module) -> list[MoELayer]:
     return found
 
 
-def expert_key(
-    layer: int, expert: int, projection: str, *, family: Family | None = None, block: str = "mlp"
-) -> str:
+def expert_key(layer: int, expert: int, projection: str, *, family: Family | None = None) -> str:
     """The checkpoint key of one expert projection.
 
-    With ``family`` it is the key ``save_pretrained`` writes for that family (``block`` is the
-    module path's block name, used where the family writes fused tensors); without, the
-    qwen/DeepSeek/OLMoE form ``model.layers.L.mlp.experts.E.<projection>.weight``.
+    With ``family`` it is the key ``save_pretrained`` writes for that family (for a family that
+    writes fused tensors, the module path of expert E's slice); without, the qwen/DeepSeek/OLMoE
+    form ``model.layers.L.mlp.experts.E.<projection>.weight``.
     """
     if projection not in PROJECTIONS:
         raise ValueError(f"projection must be one of {PROJECTIONS}, got {projection!r}")
     if family is None:
         return f"model.layers.{layer}.mlp.experts.{expert}.{projection}.weight"
-    disk_block = block if family.disk_fused else (family.disk_block or block)
+    disk_block = family.disk_block or family.block
     name = family.disk_names[PROJECTIONS.index(projection)]
     return f"model.layers.{layer}.{disk_block}.experts.{expert}.{name}.weight"
 

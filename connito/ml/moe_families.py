@@ -37,6 +37,7 @@ class Family:
 
     model_type: str
     layout: Layout = "gate_up"
+    block: str = "mlp"  # the MoE block's attribute on a decoder layer
     disk_block: str | None = None  # block name in saved keys when it differs from the module path
     disk_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")  # gate, up, down
     disk_fused: bool = False  # save_pretrained writes the fused tensors, not one key per expert
@@ -54,19 +55,19 @@ FAMILIES: dict[str, Family] = {
         Family(model_type="deepseek_v2"),
         Family(model_type="deepseek_v3"),
         Family(model_type="gpt_oss", layout="interleaved", disk_fused=True),
-        Family(model_type="llama4_text", layout="transposed", disk_fused=True),
+        Family(model_type="llama4_text", layout="transposed", block="feed_forward", disk_fused=True),
         Family(model_type="qwen3_next"),
         Family(model_type="qwen3_5_moe_text"),
         Family(model_type="glm4_moe"),
-        Family(model_type="granitemoe", disk_fused=True),
-        Family(model_type="granitemoeshared", disk_fused=True),
+        Family(model_type="granitemoe", block="block_sparse_moe", disk_fused=True),
+        Family(model_type="granitemoeshared", block="block_sparse_moe", disk_fused=True),
         Family(model_type="phimoe", disk_block="block_sparse_moe", disk_names=_MIXTRAL_NAMES),
         Family(model_type="minimax", disk_block="block_sparse_moe", disk_names=_MIXTRAL_NAMES),
         Family(model_type="dots1"),
         Family(model_type="ernie4_5_moe"),
         Family(model_type="hunyuan_v1_moe"),
         Family(model_type="flex_olmo"),
-        Family(model_type="lfm2_moe", disk_names=_MIXTRAL_NAMES),
+        Family(model_type="lfm2_moe", block="feed_forward", disk_names=_MIXTRAL_NAMES),
     )
 }
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(FAMILIES)
@@ -94,6 +95,4 @@ def refusal_reason(model_type: str) -> str:
     """One line saying why ``model_type`` is refused (the caller prefixes the model)."""
     if model_type in REFUSED:
         return REFUSED[model_type]
-    return (
-        "no MoE adapter verified for this family (supported: " + ", ".join(SUPPORTED_MODEL_TYPES) + ")"
-    )
+    return "no MoE adapter verified for this family (supported: " + ", ".join(SUPPORTED_MODEL_TYPES) + ")"

@@ -292,6 +292,7 @@ def select_experts(
     domain: str,
     model_id: str,
     model_revision: str,
+    model_type: str | None = None,
     probe_tokens: dict[str, int] | None = None,
 ) -> ExpertSelection:
     """Score every expert of every MoE layer and pick each layer's experts by ``config``.
@@ -328,6 +329,7 @@ def select_experts(
         domain=domain,
         model_id=model_id,
         model_revision=model_revision,
+        model_type=model_type,
         method=config.method,
         p=p,
         min_experts_per_layer=config.min_experts_per_layer,

@@ -49,6 +49,10 @@ class ExpertSelection(_Strict):
     domain: str
     model_id: str
     model_revision: str
+    model_type: str | None = Field(
+        None,
+        description="the base model's transformers model_type; expert keys follow its save_pretrained names",
+    )
     method: Literal["token_ratio", "gate_score", "differential"]
     p: float = Field(gt=0, le=1)
     min_experts_per_layer: int = Field(ge=1)
@@ -61,7 +65,9 @@ class ExpertSelection(_Strict):
 
     def content_digest(self) -> str:
         """sha256 of the canonical JSON of every field but ``digest``."""
-        body = self.model_dump(mode="json", exclude={"digest"})
+        # a record without model_type (written before it existed) keeps the digest it was sealed with
+        exclude = {"digest"} if self.model_type is not None else {"digest", "model_type"}
+        body = self.model_dump(mode="json", exclude=exclude)
         return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
     def sealed(self) -> ExpertSelection:

@@ -103,7 +103,9 @@ def _disk_experts(keys: Iterable[str]) -> dict[tuple[int, int, str], str]:
     return found
 
 
-def _per_expert_rows(checkpoint: _Checkpoint, layer: int, experts: tuple[int, ...]) -> dict[str, torch.Tensor]:
+def _per_expert_rows(
+    checkpoint: _Checkpoint, layer: int, experts: tuple[int, ...]
+) -> dict[str, torch.Tensor]:
     """``experts.gate_up_proj (n, 2*I, H)`` and ``experts.down_proj (n, H, I)`` from per-expert keys."""
     gate_up, down = [], []
     for expert in experts:
@@ -193,7 +195,9 @@ def _load_layer(
         if tuple(rows[name].shape) != expected:
             field = f"model.layers.{layer.index}.{layer.block_name}.{name}"
             raise ConfigError(
-                f"shape {tuple(rows[name].shape)}, expected {expected}", path=str(checkpoint.folder), field=field
+                f"shape {tuple(rows[name].shape)}, expected {expected}",
+                path=str(checkpoint.folder),
+                field=field,
             )
         rows[name] = rows[name].to(device=like.device, dtype=like.dtype)
     install_layer(
@@ -208,7 +212,12 @@ def _load_layer(
 def _grouping(layer: MoELayer, checkpoint: _Checkpoint) -> dict[str, object]:
     """The base router's group attributes, from the config the skeleton was given back."""
     config = checkpoint.config
-    names = {"num_group": "n_group", "n_group": "n_group", "topk_group": "topk_group", "topk_method": "topk_method"}
+    names = {
+        "num_group": "n_group",
+        "n_group": "n_group",
+        "topk_group": "topk_group",
+        "topk_method": "topk_method",
+    }
     return {
         attr: getattr(config, field)
         for attr, field in names.items()
@@ -248,7 +257,11 @@ def load_subset_model(
         _load_non_experts(subset, checkpoint)
         for layer in layers:
             _load_layer(
-                checkpoint, layer, chosen[layer.index], top_k=layer.top_k, num_experts=num_experts[layer.index]
+                checkpoint,
+                layer,
+                chosen[layer.index],
+                top_k=layer.top_k,
+                num_experts=num_experts[layer.index],
             )
     logger.info(
         "subset loaded path=%s experts=%d layers=%d", folder, sum(map(len, chosen.values())), len(chosen)

@@ -161,7 +161,9 @@ def install_layer(
         module, attr, _dim = targets[name]
         if attr in module._parameters:
             old = module._parameters[attr]
-            module._parameters[attr] = nn.Parameter(tensor, requires_grad=bool(old is not None and old.requires_grad))
+            module._parameters[attr] = nn.Parameter(
+                tensor, requires_grad=bool(old is not None and old.requires_grad)
+            )
         else:
             module._buffers[attr] = tensor
     count = int(layer.gate_up_proj.shape[0])

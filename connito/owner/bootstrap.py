@@ -88,6 +88,7 @@ def build_selection(
         domain=config.name,
         model_id=config.model.name,
         model_revision=model_revision,
+        model_type=str(model.config.model_type),
     )
 
 
