@@ -58,14 +58,21 @@ def build_model(model_cfg: ModelConfig) -> PreTrainedModel:
 
 
 def load_model(path_or_id: str | Path, model_cfg: ModelConfig) -> PreTrainedModel:
-    """Load a pretrained MoE from a folder or the Hub (pinned revision, no remote code)."""
+    """Load a pretrained MoE from a folder or the Hub (pinned revision, no remote code).
+
+    Raises:
+        UnsupportedModelError: the family is refused, read from ``config.json`` before any weights.
+    """
     kwargs = {"dtype": TORCH_DTYPES[model_cfg.dtype], "trust_remote_code": False}
     if model_cfg.experts_implementation is not None:
         kwargs["experts_implementation"] = model_cfg.experts_implementation
+    source: dict = {"trust_remote_code": False}
     if not Path(path_or_id).exists():
-        kwargs["revision"] = model_cfg.revision
-    model = AutoModelForCausalLM.from_pretrained(str(path_or_id), **kwargs)
-    _check_supported(model.config.model_type)
+        source["revision"] = model_cfg.revision
+    kwargs.update(source)
+    hf_config = AutoConfig.from_pretrained(str(path_or_id), **source)  # the family, before any weights
+    _check_supported(hf_config.model_type)
+    model = AutoModelForCausalLM.from_pretrained(str(path_or_id), config=hf_config, **kwargs)
     return model.eval()
 
 

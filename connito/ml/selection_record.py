@@ -31,7 +31,13 @@ class LayerSelection(_Strict):
 
     layer: int = Field(ge=0)
     experts: tuple[int, ...] = Field(min_length=1, description="selected expert ids, ascending")
-    scores: tuple[float, ...] = Field(description="per-expert relevance score, index = expert id")
+    scores: tuple[float, ...] = Field(
+        description="per-expert score the rule ranked by, index = expert id (token ratio, mean gate score, or differential)"
+    )
+    mass: tuple[float, ...] | None = Field(
+        None,
+        description="per-expert share summed against p when it is not the score (differential: domain token ratio)",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> LayerSelection:
@@ -39,6 +45,10 @@ class LayerSelection(_Strict):
             raise ValueError(f"layer {self.layer}: experts must be unique and ascending")
         if any(e < 0 or e >= len(self.scores) for e in self.experts):
             raise ValueError(f"layer {self.layer}: expert id out of range 0..{len(self.scores) - 1}")
+        if self.mass is not None and len(self.mass) != len(self.scores):
+            raise ValueError(
+                f"layer {self.layer}: mass has {len(self.mass)} entries, scores {len(self.scores)}"
+            )
         return self
 
 
@@ -65,9 +75,13 @@ class ExpertSelection(_Strict):
 
     def content_digest(self) -> str:
         """sha256 of the canonical JSON of every field but ``digest``."""
-        # a record without model_type (written before it existed) keeps the digest it was sealed with
-        exclude = {"digest"} if self.model_type is not None else {"digest", "model_type"}
-        body = self.model_dump(mode="json", exclude=exclude)
+        # fields added later are left out while unset, so older records keep the digest they were sealed with
+        body = self.model_dump(mode="json", exclude={"digest"})
+        if self.model_type is None:
+            del body["model_type"]
+        for layer in body["layers"]:
+            if layer["mass"] is None:
+                del layer["mass"]
         return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
     def sealed(self) -> ExpertSelection:
