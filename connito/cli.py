@@ -21,8 +21,23 @@ __all__ = ["main", "build_parser"]
 
 def _add_select(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("select", help="measure routing on domain data and write the expert selection JSON")
-    p.add_argument("--config", required=True, type=Path, help="domain YAML")
-    p.add_argument("--out", required=True, type=Path, help="where to write SELECTION.json")
+    p.add_argument("--config", type=Path, default=None, help="domain YAML (required unless --check)")
+    p.add_argument(
+        "--out", type=Path, default=None, help="where to write SELECTION.json (required unless --check)"
+    )
+    p.add_argument(
+        "--from-scores",
+        type=Path,
+        default=None,
+        help="select from a per-layer score file probed elsewhere (JSON; default: probe here)",
+    )
+    p.add_argument(
+        "--check",
+        type=Path,
+        default=None,
+        metavar="SELECTION",
+        help="re-derive SELECTION.json's experts from the scores it records; exit 1 if they differ",
+    )
     p.add_argument(
         "--model", type=Path, default=None, help="pretrained model folder (default: the config's model)"
     )
@@ -39,6 +54,21 @@ def _add_select(sub: argparse._SubParsersAction) -> None:
         default=DEFAULT_LIBRARY,
         help=f"expert library for a model.base: library:DOMAIN@vN config (path; default {DEFAULT_LIBRARY})",
     )
+
+
+def _add_plan(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plan", help="what hardware a domain needs, from the model's config.json alone")
+    p.add_argument("--config", required=True, type=Path, help="domain YAML")
+    p.add_argument(
+        "--selection",
+        type=Path,
+        default=None,
+        help="SELECTION.json (default: the config's max experts per layer)",
+    )
+    p.add_argument(
+        "--gpu-mem", type=float, default=None, help="GPU memory to check against, GiB (default: none)"
+    )
+    p.add_argument("--json", action="store_true", help="print the plan as one JSON object")
 
 
 def _add_verify(sub: argparse._SubParsersAction) -> None:
@@ -86,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_select(sub)
+    _add_plan(sub)
     _add_verify(sub)
     _add_localnet(sub)
     add_library_parsers(sub)
@@ -93,18 +124,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _dispatch_select(args: argparse.Namespace) -> int:
+    if args.check is not None:
+        from connito.owner.select_commands import run_check_selection
+
+        return run_check_selection(args.check)
+    if args.config is None or args.out is None:
+        print("connito select: --config and --out are required (or --check SELECTION.json)", file=sys.stderr)
+        return 2
+    if args.from_scores is not None:
+        from connito.owner.select_commands import run_select_from_scores
+
+        return run_select_from_scores(args.config, args.from_scores, args.out)
+    from connito.owner.bootstrap import run_select
+
+    return run_select(
+        args.config,
+        args.out,
+        model_dir=args.model,
+        cache_dir=args.cache_dir,
+        progress=not args.no_progress,
+        library=args.library,
+    )
+
+
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "select":
-        from connito.owner.bootstrap import run_select
+        return _dispatch_select(args)
+    if args.command == "plan":
+        from connito.owner.plan import run_plan
 
-        return run_select(
-            args.config,
-            args.out,
-            model_dir=args.model,
-            cache_dir=args.cache_dir,
-            progress=not args.no_progress,
-            library=args.library,
-        )
+        return run_plan(args.config, selection=args.selection, gpu_mem_gib=args.gpu_mem, as_json=args.json)
     if args.command == "verify-checkpoint":
         from connito.protocol.strict_loader import verify_checkpoint_cli
 

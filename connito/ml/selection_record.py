@@ -17,7 +17,16 @@ from connito.config import DomainConfig
 from connito.errors import ConfigError
 from connito.fsutil import atomic_write
 
-__all__ = ["LayerSelection", "ExpertSelection", "load_selection", "load_domain_selection", "save_selection"]
+__all__ = [
+    "LayerSelection",
+    "ExpertSelection",
+    "LayerScores",
+    "ScoreFile",
+    "load_selection",
+    "load_domain_selection",
+    "load_score_file",
+    "save_selection",
+]
 
 SELECTION_SCHEMA_VERSION: Final = 1
 
@@ -96,6 +105,45 @@ class ExpertSelection(_Strict):
     @property
     def num_selected(self) -> int:
         return sum(len(entry.experts) for entry in self.layers)
+
+
+class LayerScores(_Strict):
+    """One MoE layer's expert scores, probed elsewhere (``connito select --from-scores``)."""
+
+    layer: int = Field(ge=0)
+    scores: tuple[float, ...] = Field(
+        min_length=1, description="per-expert score to rank by, index = expert id"
+    )
+    mass: tuple[float, ...] | None = Field(
+        None, description="per-expert share summed against p; required for differential, else the scores"
+    )
+
+
+class ScoreFile(_Strict):
+    """Per-layer expert scores an owner computed with another probe, to select from with connito's rule."""
+
+    schema_version: Literal[1] = 1
+    method: Literal["token_ratio", "gate_score", "differential"]
+    probe_tokens: dict[str, int] = Field(description="tokens probed per dataset, e.g. {domain: N}")
+    layers: tuple[LayerScores, ...] = Field(min_length=1)
+
+
+def load_score_file(path: str | Path) -> ScoreFile:
+    """Read a score file (JSON).
+
+    Raises:
+        ConfigError: unreadable or malformed, naming the first bad field.
+    """
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read: {exc}", path=str(path)) from None
+    try:
+        return ScoreFile.model_validate_json(raw)
+    except ValidationError as exc:
+        err = exc.errors(include_url=False)[0]
+        field = ".".join(str(x) for x in err["loc"]) or "<root>"
+        raise ConfigError(err["msg"], path=str(path), field=field) from None
 
 
 def save_selection(selection: ExpertSelection, path: str | Path) -> None:
