@@ -68,6 +68,12 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--gpu-mem", type=float, default=None, help="GPU memory to check against, GiB (default: none)"
     )
+    p.add_argument(
+        "--eval-tflops",
+        type=float,
+        default=200.0,
+        help="validator's sustained throughput for the evaluation estimate, TFLOP/s (default 200)",
+    )
     p.add_argument("--json", action="store_true", help="print the plan as one JSON object")
 
 
@@ -154,7 +160,13 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "plan":
         from connito.owner.plan import run_plan
 
-        return run_plan(args.config, selection=args.selection, gpu_mem_gib=args.gpu_mem, as_json=args.json)
+        return run_plan(
+            args.config,
+            selection=args.selection,
+            gpu_mem_gib=args.gpu_mem,
+            as_json=args.json,
+            eval_tflops=args.eval_tflops,
+        )
     if args.command == "verify-checkpoint":
         from connito.protocol.strict_loader import verify_checkpoint_cli
 

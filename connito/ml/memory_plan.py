@@ -57,7 +57,8 @@ class ModelShape:
     def active_params(self) -> int:
         """Parameters one token touches: everything but the routed experts it does not pick."""
         unpicked = sum(
-            self.expert_params[layer] * (self.num_experts[layer] - self.top_k[layer]) for layer in self.expert_params
+            self.expert_params[layer] * (self.num_experts[layer] - self.top_k[layer])
+            for layer in self.expert_params
         )
         return self.total_params - unpicked
 
@@ -123,7 +124,9 @@ class MemoryEstimate:
         return self.weights + self.trainable + self.fused_gradient + self.activations_checkpointed
 
 
-def _layer_activation_bytes(shape: ModelShape, tokens: int, dtype_bytes: int, *, moe: bool, top_k: int) -> int:
+def _layer_activation_bytes(
+    shape: ModelShape, tokens: int, dtype_bytes: int, *, moe: bool, top_k: int
+) -> int:
     """What autograd keeps for one decoder layer's backward (frozen linears keep no input)."""
     hidden = shape.hidden_size
     norms = 2 * tokens * hidden  # two RMSNorm inputs
