@@ -17,9 +17,9 @@ from connito.ml.selection import (
     SHARE_TOLERANCE,
     compute_differential_scores,
     compute_gate_scores,
-    rederive_selection,
     compute_token_ratios,
     probe_routing,
+    rederive_selection,
     select_experts,
     select_layer,
 )
