@@ -7,9 +7,9 @@ The estimate is a sum of named terms, each tied to what the sparse trainer
   everything but the unselected experts);
 - trainable: 16 B per selected parameter: fp32 master (4), its fp32 gradient (4), AdamW's two fp32
   moments (8);
-- fused gradient: backward through ``fused[e]`` materialises a gradient the size of a layer's whole
-  fused expert tensors before the selected rows are taken out (one layer at a time, model dtype,
-  two buffers while per-expert gradients accumulate);
+- fused gradient: backward through the fused experts materialises the gradient of a whole fused
+  tensor (the largest is ``gate_up_proj``, 2/3 of a layer's experts) in the model dtype before the
+  selected rows are taken out; one tensor at a time, so the peak holds one;
 - activations: what autograd saves for backward per decoder layer (frozen linears save no input;
   norms, attention and activations do), plus the logits and their fp32 loss copies, or with
   gradient checkpointing each layer's input plus one layer recomputed.
@@ -159,7 +159,11 @@ def estimate_memory(
     micro_batch: int,
     sequence_length: int,
 ) -> MemoryEstimate:
-    """Peak memory of one training step for ``selected`` ({MoE layer: experts trained}) experts."""
+    """Peak memory of a training step for ``selected`` ({MoE layer: experts trained}) experts.
+
+    The steady state from the second step on: AdamW's moments exist (they are allocated at the
+    first step) while the next backward runs.
+    """
     trainable_params = sum(shape.expert_params[layer] * count for layer, count in selected.items())
     resident = shape.total_params
     if residency == "subset":
@@ -171,7 +175,10 @@ def estimate_memory(
         layer: (selected.get(layer, 0) if residency == "subset" else shape.num_experts[layer])
         for layer in shape.expert_params
     }
-    largest_layer = max(shape.expert_params[layer] * count for layer, count in resident_experts.items())
+    # gate_up_proj (E, 2*I, H) is 2/3 of a layer's expert parameters (3 * I * H each)
+    largest_fused = max(
+        2 * shape.expert_params[layer] // 3 * count for layer, count in resident_experts.items()
+    )
     tokens = micro_batch * sequence_length
     per_layer = []
     for index in range(shape.num_layers):
@@ -183,7 +190,7 @@ def estimate_memory(
     return MemoryEstimate(
         weights=resident * dtype_bytes,
         trainable=TRAINABLE_BYTES_PER_PARAM * trainable_params,
-        fused_gradient=2 * largest_layer * dtype_bytes,
+        fused_gradient=largest_fused * dtype_bytes,
         activations=sum(per_layer) + logits,
         activations_checkpointed=checkpointed,
     )
