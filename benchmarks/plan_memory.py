@@ -108,9 +108,12 @@ def child(config_path: Path, batch_size: int, seq_len: int) -> dict[str, Any]:
     }
 
 
-def _real_configs(only: str | None) -> list[Path]:
+def _real_configs(only: str | None, *, smoke: bool = False) -> list[Path]:
+    """The shipped real configs (``--smoke``: tiny-math's inline model, a wiring check in seconds)."""
     from connito.ml.model_config import config_copy_path
 
+    if smoke:
+        return [DOMAINS / "tiny-math.yaml"]
     paths = []
     for path in sorted(DOMAINS.glob("math-*.yaml")):
         model_id = load_domain_config(path).model.id
@@ -139,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     device = setup(args)
     rows = []
-    for path in _real_configs(args.only):
+    configs = _real_configs(args.only, smoke=args.smoke)
+    for path in configs:
         command = [sys.executable, __file__, "--child", str(path), "--batch-size", str(args.batch_size)]
         command += ["--seq-len", str(args.seq_len), "--threads", str(args.threads or 1)]
         done = subprocess.run(command, capture_output=True, text=True, check=False)
@@ -153,13 +157,19 @@ def main(argv: list[str] | None = None) -> int:
             f"estimated {row['estimated_bytes'] / MiB:9.1f} MiB  ratio {row['ratio']:.3f}",
             flush=True,
         )
-    config = load_domain_config(_real_configs(args.only)[0]) if rows else None
-    result = metadata("plan_memory", args, config, device) if config is not None else {}
+    if not rows:
+        print("no real config with a configs/models copy matched --only")
+        return 1
+    result = metadata("plan_memory", args, load_domain_config(configs[0]), device)
     result.update(
         {
+            "config_path": ",".join(str(path.relative_to(REPO)) for path in configs),
             "batch_size": args.batch_size,
             "seq_len": args.seq_len,
             "rows": rows,
+            "ratios": {
+                "measured_over_estimated": {row["config"].removesuffix(".yaml"): row["ratio"] for row in rows}
+            },
             "within_10_percent": all(0.9 <= row["ratio"] <= 1.1 for row in rows),
         }
     )
