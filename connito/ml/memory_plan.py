@@ -22,6 +22,7 @@ May import: connito.errors, connito.ml.moe.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -84,7 +85,7 @@ def _shared_width(layer: MoELayer) -> int:
 def model_shape(model: nn.Module) -> ModelShape:
     """The plan's sizes of ``model`` (build it on the meta device: nothing is allocated)."""
     layers = moe_layers(model)
-    config = model.config  # type: ignore[union-attr]
+    config: Any = model.config  # a PreTrainedModel: its transformers config
     dense = [
         int(m.out_features)
         for name, m in model.named_modules()
