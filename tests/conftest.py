@@ -195,6 +195,61 @@ TINY_CONFIGS.update(
             num_dense_layers=0,
             layer_types=["conv", "full_attention"],
         ),
+        "afmoe": dict(
+            num_experts=8,
+            num_experts_per_tok=2,
+            moe_intermediate_size=16,
+            intermediate_size=64,
+            head_dim=8,
+            num_dense_layers=0,
+        ),
+        "cohere2_moe": dict(
+            num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, intermediate_size=64, head_dim=8
+        ),
+        "exaone_moe": dict(
+            num_experts=8,
+            num_experts_per_tok=2,
+            moe_intermediate_size=16,
+            intermediate_size=64,
+            head_dim=8,
+            first_k_dense_replace=0,
+        ),
+        "granitemoe_swa": dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=16),
+        "minimax_m2": dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=16, head_dim=8),
+        "solar_open": dict(
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            moe_intermediate_size=16,
+            intermediate_size=64,
+            head_dim=8,
+        ),
+        "minicpm5_moe": dict(
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            moe_intermediate_size=16,
+            intermediate_size=64,
+            head_dim=8,
+        ),
+        "mellum": dict(
+            num_local_experts=8,
+            num_experts_per_tok=2,
+            moe_intermediate_size=16,
+            intermediate_size=64,
+            head_dim=8,
+        ),
+        "mimo_v2_flash": dict(
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            moe_intermediate_size=16,
+            intermediate_size=64,
+            head_dim=8,
+        ),
+        "laguna": dict(
+            num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, intermediate_size=64, head_dim=8
+        ),
+        "hy_v3": dict(
+            num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, intermediate_size=64, head_dim=8
+        ),
     }
 )
 FAMILY_TYPES = tuple(TINY_CONFIGS)  # every supported family, for the per-family fidelity tests

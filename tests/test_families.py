@@ -24,7 +24,11 @@ from connito.ml.moe_families import FAMILIES, SUPPORTED_MODEL_TYPES
 from connito.ml.subset import extract_subset
 from connito.ml.training import SparseTrainer
 
-SELECTION = {0: [1, 5], 1: [3, 6]}
+def _selection(model: torch.nn.Module) -> dict[int, list[int]]:
+    """Two experts in every MoE layer (some families make layer 0 dense by default)."""
+    picks = ([1, 5], [3, 6])
+    return {layer.index: picks[i % 2] for i, layer in enumerate(moe_layers(model))}
+
 # Fused expert tensors as written to disk (Granite keeps its original input_linear/output_linear).
 _FUSED_ON_DISK = ("gate_up_proj", "down_proj", "input_linear.weight", "output_linear.weight")
 
@@ -60,7 +64,7 @@ def test_fidelity_all_resident_subset_equals_full_model(model_type):
 @pytest.mark.parametrize("model_type", FAMILY_TYPES)
 def test_fidelity_partial_subset_runs_and_routes_only_resident_experts(model_type):
     full = tiny_model(model_type)
-    subset = extract_subset(full, SELECTION)
+    subset = extract_subset(full, _selection(full))
     logits = _logits(subset.model, random_batch(2, 16, seed=4))
     assert torch.isfinite(logits).all()
 
@@ -69,22 +73,23 @@ def test_fidelity_partial_subset_runs_and_routes_only_resident_experts(model_typ
 def test_fidelity_training_changes_only_selected_experts_on_disk(model_type, tmp_path):
     """What save_pretrained writes differs only in the selected experts' tensors (or fused rows)."""
     model = tiny_model(model_type)
+    selection = _selection(model)
     model.save_pretrained(tmp_path / "before")
-    trainer = SparseTrainer(model, SELECTION, TrainingConfig(lr=1e-2, weight_decay=0.1, batch_size=2))
+    trainer = SparseTrainer(model, selection, TrainingConfig(lr=1e-2, weight_decay=0.1, batch_size=2))
     trainer.train([random_batch(seed=i) for i in range(2)], 2, progress=False)
     payload = trainer.finish()
     model.save_pretrained(tmp_path / "after")
     before = load_file(tmp_path / "before" / "model.safetensors")
     after = load_file(tmp_path / "after" / "model.safetensors")
     assert before.keys() == after.keys()
-    selected_keys = set(read_experts(model, SELECTION))
+    selected_keys = set(read_experts(model, selection))
     changed = {key for key in before if not torch.equal(before[key], after[key])}
     if FAMILIES[model_type].disk_fused:  # one fused tensor per layer: check its rows
         for key in changed:
             layer = int(key.split(".")[2])
             rows = [e for e in range(8) if not torch.equal(before[key][e], after[key][e])]
-            assert key.endswith(_FUSED_ON_DISK) and rows == SELECTION[layer], key
-        assert len(changed) == 2 * len(SELECTION)
+            assert key.endswith(_FUSED_ON_DISK) and rows == selection[layer], key
+        assert len(changed) == 2 * len(selection)
     else:  # the payload overlays the base checkpoint by key (Mixtral's w1/w3/w2 included)
         assert changed == selected_keys == set(payload)
         overlaid = {**before, **payload}

@@ -68,6 +68,17 @@ FAMILIES: dict[str, Family] = {
         Family(model_type="hunyuan_v1_moe"),
         Family(model_type="flex_olmo"),
         Family(model_type="lfm2_moe", block="feed_forward", disk_names=_MIXTRAL_NAMES),
+        Family(model_type="afmoe"),
+        Family(model_type="cohere2_moe"),
+        Family(model_type="exaone_moe"),
+        Family(model_type="granitemoe_swa", block="block_sparse_moe", disk_fused=True),
+        Family(model_type="minimax_m2", disk_block="block_sparse_moe", disk_names=_MIXTRAL_NAMES),
+        Family(model_type="solar_open"),
+        Family(model_type="minicpm5_moe"),
+        Family(model_type="mellum"),
+        Family(model_type="mimo_v2_flash"),
+        Family(model_type="laguna"),
+        Family(model_type="hy_v3"),
     )
 }
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(FAMILIES)
@@ -83,6 +94,12 @@ REFUSED: dict[str, str] = {
     "glm4v_moe": "vision-language model: load its text model type instead",
     "ernie4_5_vl_moe": "vision-language model with modality-split experts",
     "llama4": "vision-language wrapper: use model_type llama4_text (the text config)",
+    "nemotron_h": "non-gated experts (up_proj and down_proj only) in a hybrid Mamba block, not the gate_up layout",
+    "longcat_flash": "zero-computation experts: the router scores more slots than there are expert tensors",
+    "zaya": "the router is an MLP, not one (E, H) logit weight a subset can slice",
+    "jamba": "transformers' own causal-LM loss fails on a tiny config (cache without attention layers); not verified",
+    "deepseek_v32": "no fused MoE block found at model.layers.L.mlp with a generic config; not verified",
+    "glm_moe_dsa": "no fused MoE block found at model.layers.L.mlp with a generic config; not verified",
 }
 
 
