@@ -11,8 +11,6 @@ import sys
 from pathlib import Path
 
 from connito.errors import ConnitoError
-from connito.library.commands import DEFAULT_LIBRARY, add_library_parsers, run_library_command
-from connito.owner.downstream_eval import add_owner_eval_parser
 
 logger = logging.getLogger(__name__)
 
@@ -51,8 +49,8 @@ def _add_select(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--library",
         type=Path,
-        default=DEFAULT_LIBRARY,
-        help=f"expert library for a model.base: library:DOMAIN@vN config (path; default {DEFAULT_LIBRARY})",
+        default=None,
+        help="expert library for a model.base: library:DOMAIN@vN config (path; default ~/.connito/library)",
     )
 
 
@@ -117,12 +115,22 @@ def _add_localnet(sub: argparse._SubParsersAction) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
+# Verbs whose parser and fail-fast checks import no torch: a refused model is one line in seconds.
+_LIGHT_COMMANDS = ("select", "plan")
+
+
+def build_parser(*, light: bool = False) -> argparse.ArgumentParser:
+    """The full parser, or with ``light`` only the verbs that import nothing heavy to parse."""
     parser = argparse.ArgumentParser(prog="connito", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_select(sub)
     _add_plan(sub)
+    if light:
+        return parser
+    from connito.library.commands import add_library_parsers
+    from connito.owner.downstream_eval import add_owner_eval_parser
+
     _add_verify(sub)
     _add_localnet(sub)
     add_library_parsers(sub)
@@ -138,10 +146,15 @@ def _dispatch_select(args: argparse.Namespace) -> int:
     if args.config is None or args.out is None:
         print("connito select: --config and --out are required (or --check SELECTION.json)", file=sys.stderr)
         return 2
+    from connito.config import load_domain_config
+    from connito.owner.model_check import check_family_early
+
+    check_family_early(load_domain_config(args.config).model, config_path=args.config, model_dir=args.model)
     if args.from_scores is not None:
         from connito.owner.select_commands import run_select_from_scores
 
         return run_select_from_scores(args.config, args.from_scores, args.out)
+    from connito.library.commands import DEFAULT_LIBRARY
     from connito.owner.bootstrap import run_select
 
     return run_select(
@@ -150,7 +163,7 @@ def _dispatch_select(args: argparse.Namespace) -> int:
         model_dir=args.model,
         cache_dir=args.cache_dir,
         progress=not args.no_progress,
-        library=args.library,
+        library=args.library or DEFAULT_LIBRARY,
     )
 
 
@@ -158,6 +171,10 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "select":
         return _dispatch_select(args)
     if args.command == "plan":
+        from connito.config import load_domain_config
+        from connito.owner.model_check import check_family_early
+
+        check_family_early(load_domain_config(args.config).model, config_path=args.config)
         from connito.owner.plan import run_plan
 
         return run_plan(
@@ -178,6 +195,8 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         return run_localnet(args)
     if args.command in ("library", "export"):
+        from connito.library.commands import run_library_command
+
         return run_library_command(args)
     if args.command == "owner-eval":
         from connito.owner.downstream_eval import run_owner_eval
@@ -187,7 +206,9 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verb = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(light=verb in _LIGHT_COMMANDS).parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

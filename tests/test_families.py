@@ -24,6 +24,7 @@ from connito.ml.moe_families import FAMILIES, SUPPORTED_MODEL_TYPES
 from connito.ml.subset import extract_subset
 from connito.ml.training import SparseTrainer
 
+
 def _selection(model: torch.nn.Module) -> dict[int, list[int]]:
     """Two experts in every MoE layer (some families make layer 0 dense by default)."""
     picks = ([1, 5], [3, 6])

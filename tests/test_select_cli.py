@@ -9,6 +9,7 @@ import yaml
 from conftest import make_selection
 
 from connito.cli import main
+from connito.ml.moe_families import REFUSED
 from connito.ml.selection_record import load_selection, save_selection
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "domains" / "tiny-math.yaml"
@@ -96,3 +97,17 @@ def test_from_scores_refuses_a_method_other_than_the_configs(tmp_path, capsys):
     ]
     assert main(args) == 1
     assert "scores are gate_score, selection.method is token_ratio" in capsys.readouterr().err
+
+
+def test_a_refused_family_in_the_repository_copy_stops_select_before_any_download(tmp_path, capsys):
+    """The model_type is read from configs/models/<org>--<name>.json as JSON: no Hub, no torch needed."""
+    (tmp_path / "configs" / "domains").mkdir(parents=True)
+    (tmp_path / "configs" / "models").mkdir()
+    (tmp_path / "configs" / "models" / "someone--jet.json").write_text(json.dumps({"model_type": "jetmoe"}))
+    raw = yaml.safe_load(TINY.read_text())
+    raw["model"] = {"id": "someone/jet", "revision": "main"}
+    path = tmp_path / "configs" / "domains" / "jet.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["select", "--config", str(path), "--out", str(tmp_path / "s.json")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["connito select: model someone/jet: model_type=jetmoe: " + REFUSED["jetmoe"]]
