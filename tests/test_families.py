@@ -30,6 +30,7 @@ def _selection(model: torch.nn.Module) -> dict[int, list[int]]:
     picks = ([1, 5], [3, 6])
     return {layer.index: picks[i % 2] for i, layer in enumerate(moe_layers(model))}
 
+
 # Fused expert tensors as written to disk (Granite keeps its original input_linear/output_linear).
 _FUSED_ON_DISK = ("gate_up_proj", "down_proj", "input_linear.weight", "output_linear.weight")
 
