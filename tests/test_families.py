@@ -22,6 +22,7 @@ from connito.ml.modeling import heldout_loss
 from connito.ml.moe import check_model_type, moe_layers, read_experts
 from connito.ml.moe_families import FAMILIES, SUPPORTED_MODEL_TYPES
 from connito.ml.subset import extract_subset
+from connito.ml.subset_loading import load_subset_model
 from connito.ml.training import SparseTrainer
 
 
@@ -60,6 +61,21 @@ def test_fidelity_all_resident_subset_equals_full_model(model_type):
     full = tiny_model(model_type)
     subset = extract_subset(full, {layer.index: list(range(8)) for layer in moe_layers(full)})
     batch = random_batch(2, 16, seed=3)
+    assert torch.equal(_logits(subset.model, batch), _logits(full, batch))
+
+
+@pytest.mark.parametrize("model_type", FAMILY_TYPES)
+def test_fidelity_subset_read_from_disk_equals_full_model(model_type, tmp_path):
+    """load_subset_model reads the family's saved names; families it cannot read say so in one line."""
+    full = tiny_model(model_type)
+    full.save_pretrained(tmp_path)
+    every = {layer.index: list(range(8)) for layer in moe_layers(full)}
+    if not FAMILIES[model_type].disk_subset:
+        with pytest.raises(UnsupportedModelError, match=f"model_type={model_type}: a subset cannot be read"):
+            load_subset_model(tmp_path, None, every)
+        return
+    subset = load_subset_model(tmp_path, None, every)
+    batch = random_batch(2, 16, seed=6)
     assert torch.equal(_logits(subset.model, batch), _logits(full, batch))
 
 

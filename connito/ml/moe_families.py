@@ -41,6 +41,9 @@ class Family:
     disk_block: str | None = None  # block name in saved keys when it differs from the module path
     disk_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")  # gate, up, down
     disk_fused: bool = False  # save_pretrained writes the fused tensors, not one key per expert
+    # load_subset_model reads this family's checkpoint names (others rename tensors on save that the
+    # subset loader does not map back yet: their subset models are extracted from a loaded model)
+    disk_subset: bool = True
 
 
 _MIXTRAL_NAMES = ("w1", "w3", "w2")
@@ -59,26 +62,28 @@ FAMILIES: dict[str, Family] = {
         Family(model_type="qwen3_next"),
         Family(model_type="qwen3_5_moe_text"),
         Family(model_type="glm4_moe"),
-        Family(model_type="granitemoe", block="block_sparse_moe", disk_fused=True),
-        Family(model_type="granitemoeshared", block="block_sparse_moe", disk_fused=True),
-        Family(model_type="phimoe", disk_block="block_sparse_moe", disk_names=_MIXTRAL_NAMES),
+        Family(model_type="granitemoe", block="block_sparse_moe", disk_fused=True, disk_subset=False),
+        Family(model_type="granitemoeshared", block="block_sparse_moe", disk_fused=True, disk_subset=False),
+        Family(
+            model_type="phimoe", disk_block="block_sparse_moe", disk_names=_MIXTRAL_NAMES, disk_subset=False
+        ),
         Family(model_type="minimax", disk_block="block_sparse_moe", disk_names=_MIXTRAL_NAMES),
         Family(model_type="dots1"),
-        Family(model_type="ernie4_5_moe"),
+        Family(model_type="ernie4_5_moe", disk_subset=False),
         Family(model_type="hunyuan_v1_moe"),
         Family(model_type="flex_olmo"),
-        Family(model_type="lfm2_moe", block="feed_forward", disk_names=_MIXTRAL_NAMES),
+        Family(model_type="lfm2_moe", block="feed_forward", disk_names=_MIXTRAL_NAMES, disk_subset=False),
         Family(model_type="afmoe"),
         Family(model_type="cohere2_moe"),
-        Family(model_type="exaone_moe"),
+        Family(model_type="exaone_moe", disk_subset=False),
         Family(model_type="granitemoe_swa", block="block_sparse_moe", disk_fused=True),
         Family(model_type="minimax_m2", disk_block="block_sparse_moe", disk_names=_MIXTRAL_NAMES),
         Family(model_type="solar_open"),
-        Family(model_type="minicpm5_moe"),
+        Family(model_type="minicpm5_moe", disk_subset=False),
         Family(model_type="mellum"),
-        Family(model_type="mimo_v2_flash"),
-        Family(model_type="laguna"),
-        Family(model_type="hy_v3"),
+        Family(model_type="mimo_v2_flash", disk_subset=False),
+        Family(model_type="laguna", disk_subset=False),
+        Family(model_type="hy_v3", disk_subset=False),
     )
 }
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(FAMILIES)

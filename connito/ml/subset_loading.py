@@ -25,9 +25,9 @@ from torch import nn
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
 from connito.config import ModelConfig
-from connito.errors import ConfigError
+from connito.errors import ConfigError, UnsupportedModelError
 from connito.ml.modeling import TORCH_DTYPES
-from connito.ml.moe import PROJECTIONS, MoELayer, expert_key, moe_layers
+from connito.ml.moe import PROJECTIONS, MoELayer, check_model_type, expert_key, moe_layers
 from connito.ml.moe_families import Family
 from connito.ml.subset import SubsetModel, check_covers_every_layer, check_selection
 from connito.ml.subset_skeleton import (
@@ -244,9 +244,17 @@ def load_subset_model(
     Raises:
         ConfigError: the folder has no safetensors weights, lacks a tensor, has a wrong shape, or
             the selection does not fit the model.
+        UnsupportedModelError: the family is refused, or its checkpoint names are not read here
+            (``Family.disk_subset``).
     """
     folder = Path(model_dir)
     hf_config, resolved_dtype = _resolve_config(folder, model_cfg, dtype)
+    family = check_model_type(str(hf_config.model_type))
+    if not family.disk_subset:
+        raise UnsupportedModelError(
+            f"model_type={family.model_type}: a subset cannot be read from its checkpoint yet (save_pretrained "
+            "renames its tensors); load the model and use extract_subset, or residency: full"
+        )
     subset = build_skeleton(hf_config, dtype=resolved_dtype, device=torch.device(device))
     layers = moe_layers(subset)
     num_experts = {layer.index: _expert_count(hf_config) for layer in layers}
