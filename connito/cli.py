@@ -11,9 +11,6 @@ import sys
 from pathlib import Path
 
 from connito.errors import ConnitoError
-from connito.library.commands import DEFAULT_LIBRARY, add_library_parsers, run_library_command
-from connito.node.status import add_status_parser
-from connito.owner.downstream_eval import add_owner_eval_parser
 
 logger = logging.getLogger(__name__)
 
@@ -22,8 +19,23 @@ __all__ = ["main", "build_parser"]
 
 def _add_select(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("select", help="measure routing on domain data and write the expert selection JSON")
-    p.add_argument("--config", required=True, type=Path, help="domain YAML")
-    p.add_argument("--out", required=True, type=Path, help="where to write SELECTION.json")
+    p.add_argument("--config", type=Path, default=None, help="domain YAML (required unless --check)")
+    p.add_argument(
+        "--out", type=Path, default=None, help="where to write SELECTION.json (required unless --check)"
+    )
+    p.add_argument(
+        "--from-scores",
+        type=Path,
+        default=None,
+        help="select from a per-layer score file probed elsewhere (JSON; default: probe here)",
+    )
+    p.add_argument(
+        "--check",
+        type=Path,
+        default=None,
+        metavar="SELECTION",
+        help="re-derive SELECTION.json's experts from the scores it records; exit 1 if they differ",
+    )
     p.add_argument(
         "--model", type=Path, default=None, help="pretrained model folder (default: the config's model)"
     )
@@ -37,9 +49,30 @@ def _add_select(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--library",
         type=Path,
-        default=DEFAULT_LIBRARY,
-        help=f"expert library for a model.base: library:DOMAIN@vN config (path; default {DEFAULT_LIBRARY})",
+        default=None,
+        help="expert library for a model.base: library:DOMAIN@vN config (path; default ~/.connito/library)",
     )
+
+
+def _add_plan(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plan", help="what hardware a domain needs, from the model's config.json alone")
+    p.add_argument("--config", required=True, type=Path, help="domain YAML")
+    p.add_argument(
+        "--selection",
+        type=Path,
+        default=None,
+        help="SELECTION.json (default: the config's max experts per layer)",
+    )
+    p.add_argument(
+        "--gpu-mem", type=float, default=None, help="GPU memory to check against, GiB (default: none)"
+    )
+    p.add_argument(
+        "--eval-tflops",
+        type=float,
+        default=200.0,
+        help="validator's sustained throughput for the evaluation estimate, TFLOP/s (default 200)",
+    )
+    p.add_argument("--json", action="store_true", help="print the plan as one JSON object")
 
 
 def _add_verify(sub: argparse._SubParsersAction) -> None:
@@ -82,11 +115,23 @@ def _add_localnet(sub: argparse._SubParsersAction) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
+# Verbs whose parser and fail-fast checks import no torch: a refused model is one line in seconds.
+_LIGHT_COMMANDS = ("select", "plan")
+
+
+def build_parser(*, light: bool = False) -> argparse.ArgumentParser:
+    """The full parser, or with ``light`` only the verbs that import nothing heavy to parse."""
     parser = argparse.ArgumentParser(prog="connito", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_select(sub)
+    _add_plan(sub)
+    if light:
+        return parser
+    from connito.library.commands import add_library_parsers
+    from connito.node.status import add_status_parser
+    from connito.owner.downstream_eval import add_owner_eval_parser
+
     _add_verify(sub)
     _add_localnet(sub)
     add_library_parsers(sub)
@@ -95,17 +140,51 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _dispatch_select(args: argparse.Namespace) -> int:
+    if args.check is not None:
+        from connito.owner.select_commands import run_check_selection
+
+        return run_check_selection(args.check)
+    if args.config is None or args.out is None:
+        print("connito select: --config and --out are required (or --check SELECTION.json)", file=sys.stderr)
+        return 2
+    from connito.config import load_domain_config
+    from connito.owner.model_check import check_family_early
+
+    check_family_early(load_domain_config(args.config).model, config_path=args.config, model_dir=args.model)
+    if args.from_scores is not None:
+        from connito.owner.select_commands import run_select_from_scores
+
+        return run_select_from_scores(args.config, args.from_scores, args.out)
+    from connito.library.commands import DEFAULT_LIBRARY
+    from connito.owner.bootstrap import run_select
+
+    return run_select(
+        args.config,
+        args.out,
+        model_dir=args.model,
+        cache_dir=args.cache_dir,
+        progress=not args.no_progress,
+        library=args.library or DEFAULT_LIBRARY,
+    )
+
+
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "select":
-        from connito.owner.bootstrap import run_select
+        return _dispatch_select(args)
+    if args.command == "plan":
+        from connito.config import load_domain_config
+        from connito.owner.model_check import check_family_early
 
-        return run_select(
+        check_family_early(load_domain_config(args.config).model, config_path=args.config)
+        from connito.owner.plan import run_plan
+
+        return run_plan(
             args.config,
-            args.out,
-            model_dir=args.model,
-            cache_dir=args.cache_dir,
-            progress=not args.no_progress,
-            library=args.library,
+            selection=args.selection,
+            gpu_mem_gib=args.gpu_mem,
+            as_json=args.json,
+            eval_tflops=args.eval_tflops,
         )
     if args.command == "verify-checkpoint":
         from connito.protocol.strict_loader import verify_checkpoint_cli
@@ -118,6 +197,8 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         return run_localnet(args)
     if args.command in ("library", "export"):
+        from connito.library.commands import run_library_command
+
         return run_library_command(args)
     if args.command == "status":
         from connito.node.status import run_status
@@ -131,7 +212,9 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verb = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(light=verb in _LIGHT_COMMANDS).parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -180,11 +180,18 @@ def test_writer_refuses_non_expert_keys(tmp_path):
 def test_expected_specs_match_the_model_experts(model_type):
     """expected_expert_specs agrees with the tensors read_experts takes out of every family."""
     model = tiny_model(model_type)
-    specs = expected_expert_specs(model, SELECTION)
+    selection = SELECTION.model_copy(update={"model_type": model_type}).sealed()
+    specs = expected_expert_specs(model, selection)
     experts = read_experts(model, SELECTION.experts_by_layer)
-    assert sorted(specs) == sorted(experts) == KEYS
+    assert sorted(specs) == sorted(experts) == selected_keys(selection)
     for key, tensor in experts.items():
         assert specs[key] == (tuple(tensor.shape), tensor.dtype)
+
+
+def test_expected_specs_refuse_a_selection_for_another_family():
+    selection = SELECTION.model_copy(update={"model_type": "mixtral"}).sealed()
+    with pytest.raises(ConfigError, match="model_type"):
+        expected_expert_specs(tiny_model("qwen3_moe"), selection)
 
 
 def test_expected_specs_refuse_a_selection_beyond_the_model():

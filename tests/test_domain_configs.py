@@ -18,6 +18,8 @@ YAMLS = sorted(DOMAINS.glob("*.yaml"))
 REAL_MODELS: dict[str, tuple[int, int, int]] = {
     "allenai/OLMoE-1B-7B-0924": (16, 2048, 1024),  # 16 layers, all MoE
     "deepseek-ai/DeepSeek-V2-Lite": (26, 2048, 1408),  # 27 layers, first_k_dense_replace = 1
+    "Qwen/Qwen3-30B-A3B": (48, 2048, 768),  # 48 layers, all MoE
+    "openai/gpt-oss-20b": (24, 2880, 2880),  # 24 layers, all MoE
 }
 BF16_BYTES = 2
 
@@ -37,8 +39,8 @@ def test_every_domain_yaml_parses(path: Path) -> None:
     assert load_domain_config(path).name
 
 
-def test_real_model_configs_ship_for_olmoe_and_deepseek(configs) -> None:
-    """Both real MoE domains the operators run are present, in bf16, with distinct domain names."""
+def test_real_model_configs_ship_for_the_models_miners_have(configs) -> None:
+    """The real MoE domains the operators run are present, in bf16, with distinct domain names."""
     assert {c.model.id for c in _real(configs)} >= set(REAL_MODELS)
     assert all(c.model.dtype == "bfloat16" for c in _real(configs))
     names = [c.name for c in configs]

@@ -19,6 +19,7 @@ from connito.ml.selection import (
     compute_gate_scores,
     compute_token_ratios,
     probe_routing,
+    rederive_selection,
     select_experts,
     select_layer,
 )
@@ -86,19 +87,37 @@ def test_token_ratios_sum_to_one_per_layer(model_type):
 
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
-def test_gate_scores_are_normalised_per_layer(model_type):
+def test_gate_scores_are_mean_gate_weights_not_rescaled(model_type):
+    """ESFT-Gate: g_e = gate_sum_e / tokens; a layer sums to the mean routed mass per token."""
     stats = _probe(tiny_model(model_type))
     for layer, score in compute_gate_scores(stats).items():
-        assert score.sum().item() == pytest.approx(1.0, abs=1e-12), layer
-        # normalising rescales only: the ranking is the raw gate sums' ranking
-        assert torch.equal(score.argsort(stable=True), stats.gate_sums[layer].argsort(stable=True))
+        assert torch.equal(score, stats.gate_sums[layer] / stats.tokens[layer]), layer
 
 
-def test_gate_scores_of_an_unrenormalised_router_still_sum_to_one():
-    """DeepSeek-V2 routes ~0.3 of the mass per token; the per-layer score must not depend on that."""
+def test_gate_scores_of_an_unrenormalised_router_sum_to_its_routed_mass():
+    """DeepSeek-V2 routes ~0.3 of the mass per token: the scores keep that, as the paper's rule does."""
     stats = _stats({0: [10, 30, 60, 0]})
     assert stats.gate_sums[0].sum().item() == pytest.approx(30.0)
-    assert compute_gate_scores(stats)[0].tolist() == pytest.approx([0.1, 0.3, 0.6, 0.0])
+    assert compute_gate_scores(stats)[0].tolist() == pytest.approx([0.03, 0.09, 0.18, 0.0])
+
+
+def test_gate_rule_with_p_01_picks_more_experts_than_the_rescaled_rule():
+    """Mass 0.3 per token, p = 0.1: the paper's rule needs 0.1 of the whole token, not 0.1 of the 0.3 routed."""
+    stats = _stats({0: [10, 30, 60, 0]})
+    assert _select(stats, method="gate_score", p=0.1).experts_by_layer[0] == [2]
+    stats = _stats({0: [20, 20, 20, 20, 20]})  # 100 tokens, 0.06 of gate weight each
+    assert _select(stats, method="gate_score", p=0.1).experts_by_layer[0] == [0, 1]
+
+
+def test_rederive_selection_accepts_the_record_and_names_a_tampered_layer():
+    domain = _stats({0: [50, 10, 25, 15]})
+    general = _stats({0: [60, 20, 5, 15]})
+    selection = _select(domain, general, method="differential", p=0.3)
+    assert rederive_selection(selection) == []
+    tampered = selection.model_copy(
+        update={"layers": (selection.layers[0].model_copy(update={"experts": (0,)}),)}
+    )
+    assert rederive_selection(tampered) == ["layer 0: experts [0], the rule gives [2, 3]"]
 
 
 def test_probe_counts_exactly_max_tokens_and_pulls_no_extra_batch():
@@ -276,9 +295,10 @@ def test_every_family_and_method_yields_a_consistent_sealed_selection(model_type
     }[method]
     for entry in selection.layers:
         assert entry.scores == pytest.approx(expected[entry.layer].tolist(), abs=0)
-        if method != "differential":  # the record alone re-derives the choice
-            rederived = select_layer(entry.scores, p=selection.p, min_experts=1, max_experts=None)
-            assert list(entry.experts) == rederived
+        rederived = select_layer(
+            entry.scores, p=selection.p, min_experts=1, max_experts=None, mass=entry.mass
+        )
+        assert list(entry.experts) == rederived  # the record alone re-derives the choice, differential too
 
 
 def test_differential_picks_the_expert_the_domain_uses_more_than_general_text():
@@ -324,12 +344,12 @@ def test_method_default_p_follows_esft():
 
 def test_selection_record_lists_its_provenance():
     stats = _stats({0: [10, 20, 70], 2: [30, 30, 40]})
-    selection = _select(stats, method="gate_score", p=0.5)
+    selection = _select(stats, method="gate_score", p=0.15)  # mean gate scores: 0.3 x counts / 100 tokens
     assert selection.model_id == "inline:tiny" and selection.model_revision == "rev0"
-    assert selection.domain == "math" and selection.method == "gate_score" and selection.p == 0.5
+    assert selection.domain == "math" and selection.method == "gate_score" and selection.p == 0.15
     assert selection.probe_tokens == {"domain": 96}
     assert selection.experts_by_layer == {0: [2], 2: [0, 2]}  # tie 0 vs 1 -> 0
-    assert selection.layers[0].scores == pytest.approx([0.1, 0.2, 0.7])
+    assert selection.layers[0].scores == pytest.approx([0.03, 0.06, 0.21])
 
 
 def test_probe_tokens_default_to_the_probed_counts():

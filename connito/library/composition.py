@@ -23,6 +23,7 @@ from connito.library.index import Library
 from connito.library.records import LATEST, VersionRecord, parse_version
 from connito.ml.modeling import load_model
 from connito.ml.moe import expert_key, read_experts, write_experts
+from connito.ml.moe_families import Family, family_of
 
 logger = logging.getLogger(__name__)
 
@@ -146,13 +147,17 @@ def load_version_base(
 
 
 def _changed(
-    record: VersionRecord, experts: dict[str, torch.Tensor], base: dict[str, torch.Tensor]
+    record: VersionRecord,
+    experts: dict[str, torch.Tensor],
+    base: dict[str, torch.Tensor],
+    *,
+    family: Family | None,
 ) -> list[str]:
     """The 'L.E' experts whose tensors differ from the base model's."""
     changed = []
     for item in record.experts:
         layer, expert = (int(x) for x in item.split("."))
-        keys = [expert_key(layer, expert, p) for p in ("gate_proj", "up_proj", "down_proj")]
+        keys = [expert_key(layer, expert, p, family=family) for p in ("gate_proj", "up_proj", "down_proj")]
         if any(not torch.equal(experts[k], base[k]) for k in keys):
             changed.append(item)
     return changed
@@ -216,13 +221,14 @@ def compose(
     model, location = load_version_base(library, first, base_dir=base_dir)
     states = {r.name: library.load_experts(r) for r in records}
     changed = {}
+    family = family_of(str(model.config.model_type))  # library keys are the family's saved names
     for record in records:
         base = read_experts(model, record.experts_by_layer)
-        changed[record.name] = _changed(record, states[record.name], base)
+        changed[record.name] = _changed(record, states[record.name], base, family=family)
     owners = _owners(changed, precedence, {r.name: r.domain for r in records})
     for item, name in owners.items():
         layer, expert = (int(x) for x in item.split("."))
-        keys = [expert_key(layer, expert, p) for p in ("gate_proj", "up_proj", "down_proj")]
+        keys = [expert_key(layer, expert, p, family=family) for p in ("gate_proj", "up_proj", "down_proj")]
         write_experts(model, {k: states[name][k] for k in keys})
     logger.info(
         "composed lanes=%s experts=%d base=%s", ",".join(r.name for r in records), len(owners), location

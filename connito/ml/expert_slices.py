@@ -30,7 +30,7 @@ from torch.nn.utils import parametrize
 
 from connito.errors import ConfigError
 from connito.ml.distributed import write_rows_
-from connito.ml.moe import MoELayer, expert_key, moe_layers
+from connito.ml.moe import MoELayer, down_linear, moe_layers, split_gate_up
 from connito.ml.subset import SubsetModel, check_selection
 
 __all__ = [
@@ -87,6 +87,7 @@ class ExpertSlice:
     slots: tuple[int, ...]  # rows in the fused tensor
     expert_ids: tuple[int, ...]  # original expert ids of those rows (== slots in full residency)
     master: nn.Parameter
+    layer_view: MoELayer  # the layer, for its fused layout and its family's expert keys
 
     @property
     def name(self) -> str:
@@ -147,6 +148,7 @@ def make_slices(
                     slots=slots[layer_index],
                     expert_ids=chosen[layer_index],
                     master=master,
+                    layer_view=layer,
                 )
             )
     return slices
@@ -176,12 +178,15 @@ def trained_experts(slices: list[ExpertSlice]) -> dict[str, torch.Tensor]:
     """Each expert from its masters cast to the model dtype: the bits its fused rows hold."""
     state: dict[str, torch.Tensor] = {}
     for item in slices:
-        rows = item.master.detach().to(item.fused.dtype)  # (n, 2*I, H) or (n, H, I)
+        rows = item.master.detach().to(item.fused.dtype)  # (n, 2*I, H) or (n, H, I), or transposed
+        layer = item.layer_view
         for row, expert in zip(rows, item.expert_ids, strict=True):
             if item.tensor == "down_proj":
-                state[expert_key(item.layer, expert, "down_proj")] = row.clone()
-            else:  # gate rows first (transformers 5 fused layout)
-                gate, up = row.chunk(2, dim=0)
-                state[expert_key(item.layer, expert, "gate_proj")] = gate.clone()
-                state[expert_key(item.layer, expert, "up_proj")] = up.clone()
+                state[layer.key(expert, "down_proj")] = down_linear(layer, row).clone(
+                    memory_format=torch.contiguous_format
+                )
+            else:  # the family's fused layout, split as connito.ml.moe reads it
+                gate, up = split_gate_up(layer, row)
+                state[layer.key(expert, "gate_proj")] = gate.clone(memory_format=torch.contiguous_format)
+                state[layer.key(expert, "up_proj")] = up.clone(memory_format=torch.contiguous_format)
     return dict(sorted(state.items()))

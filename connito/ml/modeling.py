@@ -16,8 +16,8 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from connito.config import ModelConfig
-from connito.errors import ConfigError, UnsupportedModelError
-from connito.ml.moe import SUPPORTED_MODEL_TYPES
+from connito.errors import ConfigError
+from connito.ml.moe import check_model_type
 
 logger = logging.getLogger(__name__)
 
@@ -31,10 +31,7 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
 
 
 def _check_supported(model_type: str) -> None:
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise UnsupportedModelError(
-            f"model_type={model_type}: no MoE adapter (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
-        )
+    check_model_type(model_type)
 
 
 def build_model(model_cfg: ModelConfig) -> PreTrainedModel:
@@ -65,22 +62,30 @@ def load_model(path_or_id: str | Path, model_cfg: ModelConfig) -> PreTrainedMode
 
     Raises:
         ConfigError: the id is unknown, unreachable or gated, or the folder holds no model.
-        UnsupportedModelError: its model_type has no MoE adapter.
+        UnsupportedModelError: the family is refused, read from ``config.json`` before any weights.
     """
     kwargs = {"dtype": TORCH_DTYPES[model_cfg.dtype], "trust_remote_code": False}
     if model_cfg.experts_implementation is not None:
         kwargs["experts_implementation"] = model_cfg.experts_implementation
+    source: dict = {"trust_remote_code": False}
     if not Path(path_or_id).exists():
-        kwargs["revision"] = model_cfg.revision
+        source["revision"] = model_cfg.revision
+    kwargs.update(source)
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path_or_id), **kwargs)
-    except (OSError, ValueError) as exc:  # unknown or unreachable id, gated repo, no weights: one line
-        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ConfigError(
-            f"cannot load model {path_or_id}@{model_cfg.revision}: {first_line}", field="model.id"
-        ) from None
-    _check_supported(model.config.model_type)
+        hf_config = AutoConfig.from_pretrained(str(path_or_id), **source)  # the family, before any weights
+    except (OSError, ValueError) as exc:  # unknown or unreachable id, gated repo: one line
+        raise _unloadable(path_or_id, model_cfg, exc) from None
+    _check_supported(hf_config.model_type)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path_or_id), config=hf_config, **kwargs)
+    except (OSError, ValueError) as exc:  # no weights, a damaged shard: one line
+        raise _unloadable(path_or_id, model_cfg, exc) from None
     return model.eval()
+
+
+def _unloadable(path_or_id: str | Path, model_cfg: ModelConfig, exc: Exception) -> ConfigError:
+    first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return ConfigError(f"cannot load model {path_or_id}@{model_cfg.revision}: {first_line}", field="model.id")
 
 
 def token_loss(

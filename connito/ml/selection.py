@@ -32,6 +32,8 @@ __all__ = [
     "compute_differential_scores",
     "select_layer",
     "select_experts",
+    "selection_from_scores",
+    "rederive_selection",
 ]
 
 logger = logging.getLogger(__name__)
@@ -162,26 +164,22 @@ def compute_token_ratios(stats: RoutingStats) -> dict[int, torch.Tensor]:
 
 
 def compute_gate_scores(stats: RoutingStats) -> dict[int, torch.Tensor]:
-    """ESFT-Gate, normalised per layer: g_e = gate_sum_e / sum_e' gate_sum_e' (sums to 1 per layer).
+    """ESFT-Gate: g_e = gate_sum_e / tokens, the routing weight expert e gets, averaged over tokens.
 
-    The paper's average gate score sums to the mean routed mass per token. That mass is 1 for models
-    that renormalise their top-k weights (Mixtral, Qwen3-MoE with ``norm_topk_prob``) but about
-    0.26-0.53 per layer for DeepSeek-V2, which does not, and it is scaled by ``routed_scaling_factor``
-    in DeepSeek-V3. Normalising per layer makes one p mean the same share of routed mass on every
-    model; the ranking, the only other thing the score decides, is unchanged.
+    Not rescaled (paper section 3, p = 0.1): a layer's mean gate scores sum to the mean routed mass
+    per token, 1 for routers that renormalise their top-k weights (Mixtral, Qwen3-MoE with
+    ``norm_topk_prob``) but 0.26-0.53 on DeepSeek-V2-Lite, which does not, so there the rule picks
+    the experts that carry p of the *whole* token (more experts than rescaling to 1 would).
 
     Raises:
-        ConfigError: a layer saw no tokens or routed no gate mass.
+        ConfigError: a layer saw no tokens or a non-finite gate sum.
     """
     scores: dict[int, torch.Tensor] = {}
     for layer, gate_sum in stats.gate_sums.items():
-        _tokens(stats, layer)
         total = float(gate_sum.sum())
-        if not total > 0 or not math.isfinite(total):
-            raise ConfigError(
-                f"layer {layer}: gate mass must be finite and > 0, got {total}", field="selection"
-            )
-        scores[layer] = gate_sum / total  # (E,)
+        if not math.isfinite(total):
+            raise ConfigError(f"layer {layer}: gate mass must be finite, got {total}", field="selection")
+        scores[layer] = gate_sum / _tokens(stats, layer)  # (E,)
     return scores
 
 
@@ -292,21 +290,56 @@ def select_experts(
     domain: str,
     model_id: str,
     model_revision: str,
+    model_type: str | None = None,
     probe_tokens: dict[str, int] | None = None,
 ) -> ExpertSelection:
     """Score every expert of every MoE layer and pick each layer's experts by ``config``.
 
     ``config.method`` picks the score (``token_ratio``, ``gate_score`` or ``differential``, which
     needs ``general_stats``); ``config.threshold`` is p. The sealed record keeps every expert's
-    ranking score, so a token_ratio or gate_score choice can be re-derived from the record with
-    ``select_layer``; a differential record keeps the differential scores, and re-deriving it also
-    needs the domain token shares (the ``mass``), which the record does not hold. ``probe_tokens`` defaults
+    ranking score (and, for differential, the domain token shares summed against p), so every
+    choice can be re-derived from the record alone (``rederive_selection``). ``probe_tokens`` defaults
     to the token counts of the stats (``{"domain": N}`` plus ``"general": M`` when given).
 
     Raises:
         ConfigError: differential without ``general_stats``, mismatched probes, or no probed tokens.
     """
     ranking, mass = _method_scores(config.method, domain_stats, general_stats)
+    return selection_from_scores(
+        ranking,
+        mass,
+        config=config,
+        domain=domain,
+        model_id=model_id,
+        model_revision=model_revision,
+        model_type=model_type,
+        probe_tokens=probe_tokens if probe_tokens is not None else _probe_tokens(domain_stats, general_stats),
+    )
+
+
+def _probe_tokens(domain_stats: RoutingStats, general_stats: RoutingStats | None) -> dict[str, int]:
+    tokens = {"domain": max(domain_stats.tokens.values(), default=0)}
+    if general_stats is not None:
+        tokens["general"] = max(general_stats.tokens.values(), default=0)
+    return tokens
+
+
+def selection_from_scores(
+    ranking: Mapping[int, torch.Tensor],
+    mass: Mapping[int, torch.Tensor],
+    *,
+    config: SelectionConfig,
+    domain: str,
+    model_id: str,
+    model_revision: str,
+    model_type: str | None,
+    probe_tokens: dict[str, int],
+) -> ExpertSelection:
+    """Apply ``config``'s rule to per-layer scores (probed here or read from a score file) and seal it.
+
+    The record keeps the scores the rule was applied to and, where it differs (differential), the
+    mass summed against p, so ``rederive_selection`` can check it from the record alone.
+    """
     p = config.threshold
     layers: list[LayerSelection] = []
     for layer in sorted(ranking):
@@ -318,16 +351,14 @@ def select_experts(
             mass=mass[layer],
         )
         scores = tuple(float(v) for v in ranking[layer].tolist())
-        layers.append(LayerSelection(layer=layer, experts=tuple(experts), scores=scores))
+        shares = None if mass[layer] is ranking[layer] else tuple(float(v) for v in mass[layer].tolist())
+        layers.append(LayerSelection(layer=layer, experts=tuple(experts), scores=scores, mass=shares))
         logger.debug("selection layer=%d experts=%s", layer, experts)
-    if probe_tokens is None:
-        probe_tokens = {"domain": max(domain_stats.tokens.values(), default=0)}
-        if general_stats is not None:
-            probe_tokens["general"] = max(general_stats.tokens.values(), default=0)
     selection = ExpertSelection(
         domain=domain,
         model_id=model_id,
         model_revision=model_revision,
+        model_type=model_type,
         method=config.method,
         p=p,
         min_experts_per_layer=config.min_experts_per_layer,
@@ -345,3 +376,23 @@ def select_experts(
         selection.digest[:12],
     )
     return selection
+
+
+def rederive_selection(selection: ExpertSelection) -> list[str]:
+    """Apply the record's own rule to its recorded scores; one line per layer whose choice differs.
+
+    Empty when every layer's experts are what ``select_layer`` gives for the recorded scores (and,
+    for a differential record, the recorded domain shares), p and bounds.
+    """
+    problems = []
+    for entry in selection.layers:
+        expected = select_layer(
+            entry.scores,
+            p=selection.p,
+            min_experts=selection.min_experts_per_layer,
+            max_experts=selection.max_experts_per_layer,
+            mass=entry.mass,
+        )
+        if list(entry.experts) != expected:
+            problems.append(f"layer {entry.layer}: experts {list(entry.experts)}, the rule gives {expected}")
+    return problems

@@ -17,7 +17,16 @@ from connito.config import DomainConfig
 from connito.errors import ConfigError
 from connito.fsutil import atomic_write
 
-__all__ = ["LayerSelection", "ExpertSelection", "load_selection", "load_domain_selection", "save_selection"]
+__all__ = [
+    "LayerSelection",
+    "ExpertSelection",
+    "LayerScores",
+    "ScoreFile",
+    "load_selection",
+    "load_domain_selection",
+    "load_score_file",
+    "save_selection",
+]
 
 SELECTION_SCHEMA_VERSION: Final = 1
 
@@ -31,7 +40,13 @@ class LayerSelection(_Strict):
 
     layer: int = Field(ge=0)
     experts: tuple[int, ...] = Field(min_length=1, description="selected expert ids, ascending")
-    scores: tuple[float, ...] = Field(description="per-expert relevance score, index = expert id")
+    scores: tuple[float, ...] = Field(
+        description="per-expert score the rule ranked by, index = expert id (token ratio, mean gate score, or differential)"
+    )
+    mass: tuple[float, ...] | None = Field(
+        None,
+        description="per-expert share summed against p when it is not the score (differential: domain token ratio)",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> LayerSelection:
@@ -39,6 +54,10 @@ class LayerSelection(_Strict):
             raise ValueError(f"layer {self.layer}: experts must be unique and ascending")
         if any(e < 0 or e >= len(self.scores) for e in self.experts):
             raise ValueError(f"layer {self.layer}: expert id out of range 0..{len(self.scores) - 1}")
+        if self.mass is not None and len(self.mass) != len(self.scores):
+            raise ValueError(
+                f"layer {self.layer}: mass has {len(self.mass)} entries, scores {len(self.scores)}"
+            )
         return self
 
 
@@ -49,6 +68,10 @@ class ExpertSelection(_Strict):
     domain: str
     model_id: str
     model_revision: str
+    model_type: str | None = Field(
+        None,
+        description="the base model's transformers model_type; expert keys follow its save_pretrained names",
+    )
     method: Literal["token_ratio", "gate_score", "differential"]
     p: float = Field(gt=0, le=1)
     min_experts_per_layer: int = Field(ge=1)
@@ -61,7 +84,13 @@ class ExpertSelection(_Strict):
 
     def content_digest(self) -> str:
         """sha256 of the canonical JSON of every field but ``digest``."""
+        # fields added later are left out while unset, so older records keep the digest they were sealed with
         body = self.model_dump(mode="json", exclude={"digest"})
+        if self.model_type is None:
+            del body["model_type"]
+        for layer in body["layers"]:
+            if layer["mass"] is None:
+                del layer["mass"]
         return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
     def sealed(self) -> ExpertSelection:
@@ -76,6 +105,45 @@ class ExpertSelection(_Strict):
     @property
     def num_selected(self) -> int:
         return sum(len(entry.experts) for entry in self.layers)
+
+
+class LayerScores(_Strict):
+    """One MoE layer's expert scores, probed elsewhere (``connito select --from-scores``)."""
+
+    layer: int = Field(ge=0)
+    scores: tuple[float, ...] = Field(
+        min_length=1, description="per-expert score to rank by, index = expert id"
+    )
+    mass: tuple[float, ...] | None = Field(
+        None, description="per-expert share summed against p; required for differential, else the scores"
+    )
+
+
+class ScoreFile(_Strict):
+    """Per-layer expert scores an owner computed with another probe, to select from with connito's rule."""
+
+    schema_version: Literal[1] = 1
+    method: Literal["token_ratio", "gate_score", "differential"]
+    probe_tokens: dict[str, int] = Field(description="tokens probed per dataset, e.g. {domain: N}")
+    layers: tuple[LayerScores, ...] = Field(min_length=1)
+
+
+def load_score_file(path: str | Path) -> ScoreFile:
+    """Read a score file (JSON).
+
+    Raises:
+        ConfigError: unreadable or malformed, naming the first bad field.
+    """
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read: {exc}", path=str(path)) from None
+    try:
+        return ScoreFile.model_validate_json(raw)
+    except ValidationError as exc:
+        err = exc.errors(include_url=False)[0]
+        field = ".".join(str(x) for x in err["loc"]) or "<root>"
+        raise ConfigError(err["msg"], path=str(path), field=field) from None
 
 
 def save_selection(selection: ExpertSelection, path: str | Path) -> None:

@@ -10,11 +10,13 @@ back to canonical keys. Building a subset never holds a second copy of all exper
 (``connito.ml.subset_loading``) only the selected tensors are read. Both fill the skeleton of
 ``connito.ml.subset_skeleton``.
 
-Routing in the subset is an approximation of the full model's, by construction: the router's
-softmax (or sigmoid) runs over the selected experts only, top-k becomes ``min(k, selected)``,
-and grouped routing is made ungrouped (DeepSeek-V2 ``topk_method="greedy"``; DeepSeek-V3 picks
-the top-k of ``sigmoid + e_score_correction_bias`` over the selected experts with no group
-limit), because the original groups are meaningless once most of their experts are gone.
+Routing in a layer that keeps only some experts is an approximation of the full model's, by
+construction: the router's softmax (or sigmoid) runs over the selected experts only, top-k
+becomes ``min(k, selected)``, and grouped routing is made ungrouped (DeepSeek-V2
+``topk_method="greedy"``; DeepSeek-V3, GLM-4.5 and dots1 pick the top-k of ``sigmoid +
+e_score_correction_bias`` over the selected experts with no group limit), because the original
+groups are meaningless once most of their experts are gone. A layer with every expert resident
+keeps the base routing, groups included, so it computes exactly what the base model does.
 
 May import: connito.errors, connito.ml.moe, connito.ml.subset_skeleton.
 """
@@ -29,8 +31,15 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from connito.errors import ConfigError
-from connito.ml.moe import expert_key, moe_layers, read_expert, write_experts
-from connito.ml.subset_skeleton import build_skeleton, copy_into, install_layer, router_row_names, subset_keys
+from connito.ml.moe import moe_layers, read_expert, write_experts
+from connito.ml.subset_skeleton import (
+    build_skeleton,
+    copy_into,
+    expert_indexed,
+    install_layer,
+    router_grouping,
+    subset_keys,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -143,27 +152,27 @@ def extract_subset(full_model: PreTrainedModel, selection: dict[int, list[int]])
         index = torch.tensor(chosen[layer.index], device=reference.device)
         with torch.no_grad():
             rows = {
-                name: getattr(full.router, name).detach().index_select(0, index)
-                for name in router_row_names(full.router, full.num_experts)
+                name: getattr(module, attr).detach().index_select(dim, index)
+                for name, (module, attr, dim) in expert_indexed(full, full.num_experts).items()
             }
-            install_layer(
-                layer,
-                gate_up=full.gate_up_proj.detach().index_select(0, index),
-                down=full.down_proj.detach().index_select(0, index),
-                router_rows=rows,
-                top_k=full.top_k,
-            )
+        install_layer(
+            layer,
+            rows=rows,
+            top_k=full.top_k,
+            grouping=router_grouping(full.router),
+            complete=len(chosen[layer.index]) == full.num_experts,
+        )
     logger.info("subset extracted experts=%d layers=%d", sum(map(len, chosen.values())), len(chosen))
     return SubsetModel(model=subset, expert_ids=chosen, full_num_experts=num_experts)
 
 
 def subset_expert_state(subset: SubsetModel) -> dict[str, torch.Tensor]:
-    """Copies of every resident expert under its canonical key with its ORIGINAL expert id."""
+    """Copies of every resident expert under its family key with its ORIGINAL expert id."""
     state: dict[str, torch.Tensor] = {}
     for layer in moe_layers(subset.model):
         for slot, expert in enumerate(subset.expert_ids[layer.index]):
             for projection, tensor in read_expert(layer, slot).items():
-                state[expert_key(layer.index, expert, projection)] = tensor
+                state[layer.key(expert, projection)] = tensor
     return state
 
 

@@ -25,16 +25,17 @@ from torch import nn
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
 from connito.config import ModelConfig
-from connito.errors import ConfigError
+from connito.errors import ConfigError, UnsupportedModelError
 from connito.ml.modeling import TORCH_DTYPES
-from connito.ml.moe import PROJECTIONS, MoELayer, expert_key, moe_layers
+from connito.ml.moe import PROJECTIONS, MoELayer, check_model_type, expert_key, moe_layers
+from connito.ml.moe_families import Family
 from connito.ml.subset import SubsetModel, check_covers_every_layer, check_selection
 from connito.ml.subset_skeleton import (
     EXPERT_COUNT_FIELDS,
     build_skeleton,
     copy_into,
+    expert_indexed,
     install_layer,
-    router_row_names,
     subset_keys,
 )
 
@@ -52,8 +53,9 @@ _DISK_PROJECTION = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 class _Checkpoint:
     """Lazy reader over a ``save_pretrained`` folder (single file or sharded with an index)."""
 
-    def __init__(self, folder: Path, stack: ExitStack) -> None:
+    def __init__(self, folder: Path, stack: ExitStack, config: PretrainedConfig) -> None:
         self.folder = folder
+        self.config = config
         index_path = folder / "model.safetensors.index.json"
         if index_path.exists():
             weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
@@ -75,15 +77,19 @@ class _Checkpoint:
     def get(self, key: str) -> torch.Tensor:
         return self._where[key].get_tensor(key)
 
-    def rows(self, key: str, index: tuple[int, ...]) -> torch.Tensor:
-        """Rows ``index`` of a tensor, reading only those rows from disk."""
+    def rows(self, key: str, index: tuple[int, ...], *, dim: int = 0) -> torch.Tensor:
+        """Entries ``index`` of a tensor along ``dim``, reading only those rows from disk."""
+        if dim != 0:  # small router-side tensors (ERNIE's (1, E) correction bias)
+            return self.get(key).index_select(dim, torch.tensor(index))
         part = self._where[key].get_slice(key)
         return torch.cat([part[e : e + 1] for e in index], dim=0)
 
 
-def _model_key(disk_key: str) -> str:
+def _model_key(disk_key: str, family: Family) -> str:
     """The in-memory name of a checkpoint tensor (Mixtral's checkpoint says ``block_sparse_moe``)."""
-    return re.sub(r"^(model\.layers\.\d+)\.block_sparse_moe\.", r"\1.mlp.", disk_key)
+    if family.disk_block is None:
+        return disk_key
+    return re.sub(rf"^(model\.layers\.\d+)\.{family.disk_block}\.", r"\1.mlp.", disk_key)
 
 
 def _disk_experts(keys: Iterable[str]) -> dict[tuple[int, int, str], str]:
@@ -97,14 +103,10 @@ def _disk_experts(keys: Iterable[str]) -> dict[tuple[int, int, str], str]:
     return found
 
 
-def _read_expert_rows(
+def _per_expert_rows(
     checkpoint: _Checkpoint, layer: int, experts: tuple[int, ...]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(gate_up (n, 2*I, H), down (n, H, I))`` of the given experts, read from disk."""
-    fused_gate_up = f"model.layers.{layer}.mlp.experts.gate_up_proj"
-    if fused_gate_up in checkpoint.keys():  # saved with save_original_format=False
-        down_key = f"model.layers.{layer}.mlp.experts.down_proj"
-        return checkpoint.rows(fused_gate_up, experts), checkpoint.rows(down_key, experts)
+) -> dict[str, torch.Tensor]:
+    """``experts.gate_up_proj (n, 2*I, H)`` and ``experts.down_proj (n, H, I)`` from per-expert keys."""
     gate_up, down = [], []
     for expert in experts:
         try:
@@ -116,7 +118,18 @@ def _read_expert_rows(
             ) from None
         gate_up.append(torch.cat([gate, up], dim=0))
         down.append(dn)
-    return torch.stack(gate_up), torch.stack(down)
+    return {"experts.gate_up_proj": torch.stack(gate_up), "experts.down_proj": torch.stack(down)}
+
+
+def _disk_key(checkpoint: _Checkpoint, layer: MoELayer, name: str) -> str:
+    """The checkpoint key of block tensor ``name`` (Mixtral's checkpoint says ``block_sparse_moe``)."""
+    blocks = [layer.block_name, *([layer.family.disk_block] if layer.family.disk_block else [])]
+    for block in blocks:
+        key = f"model.layers.{layer.index}.{block}.{name}"
+        if key in checkpoint.keys():
+            return key
+    key = f"model.layers.{layer.index}.{layer.block_name}.{name}"
+    raise ConfigError("tensor not in the checkpoint", path=str(checkpoint.folder), field=key)
 
 
 def _resolve_config(
@@ -152,56 +165,64 @@ def _check_all_filled(model: nn.Module, filled: set[str], *, where: str) -> None
         raise ConfigError(f"{len(missing)} tensors missing, first {missing[0]}", path=where, field=missing[0])
 
 
-def _router_disk_key(checkpoint: _Checkpoint, layer: int, name: str) -> str:
-    for block in ("mlp", "block_sparse_moe"):
-        key = f"model.layers.{layer}.{block}.gate.{name}"
-        if key in checkpoint.keys():
-            return key
-    key = f"model.layers.{layer}.mlp.gate.{name}"
-    raise ConfigError("router tensor not in the checkpoint", path=str(checkpoint.folder), field=key)
-
-
 def _load_non_experts(subset: PreTrainedModel, checkpoint: _Checkpoint) -> None:
     """Copy every tensor but the experts and router rows from disk; fail if one is missing."""
     owned = subset_keys(subset)
+    family = moe_layers(subset)[0].family
     targets = {k: t for k, t in subset.state_dict(keep_vars=True).items() if k not in owned}
     filled = set(owned)
     for disk_key in checkpoint.keys():
-        key = _model_key(disk_key)
+        key = _model_key(disk_key, family)
         if key in targets:
             copy_into(targets[key], checkpoint.get(disk_key), key=key, where=str(checkpoint.folder))
             filled.add(key)
     _check_all_filled(subset, filled, where=str(checkpoint.folder))
 
 
-def _load_layer(checkpoint: _Checkpoint, layer: MoELayer, experts: tuple[int, ...], *, top_k: int) -> None:
+def _load_layer(
+    checkpoint: _Checkpoint, layer: MoELayer, experts: tuple[int, ...], *, top_k: int, num_experts: int
+) -> None:
     """Install the experts ``experts`` of ``layer`` and their router rows, read from disk."""
-    gate_up, down = _read_expert_rows(checkpoint, layer.index, experts)
-    like = layer.gate_up_proj  # (1, 2*I, H) in the skeleton
-    expected = {
-        "gate_up_proj": (len(experts), *like.shape[1:]),
-        "down_proj": (len(experts), *layer.down_proj.shape[1:]),
-    }
-    for name, tensor in (("gate_up_proj", gate_up), ("down_proj", down)):
-        if tuple(tensor.shape) != expected[name]:
-            field = f"model.layers.{layer.index}.mlp.experts.{name}"
+    targets = expert_indexed(layer, 1)
+    rows: dict[str, torch.Tensor] = {}
+    if (layer.index, experts[0], "gate_proj") in checkpoint.expert_keys:  # save_pretrained's per-expert keys
+        rows.update(_per_expert_rows(checkpoint, layer.index, experts))
+    for name, (module, attr, dim) in targets.items():
+        if name not in rows:
+            rows[name] = checkpoint.rows(_disk_key(checkpoint, layer, name), experts, dim=dim)
+        like = getattr(module, attr)
+        expected = tuple(like.shape[:dim]) + (len(experts),) + tuple(like.shape[dim + 1 :])
+        if tuple(rows[name].shape) != expected:
+            field = f"model.layers.{layer.index}.{layer.block_name}.{name}"
             raise ConfigError(
-                f"shape {tuple(tensor.shape)}, expected {expected[name]}",
+                f"shape {tuple(rows[name].shape)}, expected {expected}",
                 path=str(checkpoint.folder),
                 field=field,
             )
-    router_rows = {}
-    for name in router_row_names(layer.router, 1):
-        rows = checkpoint.rows(_router_disk_key(checkpoint, layer.index, name), experts)
-        reference = getattr(layer.router, name)
-        router_rows[name] = rows.to(device=reference.device, dtype=reference.dtype)
+        rows[name] = rows[name].to(device=like.device, dtype=like.dtype)
     install_layer(
         layer,
-        gate_up=gate_up.to(device=like.device, dtype=like.dtype),
-        down=down.to(device=like.device, dtype=like.dtype),
-        router_rows=router_rows,
+        rows=rows,
         top_k=top_k,
+        grouping=_grouping(layer, checkpoint),
+        complete=len(experts) == num_experts,
     )
+
+
+def _grouping(layer: MoELayer, checkpoint: _Checkpoint) -> dict[str, object]:
+    """The base router's group attributes, from the config the skeleton was given back."""
+    config = checkpoint.config
+    names = {
+        "num_group": "n_group",
+        "n_group": "n_group",
+        "topk_group": "topk_group",
+        "topk_method": "topk_method",
+    }
+    return {
+        attr: getattr(config, field)
+        for attr, field in names.items()
+        if hasattr(layer.router, attr) and getattr(config, field, None) is not None
+    }
 
 
 def load_subset_model(
@@ -223,19 +244,33 @@ def load_subset_model(
     Raises:
         ConfigError: the folder has no safetensors weights, lacks a tensor, has a wrong shape, or
             the selection does not fit the model.
+        UnsupportedModelError: the family is refused, or its checkpoint names are not read here
+            (``Family.disk_subset``).
     """
     folder = Path(model_dir)
     hf_config, resolved_dtype = _resolve_config(folder, model_cfg, dtype)
+    family = check_model_type(str(hf_config.model_type))
+    if not family.disk_subset:
+        raise UnsupportedModelError(
+            f"model_type={family.model_type}: a subset cannot be read from its checkpoint yet (save_pretrained "
+            "renames its tensors); load the model and use extract_subset, or residency: full"
+        )
     subset = build_skeleton(hf_config, dtype=resolved_dtype, device=torch.device(device))
     layers = moe_layers(subset)
     num_experts = {layer.index: _expert_count(hf_config) for layer in layers}
     chosen = check_selection(selection, num_experts)
     check_covers_every_layer(chosen, num_experts)
     with ExitStack() as stack:
-        checkpoint = _Checkpoint(folder, stack)
+        checkpoint = _Checkpoint(folder, stack, hf_config)
         _load_non_experts(subset, checkpoint)
         for layer in layers:
-            _load_layer(checkpoint, layer, chosen[layer.index], top_k=layer.top_k)
+            _load_layer(
+                checkpoint,
+                layer,
+                chosen[layer.index],
+                top_k=layer.top_k,
+                num_experts=num_experts[layer.index],
+            )
     logger.info(
         "subset loaded path=%s experts=%d layers=%d", folder, sum(map(len, chosen.values())), len(chosen)
     )

@@ -1,9 +1,11 @@
 """Shaping a transformers model into a subset model: the skeleton and the experts put into it.
 
 A skeleton is the base model with one routed expert per MoE layer and no routing groups;
-``install_layer`` then gives a layer exactly the selected experts' rows and router rows, and
-makes its router pick among them only (the routing approximation ``connito.ml.subset`` states).
-The two subset builders, ``connito.ml.subset.extract_subset`` (from memory) and
+``install_layer`` then gives a layer exactly the selected experts' rows (of every expert-indexed
+tensor: fused weights, expert biases, router weight and bias, correction biases) and makes its
+router pick among them only (the routing approximation ``connito.ml.subset`` states). A layer
+whose every expert is resident keeps the base model's routing exactly, groups included. The two
+subset builders, ``connito.ml.subset.extract_subset`` (from memory) and
 ``connito.ml.subset_loading.load_subset_model`` (from disk), fill a skeleton through this room.
 
 May import: connito.errors, connito.ml.moe.
@@ -25,22 +27,28 @@ from connito.ml.moe import MoELayer, moe_layers
 
 __all__ = [
     "EXPERT_COUNT_FIELDS",
+    "GROUP_FIELDS",
     "build_skeleton",
     "install_layer",
-    "router_row_names",
+    "expert_indexed",
     "subset_keys",
     "copy_into",
 ]
 
 # Config fields (or aliases) that hold the routed-expert count, across the supported families.
 EXPERT_COUNT_FIELDS: tuple[str, ...] = ("num_experts", "num_local_experts", "n_routed_experts")
+# Config fields of grouped routing (DeepSeek-V2/V3, GLM-4.5, dots1), restored after the skeleton.
+GROUP_FIELDS: tuple[str, ...] = ("n_group", "topk_group", "topk_method")
+# Router/block attributes that count experts or hold top-k, rewritten per layer.
+_COUNT_ATTRS: tuple[str, ...] = ("num_experts", "num_local_experts", "n_routed_experts")
+_GROUP_ATTRS: tuple[str, ...] = ("num_group", "n_group", "topk_group", "topk_method")
 
 
 def _skeleton_config(hf_config: PretrainedConfig) -> PretrainedConfig:
     """A copy of ``hf_config`` with one routed expert per layer and no routing groups."""
     config = copy.deepcopy(hf_config)
     for name in EXPERT_COUNT_FIELDS:
-        if hasattr(config, name):
+        if isinstance(getattr(config, name, None), int):
             setattr(config, name, 1)
     for name in ("n_group", "topk_group"):
         if getattr(config, name, None) is not None:
@@ -66,14 +74,43 @@ def build_skeleton(
         kwargs["experts_implementation"] = experts_implementation
     with no_init_weights(), torch.device(device):
         model = AutoModelForCausalLM.from_config(_skeleton_config(hf_config), dtype=dtype, **kwargs)
-    for name in (*EXPERT_COUNT_FIELDS, "n_group", "topk_group", "topk_method"):
+    for name in (*EXPERT_COUNT_FIELDS, *GROUP_FIELDS):
         if hasattr(hf_config, name):
             setattr(model.config, name, getattr(hf_config, name))
     return model.eval()
 
 
+def expert_indexed(layer: MoELayer, num_experts: int) -> dict[str, tuple[nn.Module, str, int]]:
+    """Every tensor of ``layer``'s block indexed by expert: ``name -> (owner module, attr, dim)``.
+
+    Names are relative to the block (``experts.gate_up_proj``, ``gate.weight``,
+    ``gate.e_score_correction_bias``, ``expert_bias``). Experts tensors are indexed on dim 0; router
+    side tensors (outside the experts and shared modules) on their last dim of size E, which
+    covers ERNIE's ``(1, E)`` correction bias.
+    """
+    found: dict[str, tuple[nn.Module, str, int]] = {}
+    shared = {id(module) for module in layer.shared}
+    stack: list[tuple[str, nn.Module]] = [("", layer.block)]
+    while stack:
+        prefix, module = stack.pop()
+        if id(module) in shared:
+            continue
+        own = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+        for attr, tensor in own:
+            if tensor is None or tensor.dim() == 0:
+                continue
+            if module is layer.experts:
+                dims = [0] if tensor.shape[0] == num_experts else []
+            else:
+                dims = [d for d in range(tensor.dim()) if tensor.shape[d] == num_experts]
+            if dims:
+                found[prefix + attr] = (module, attr, dims[-1])
+        stack.extend((f"{prefix}{name}.", child) for name, child in module.named_children())
+    return found
+
+
 def _ungrouped_sigmoid_router_forward(self: Any, hidden_states: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """DeepSeek-V3 routing over the subset without group limits (transformers 5.23 math otherwise).
+    """DeepSeek-V3 / GLM-4.5 / dots1 routing over a partial subset, without group limits.
 
     With one group the original forward is the same function, except that it takes a top-2 inside
     each group, which fails for a layer with a single selected expert.
@@ -92,57 +129,70 @@ def _ungrouped_sigmoid_router_forward(self: Any, hidden_states: torch.Tensor) ->
     return router_logits, topk_weights, topk_indices
 
 
+def _set_counts(layer: MoELayer, count: int, top_k: int) -> None:
+    """Rewrite every module's expert count and top-k: the architectures read them in forward."""
+    for module in (layer.block, layer.experts, *layer.router.modules()):
+        target: Any = module
+        for attr in _COUNT_ATTRS:
+            if isinstance(getattr(target, attr, None), int):
+                setattr(target, attr, count)
+        if isinstance(getattr(target, "top_k", None), int):
+            target.top_k = min(top_k, count)
+
+
 def install_layer(
     layer: MoELayer,
     *,
-    gate_up: torch.Tensor,  # (n, 2*I, H)
-    down: torch.Tensor,  # (n, H, I)
-    router_rows: dict[str, torch.Tensor],  # router param/buffer name -> (n, ...) rows
+    rows: dict[str, torch.Tensor],  # expert_indexed name -> the n resident experts' slices
     top_k: int,
+    grouping: dict[str, Any],  # the base router's group attributes (num_group, topk_group, topk_method)
+    complete: bool,  # every expert of the base layer is resident
 ) -> None:
-    """Make ``layer`` (of a skeleton) hold exactly these ``n`` experts and route only among them."""
-    count = int(gate_up.shape[0])
-    # the architectures' own attributes, rewritten in place: typed by the model class, not nn.Module
-    experts: Any = layer.experts
-    router: Any = layer.router
-    block: Any = layer.block
-    experts.gate_up_proj = nn.Parameter(gate_up)
-    experts.down_proj = nn.Parameter(down)
-    experts.num_experts = count
-    for name, rows in router_rows.items():
-        if name in router._parameters:
-            setattr(router, name, nn.Parameter(rows, requires_grad=router._parameters[name].requires_grad))
+    """Make ``layer`` (of a skeleton) hold exactly these experts and route only among them.
+
+    A complete layer gets the base router's grouping back, so its routing is the base model's
+    exactly; a partial layer routes greedily over the resident experts (groups are meaningless
+    once most of their experts are gone).
+    """
+    targets = expert_indexed(layer, 1)
+    if set(rows) != set(targets):
+        raise ConfigError(f"expert tensors {sorted(rows)}, expected {sorted(targets)}", field="selection")
+    for name, tensor in rows.items():
+        module, attr, _dim = targets[name]
+        if attr in module._parameters:
+            old = module._parameters[attr]
+            module._parameters[attr] = nn.Parameter(
+                tensor, requires_grad=bool(old is not None and old.requires_grad)
+            )
         else:
-            router._buffers[name] = rows
-    router.num_experts = count
-    router.top_k = min(top_k, count)
-    if hasattr(block, "top_k"):  # Mixtral keeps a copy on the block
-        block.top_k = router.top_k
+            module._buffers[attr] = tensor
+    count = int(layer.gate_up_proj.shape[0])
+    _set_counts(layer, count, top_k)
+    router: Any = layer.router
+    if complete:
+        for attr, value in grouping.items():
+            setattr(router, attr, value)
+        return
     if hasattr(router, "topk_method"):  # DeepSeek-V2: groups are gone, route greedily
         router.topk_method = "greedy"
     if hasattr(router, "num_group"):
         router.num_group = 1
         router.topk_group = 1
-    if hasattr(router, "e_score_correction_bias"):  # DeepSeek-V3
-        router.forward = types.MethodType(_ungrouped_sigmoid_router_forward, router)
+        if hasattr(router, "e_score_correction_bias"):  # DeepSeek-V3, GLM-4.5, dots1
+            router.forward = types.MethodType(_ungrouped_sigmoid_router_forward, router)
 
 
-def router_row_names(router: nn.Module, num_experts: int) -> list[str]:
-    """Router tensors indexed by expert along dim 0 (``weight``, DeepSeek-V3's correction bias)."""
-    names = [
-        n for n, p in router.named_parameters(recurse=False) if p.dim() >= 1 and p.shape[0] == num_experts
-    ]
-    names += [n for n, b in router.named_buffers(recurse=False) if b.dim() >= 1 and b.shape[0] == num_experts]
-    return names
+def router_grouping(router: nn.Module) -> dict[str, Any]:
+    """The group attributes of a base router, to give back to a complete subset layer."""
+    return {attr: getattr(router, attr) for attr in _GROUP_ATTRS if hasattr(router, attr)}
 
 
 def subset_keys(model: nn.Module) -> set[str]:
-    """State-dict keys of the skeleton that the subset installer owns (experts and router rows)."""
+    """State-dict keys of the skeleton that the subset installer owns (expert-indexed tensors)."""
     owned: set[str] = set()
     for layer in moe_layers(model):
-        prefix = f"model.layers.{layer.index}.mlp"
-        owned |= {f"{prefix}.experts.gate_up_proj", f"{prefix}.experts.down_proj"}
-        owned |= {f"{prefix}.gate.{name}" for name in router_row_names(layer.router, 1)}
+        prefix = f"model.layers.{layer.index}.{layer.block_name}."
+        owned |= {prefix + name for name in expert_indexed(layer, 1)}
     return owned
 
 

@@ -19,6 +19,7 @@ from connito.config import DomainConfig, load_domain_config
 from connito.data import DomainData, build_domain_data
 from connito.fsutil import atomic_write_json
 from connito.ml.document_pools import DocumentPools
+from connito.ml.model_config import check_model_config
 from connito.ml.modeling import build_model, heldout_loss, load_model
 from connito.ml.selection import probe_routing, select_experts
 from connito.ml.selection_record import ExpertSelection, save_selection
@@ -88,6 +89,7 @@ def build_selection(
         domain=config.name,
         model_id=config.model.name,
         model_revision=model_revision,
+        model_type=str(model.config.model_type),
     )
 
 
@@ -102,6 +104,7 @@ def run_select(
 ) -> int:
     """``connito select``: write the selection JSON and print one summary line per layer."""
     config = load_domain_config(config_path)
+    check_model_config(config.model, config_path=config_path, model_dir=model_dir)  # before any weights
     model = load_base_model(config, model_dir, library=library)
     data = build_domain_data(config.data, cache_dir=cache_dir, model=config.model)
     revision = _model_revision(config, model_dir, library)

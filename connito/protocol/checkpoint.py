@@ -39,6 +39,7 @@ from torch import nn
 from connito.errors import ConfigError, InvalidSubmission
 from connito.fsutil import atomic_write, fsync_dir
 from connito.ml.moe import PROJECTIONS, expert_key, expert_shapes, moe_layers, parse_expert_key
+from connito.ml.moe_families import Family, family_of
 from connito.ml.selection_record import ExpertSelection
 from connito.protocol.payload import Encoding, encode_int8_delta
 from connito.protocol.safetensors_header import ST_NAMES, no_duplicates, shown
@@ -53,6 +54,7 @@ __all__ = [
     "ExpertSpec",
     "tensors_digest",
     "selected_keys",
+    "selection_family",
     "expected_expert_specs",
     "write_checkpoint",
 ]
@@ -157,10 +159,16 @@ def _length_prefixed(data: bytes) -> bytes:
     return struct.pack("<Q", len(data)) + data
 
 
+def selection_family(selection: ExpertSelection) -> Family | None:
+    """The MoE family whose saved key names a selection's payload uses (None: the qwen form)."""
+    return None if selection.model_type is None else family_of(selection.model_type)
+
+
 def selected_keys(selection: ExpertSelection) -> list[str]:
-    """Every canonical key a checkpoint for ``selection`` must contain, sorted."""
+    """Every expert key a checkpoint for ``selection`` must contain, sorted (the family's saved names)."""
+    family = selection_family(selection)
     return sorted(
-        expert_key(entry.layer, expert, projection)
+        expert_key(entry.layer, expert, projection, family=family)
         for entry in selection.layers
         for expert in entry.experts
         for projection in PROJECTIONS
@@ -171,10 +179,17 @@ def expected_expert_specs(model: nn.Module, selection: ExpertSelection) -> dict[
     """The shape and dtype of every selected expert tensor, read from the base model.
 
     Raises:
-        ConfigError: the selection names a layer that is not an MoE layer of ``model`` or an
-            expert id beyond the layer's expert count.
+        ConfigError: the selection is for another model_type, names a layer that is not an MoE
+            layer of ``model`` or an expert id beyond the layer's expert count.
     """
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if selection.model_type is not None and selection.model_type != model_type:
+        raise ConfigError(
+            f"selection is for model_type {selection.model_type}, the model is {model_type}",
+            field="model_type",
+        )
     by_index = {layer.index: layer for layer in moe_layers(model)}
+    family = selection_family(selection)
     specs: dict[str, ExpertSpec] = {}
     for entry in selection.layers:
         layer = by_index.get(entry.layer)
@@ -189,7 +204,8 @@ def expected_expert_specs(model: nn.Module, selection: ExpertSelection) -> dict[
         dtypes["down_proj"] = layer.down_proj.dtype
         for expert in entry.experts:
             for projection, shape in expert_shapes(layer).items():
-                specs[expert_key(entry.layer, expert, projection)] = ExpertSpec(shape, dtypes[projection])
+                key = expert_key(entry.layer, expert, projection, family=family)
+                specs[key] = ExpertSpec(shape, dtypes[projection])
     return dict(sorted(specs.items()))
 
 

@@ -41,6 +41,7 @@ from connito.protocol.checkpoint import (
     Manifest,
     expected_expert_specs,
     selected_keys,
+    selection_family,
     tensors_digest,
 )
 from connito.protocol.payload import check_int8_payload, decode_int8_delta, int8_specs, scale_key
@@ -260,8 +261,9 @@ def _infer_specs(
             "dtype", f"dtype {header[keys[0]].dtype}, expected F32, BF16 or F16", key=keys[0]
         )
     specs: dict[str, ExpertSpec] = {}
+    family = selection_family(selection)
     for entry in selection.layers:
-        reference = expert_key(entry.layer, entry.experts[0], "down_proj")
+        reference = expert_key(entry.layer, entry.experts[0], "down_proj", family=family)
         down_shape = header[reference].shape
         if len(down_shape) != 2:
             raise InvalidSubmission("shape", f"shape {down_shape}, expected 2-D (H, I)", key=reference)
@@ -269,7 +271,7 @@ def _infer_specs(
         shapes = {"gate_proj": (inter, hidden), "up_proj": (inter, hidden), "down_proj": (hidden, inter)}
         for expert in entry.experts:
             for projection, shape in shapes.items():
-                specs[expert_key(entry.layer, expert, projection)] = ExpertSpec(shape, dtype)
+                specs[expert_key(entry.layer, expert, projection, family=family)] = ExpertSpec(shape, dtype)
     return {key: ExpertSpec(*spec) for key, spec in int8_specs(specs).items()} if int8 else specs
 
 
