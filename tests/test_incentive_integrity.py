@@ -187,3 +187,16 @@ def test_weight_cosine():
     assert weight_cosine({1: 4 / 7, 2: 2 / 7, 3: 1 / 7}, {1: 2 / 7, 2: 4 / 7, 3: 1 / 7}) == pytest.approx(
         17 / 21
     )
+
+
+def test_a_small_domain_still_gives_every_miner_and_the_control_set_documents():
+    """1/128 of 540 documents is about four: some hotkeys would draw none and could not train."""
+    from connito.data.assignment import MIN_DOCUMENTS
+
+    keys = KEYS[:540]
+    for cycle in range(20):
+        control = control_mask(keys, domain="d", cycle=cycle, fraction=1 / 128)
+        assert control.sum() >= MIN_DOCUMENTS
+        for hotkey in ("a", "b", "c"):
+            mine = assigned_mask(keys, domain="d", cycle=cycle, hotkey=hotkey, fraction=1 / 128)
+            assert mine.sum() >= MIN_DOCUMENTS and not (mine & control).any()

@@ -20,7 +20,9 @@ import hashlib
 
 import numpy as np
 
-__all__ = ["assignment_salt", "control_mask", "assigned_mask"]
+__all__ = ["MIN_DOCUMENTS", "assignment_salt", "control_mask", "assigned_mask"]
+
+MIN_DOCUMENTS = 16  # the smallest assignment or control set, whatever the fraction gives
 
 _SPAN = float(2**64)
 _MASK = np.uint64(0xFFFFFFFFFFFFFFFF)
@@ -42,11 +44,27 @@ def _draw(keys: np.ndarray, salt: np.uint64) -> np.ndarray:
 
 
 def control_mask(keys: np.ndarray, *, domain: str, cycle: int, fraction: float) -> np.ndarray:
-    """True for the documents in ``cycle``'s control set (about ``fraction`` of them)."""
-    return _draw(keys, assignment_salt("control", domain, cycle)) < np.uint64(int(fraction * _SPAN))
+    """True for the documents in ``cycle``'s control set (about ``fraction``, at least ``MIN_DOCUMENTS``)."""
+    return _smallest(_draw(keys, assignment_salt("control", domain, cycle)), fraction)
 
 
 def assigned_mask(keys: np.ndarray, *, domain: str, cycle: int, hotkey: str, fraction: float) -> np.ndarray:
-    """True for the documents ``hotkey`` must train on in ``cycle`` (about ``fraction``; never control)."""
-    mine = _draw(keys, assignment_salt("assign", domain, cycle, hotkey)) < np.uint64(int(fraction * _SPAN))
-    return mine & ~control_mask(keys, domain=domain, cycle=cycle, fraction=fraction)
+    """True for the documents ``hotkey`` must train on in ``cycle`` (about ``fraction``, at least
+    ``MIN_DOCUMENTS``; never a control document)."""
+    control = control_mask(keys, domain=domain, cycle=cycle, fraction=fraction)
+    draws = _draw(keys, assignment_salt("assign", domain, cycle, hotkey))
+    return _smallest(np.where(control, _MASK, draws), fraction, exclude=control)
+
+
+def _smallest(draws: np.ndarray, fraction: float, *, exclude: np.ndarray | None = None) -> np.ndarray:
+    """The documents whose draw is below ``fraction`` of the range, or the ``MIN_DOCUMENTS``
+    smallest draws when that is fewer (a small domain must still give every miner data)."""
+    chosen = draws < np.uint64(int(fraction * _SPAN))
+    if exclude is not None:
+        chosen &= ~exclude
+    available = len(draws) - (int(exclude.sum()) if exclude is not None else 0)
+    need = min(MIN_DOCUMENTS, available)
+    if int(chosen.sum()) < need:
+        chosen = np.zeros(len(draws), dtype=bool)
+        chosen[np.argsort(draws, kind="stable")[:need]] = True
+    return chosen
