@@ -75,6 +75,12 @@ TINY_DOMAIN = {
 }
 
 
+# Twelve cycles of publication mechanics: miners train on fixed uid shards and the own-work check is
+# off, because the harness's random-init model stops learning its 6-step assignments after a few
+# cycles (own work is tested where it is the subject: test_own_work.py, test_neurons_e2e.py).
+FAILOVER_DOMAIN = {"training__assignment_fraction": None, "scoring__own_work_margin": None}
+
+
 def domain_config(**overrides) -> DomainConfig:
     data = yaml.safe_load(yaml.safe_dump(TINY_DOMAIN))
     for dotted, value in overrides.items():

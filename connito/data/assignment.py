@@ -22,7 +22,7 @@ import numpy as np
 
 __all__ = ["MIN_DOCUMENTS", "assignment_salt", "control_mask", "assigned_mask"]
 
-MIN_DOCUMENTS = 16  # the smallest assignment or control set, whatever the fraction gives
+MIN_DOCUMENTS = 4  # the smallest assignment or control set, whatever the fraction gives
 
 _SPAN = float(2**64)
 _MASK = np.uint64(0xFFFFFFFFFFFFFFFF)
