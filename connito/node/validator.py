@@ -336,9 +336,7 @@ class Validator:
         self._adopt(fetched)
         result = self.state.results.get(fetched.cycle)
         if result is not None and lead != self.ctx.hotkey:
-            self._record(
-                result.model_copy(update={"decision": "adopted", "result_revision": fetched.revision})
-            )
+            self._record(with_merge(result, record).model_copy(update={"decision": "adopted"}))
 
     def _published(self, cycle: int) -> bool:
         """True when our own publication for ``cycle`` is already on chain (a restart after commit)."""
