@@ -19,7 +19,7 @@ from bittensor.sp_core import Keypair
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from e2e_harness import FAILOVER_DOMAIN, domain_config, node_context  # noqa: E402
+from e2e_harness import domain_config, node_context  # noqa: E402
 
 from connito.data import build_domain_data  # noqa: E402
 from connito.fsutil import atomic_write  # noqa: E402
@@ -32,7 +32,7 @@ from connito.node.validator import Validator  # noqa: E402
 
 def main() -> int:
     world, name, until_cycle, keep_cycles = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-    config = domain_config(**FAILOVER_DOMAIN)
+    config = domain_config()
     data = build_domain_data(config.data, cache_dir=world / "cache", model=config.model)
     ctx = node_context(
         world,

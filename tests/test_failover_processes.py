@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 import pytest
-from e2e_harness import FAILOVER_DOMAIN, build_subnet, domain_config
+from e2e_harness import build_subnet, domain_config
 
 from connito.chain.local import LocalChain
 from connito.node.disk_retention import workdir_bytes
@@ -62,7 +62,7 @@ def _wait_ticked(world: Path, names: list[str], block: int, procs: dict[str, sub
 
 
 def test_twelve_cycles_survive_the_lead_killed_in_cycle_5(tmp_path: Path) -> None:
-    config = domain_config(**FAILOVER_DOMAIN)
+    config = domain_config()
     build_subnet(tmp_path, config, miners=2, validators=3)
     (tmp_path / "ticked").mkdir()
     chain = LocalChain.open(tmp_path / "chain.sqlite")

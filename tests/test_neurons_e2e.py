@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from e2e_harness import build_subnet, domain_config
+from e2e_harness import OWN_WORK, build_subnet, domain_config
 
 from connito.protocol.phases import phase_bounds
 
@@ -32,7 +32,7 @@ def test_two_cycles_merge_and_adopt(tmp_path):
 
 
 def test_every_adversary_is_rejected_with_its_own_reason(tmp_path):
-    config = domain_config()
+    config = domain_config(**OWN_WORK)
     kinds = ("copy", "nan", "lazy", "stale", "sybil", "replay")
     subnet = build_subnet(tmp_path, config, miners=2, validators=1, adversaries=kinds)
     _, end = phase_bounds(1, "merge", config.cycle)
