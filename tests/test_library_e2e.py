@@ -110,7 +110,7 @@ def test_connito_library_rebuild_on_the_run_folder(run, tmp_path, capsys):
 
     subnet, library, tmp = run
     config_path = tmp_path / "domain.yaml"
-    config_path.write_text(yaml.safe_dump(subnet.config.model_dump(mode="json", exclude_none=True)))
+    config_path.write_text(yaml.safe_dump(subnet.config.model_dump(mode="json")))
     code = main(
         [
             "library", "rebuild", "--config", str(config_path), "--chain", f"local:{tmp / 'chain.sqlite'}",

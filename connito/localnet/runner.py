@@ -182,7 +182,7 @@ def _wallets(workdir: Path, roles: dict[str, str]) -> dict[str, str]:
 
 def _write_run_config(config: DomainConfig, workdir: Path, plan: LocalnetPlan) -> Path:
     """The domain config the processes run: cycle 0 starts after the processes have loaded."""
-    data = config.model_dump(mode="json", exclude_none=True)
+    data = config.model_dump(mode="json")  # a None that switches a check off must survive
     data["cycle"]["genesis_block"] = int(STARTUP_S / plan.block_time_s)
     parse_domain_config(data, path="<localnet>")
     path = workdir / "domain.yaml"
