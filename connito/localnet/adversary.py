@@ -41,6 +41,7 @@ from connito.protocol.checkpoint import EXPERTS_FILE, MANIFEST_FILE
 from connito.protocol.commitments import CommitPayload, decode_commitment
 from connito.protocol.global_state import GlobalState
 from connito.protocol.merge import state_revision
+from connito.protocol.step_length import at_step
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +123,7 @@ class AdversaryMiner(Miner):
             json.dumps({"cycle": cycle, "factor": factor}).encode(),
         )
         logger.info("cycle=%d scaled update by %.3f (bound %.3g, moved %.3g)", cycle, factor, bound, moved)
-        return _at(self.global_state.experts, trained, factor)
+        return at_step(self.global_state.experts, trained, factor)
 
     def _victim_experts(self, cycle: int) -> dict[str, torch.Tensor] | None:
         if self.victim_workdir is None:
@@ -212,10 +213,3 @@ def _is_commit(commitment: Commitment, cycle: int) -> bool:
 
 def _norm(tensors: dict[str, torch.Tensor]) -> float:
     return math.sqrt(sum(float((t.float() ** 2).sum()) for t in tensors.values()))
-
-
-def _at(
-    glob: dict[str, torch.Tensor], local: dict[str, torch.Tensor], factor: float
-) -> dict[str, torch.Tensor]:
-    """``glob - factor * (glob - local)``, in each global tensor's dtype."""
-    return {k: (v.float() - factor * (v.float() - local[k].float())).to(v.dtype) for k, v in glob.items()}

@@ -25,6 +25,7 @@ from connito.data import DomainData
 from connito.ml.modeling import batch_losses
 from connito.ml.moe import write_experts
 from connito.protocol.checkpoint import EXPERTS_FILE
+from connito.protocol.step_length import at_step
 
 __all__ = ["scaled_rows"]
 
@@ -59,10 +60,11 @@ def scaled_rows(
     if rho is None or not row["accepted"]:
         return out
     scaled = load_file(str(checkpoint))
-    delta = {k: (trained_from[k].float() - scaled[k].float()) / factor for k in trained_from}
-    norm = math.sqrt(sum(float((d**2).sum()) for d in delta.values()))
-    step = rho / norm
-    point = {k: (v.float() - step * delta[k]).to(v.dtype) for k, v in trained_from.items()}
+    unscaled_norm = (
+        math.sqrt(sum(float(((trained_from[k].float() - scaled[k].float()) ** 2).sum()) for k in scaled))
+        / factor
+    )
+    point = at_step(trained_from, scaled, rho / (factor * unscaled_norm))  # the unscaled update at rho
     scoring = config.scoring
     batches = lead_data.heldout_sample(
         int(record["eval_seed"]), scoring.eval_batches, scoring.eval_batch_size

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -56,6 +56,7 @@ class ReplayHistory:
     """Sketches of accepted and merged pseudo-gradients by cycle, kept in ``folder``."""
 
     folder: Path
+    _loaded: dict[int, list[tuple[str, DeltaSketch]]] = field(default_factory=dict, repr=False)
 
     def add(self, cycle: int, source: str, delta: torch.Tensor) -> None:
         """Keep the sketch of ``delta`` (a flat fp32 pseudo-gradient) as ``source`` of ``cycle``."""
@@ -65,6 +66,7 @@ class ReplayHistory:
         meta = {"norm": sketch.norm, "sketch_norm": sketch.sketch_norm, "error": sketch.error}
         blob = save({"q": sketch.q, "scales": sketch.scales}, metadata={"sketch": json.dumps(meta)})
         atomic_write(self.folder / str(cycle) / f"{_safe(source)}.safetensors", blob)
+        self._loaded.pop(cycle, None)
 
     def match(
         self, delta_sketch: DeltaSketch, *, cycle: int, window: int, threshold: float
@@ -79,6 +81,7 @@ class ReplayHistory:
 
     def prune(self, *, keep_from: int) -> None:
         """Forget cycles before ``keep_from``."""
+        self._loaded = {c: v for c, v in self._loaded.items() if c >= keep_from}
         if not self.folder.is_dir():
             return
         for child in self.folder.iterdir():
@@ -86,6 +89,12 @@ class ReplayHistory:
                 shutil.rmtree(child, ignore_errors=True)
 
     def _load(self, cycle: int) -> list[tuple[str, DeltaSketch]]:
+        """A cycle's sketches, read from disk once (every submission of a cycle is checked against them)."""
+        if cycle not in self._loaded:
+            self._loaded[cycle] = self._read(cycle)
+        return self._loaded[cycle]
+
+    def _read(self, cycle: int) -> list[tuple[str, DeltaSketch]]:
         folder = self.folder / str(cycle)
         if not folder.is_dir():
             return []
