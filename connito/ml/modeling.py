@@ -21,7 +21,15 @@ from connito.ml.moe import check_model_type
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TORCH_DTYPES", "build_model", "load_model", "token_loss", "heldout_loss", "batch_losses"]
+__all__ = [
+    "TORCH_DTYPES",
+    "build_model",
+    "load_model",
+    "token_loss",
+    "heldout_loss",
+    "batch_losses",
+    "mean_batch_loss",
+]
 
 TORCH_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -139,3 +147,10 @@ def batch_losses(model: nn.Module, batches: Sequence[torch.Tensor]) -> list[floa
             losses.append(loss_sum / max(count, 1))
     model.train(was_training)
     return losses
+
+
+def mean_batch_loss(model: nn.Module, batches: Sequence[torch.Tensor]) -> float:
+    """The mean of ``batch_losses``: the protocol's arithmetic (per-batch means, then their mean);
+    ``nan`` for no batches."""
+    losses = batch_losses(model, batches)
+    return sum(losses) / len(losses) if losses else float("nan")

@@ -18,7 +18,7 @@ from torch import nn
 
 from connito.config import ScoringConfig
 from connito.data import DomainData
-from connito.ml.modeling import batch_losses
+from connito.ml.modeling import mean_batch_loss
 from connito.ml.moe import write_experts
 
 __all__ = ["LossFn", "seeded_samples", "heldout_losses", "general_ceiling"]
@@ -57,10 +57,9 @@ def heldout_losses(
     domain, general = seeded_samples(data, scoring, seed)
     try:
         write_experts(model, experts)
-        domain_losses, general_losses = batch_losses(model, domain), batch_losses(model, general)
+        return mean_batch_loss(model, domain), mean_batch_loss(model, general)
     finally:
         write_experts(model, restore)
-    return _mean(domain_losses), _mean(general_losses)
 
 
 def general_ceiling(
@@ -80,11 +79,7 @@ def general_ceiling(
         return None
     try:
         write_experts(model, base_experts)
-        base_general = sum(batch_losses(model, general_batches)) / len(general_batches)
+        base_general = mean_batch_loss(model, general_batches)
     finally:
         write_experts(model, restore)
     return base_general * (1 + limit)
-
-
-def _mean(values: Sequence[float]) -> float:
-    return sum(values) / len(values) if values else float("nan")

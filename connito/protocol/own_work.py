@@ -31,7 +31,7 @@ from connito.config import DomainConfig
 from connito.data import DomainData
 from connito.data.sampling import sample_batches
 from connito.ml.delta_sketch import DeltaSketch, cosine_estimate
-from connito.ml.modeling import batch_losses
+from connito.ml.modeling import mean_batch_loss
 
 if TYPE_CHECKING:
     from connito.protocol.scoring import Candidate
@@ -124,9 +124,9 @@ class OwnWorkProbe:
             cycle=cycle,
             seed=seed,
             control=control,
-            control_global=_loss(model, control),
+            control_global=mean_batch_loss(model, control),
             public_pool=public_pool,
-            public_pool_global=_loss(model, public_pool),
+            public_pool_global=mean_batch_loss(model, public_pool),
         )
 
     @property
@@ -159,7 +159,7 @@ class OwnWorkProbe:
         """The global experts' loss on ``hotkey``'s assigned sample (``model`` holds the global)."""
         if hotkey not in self._baselines:
             batches = self.assigned(hotkey)
-            self._baselines[hotkey] = _loss(model, batches) if batches else float("nan")
+            self._baselines[hotkey] = mean_batch_loss(model, batches) if batches else float("nan")
         return self._baselines[hotkey]
 
     def measure(
@@ -174,23 +174,18 @@ class OwnWorkProbe:
         if not assigned:  # nothing assigned: no evidence either way, so no payment either
             return OwnWorkVerdict(assigned_drop=0.0, control_drop=0.0)
         verdict = OwnWorkVerdict(
-            assigned_drop=_drop(self._baselines[hotkey], _loss(model, assigned)),
-            control_drop=_drop(self.control_global, _loss(model, self.control)),
+            assigned_drop=_drop(self._baselines[hotkey], mean_batch_loss(model, assigned)),
+            control_drop=_drop(self.control_global, mean_batch_loss(model, self.control)),
         )
         if verdict.passes(self.margin):
             return verdict
-        public = _drop(self.public_pool_global, _loss(model, self.public_pool))
+        public = _drop(self.public_pool_global, mean_batch_loss(model, self.public_pool))
         verdict = dataclasses.replace(verdict, public_pool_drop=public)
         if nearest is None or not self.assigned(nearest[0]):
             return verdict
         other, cosine = nearest
-        learned = _drop(self._baselines[other], _loss(model, self.assigned(other)))
+        learned = _drop(self._baselines[other], mean_batch_loss(model, self.assigned(other)))
         return dataclasses.replace(verdict, nearest=other, nearest_cosine=cosine, nearest_drop=learned)
-
-
-def _loss(model: nn.Module, batches: Sequence[torch.Tensor]) -> float:
-    losses = batch_losses(model, batches)
-    return sum(losses) / len(losses)
 
 
 def _drop(before: float, after: float) -> float:

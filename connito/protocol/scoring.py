@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from connito.config import ScoringConfig
 from connito.ml.delta_sketch import DeltaSketch, cosine_upper_bound, sketch_delta
 from connito.ml.eval_pool import EvalPool
-from connito.ml.modeling import batch_losses
+from connito.ml.modeling import batch_losses, mean_batch_loss
 from connito.ml.moe import write_experts
 from connito.protocol.own_work import OwnWorkProbe, nearest_earlier
 from connito.protocol.step_length import LOSS_RESOLUTION, at_step, improving_median
@@ -268,8 +268,8 @@ def score_submissions(
     tiny random update to ``rho`` turns its first-order accident into a measurable "improvement",
     and only own-work evidence rejects noise.
     """
-    global_domain = _mean(batch_losses(model, domain_batches))
-    global_general = _mean(batch_losses(model, general_batches)) if general_batches else float("nan")
+    global_domain = mean_batch_loss(model, domain_batches)
+    global_general = mean_batch_loss(model, general_batches)
     replay = (
         _History(store=history, cycle=cycle, window=config.replay_cycles) if history is not None else None
     )

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from connito.config import ScoringConfig
-from connito.ml.modeling import batch_losses
+from connito.ml.modeling import mean_batch_loss
 from connito.ml.moe import write_experts
 
 if TYPE_CHECKING:
@@ -59,18 +59,14 @@ def improving_median(
     tiny random updates must not shrink everyone's step to nothing (nor huge ones stretch it).
     """
     probe = domain_batches[:2]  # a coarse check: does it lower the loss at all
-    global_probe = _mean(batch_losses(model, probe))
+    global_probe = mean_batch_loss(model, probe)
     threshold = max(config.min_improvement, LOSS_RESOLUTION * abs(global_probe))
     improving = []
     for candidate in kept:
         try:
             write_experts(model, candidate.experts())
-            if global_probe - _mean(batch_losses(model, probe)) > threshold:
+            if global_probe - mean_batch_loss(model, probe) > threshold:
                 improving.append(norms[candidate.hotkey])
         finally:
             write_experts(model, global_state)
     return statistics.median(improving or list(norms.values()))
-
-
-def _mean(values: Sequence[float]) -> float:
-    return sum(values) / len(values)
