@@ -311,3 +311,81 @@ def test_retry_after_is_capped(hub: HubServer, tmp_path: Path) -> None:
     store.download(ref, tmp_path / "dest", max_bytes=1 << 20)
 
     assert sleeps == [float(MAX_RETRY_AFTER_S)]
+
+
+def _connito_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "connito.hub.hf" and r.levelno >= logging.WARNING]
+
+
+def test_preupload_is_retried_by_huggingface_hub_alone(
+    hub: HubServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A 503 on preupload is retried inside huggingface_hub's backoff; connito adds no attempt."""
+    sleeps: list[float] = []
+    store = _store(hub, max_retries=3, sleep=sleeps.append)
+    files = _write_checkpoint(tmp_path / "ckpt")
+    hub.fail_next("/preupload/", 503)
+
+    with caplog.at_level(logging.WARNING, logger="connito.hub.hf"):
+        ref = store.upload(tmp_path / "ckpt", repo=REPO)
+
+    assert hub.files_at(REPO, ref.revision) == files
+    assert [path for method, path in hub.requests if "/preupload/" in path] == [
+        f"/api/models/{REPO}/preupload/main"
+    ] * 2
+    assert _connito_warnings(caplog) == [] and sleeps == []
+
+
+def test_exhausted_hub_backoff_is_not_wrapped_again(
+    hub: HubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When huggingface_hub has spent its retries, connito raises at once (no 6 x 4 attempts)."""
+    import huggingface_hub.utils._http as hf_http
+
+    monkeypatch.setattr(hf_http.time, "sleep", lambda _s: None)
+    store = _store(hub, max_retries=3, sleep=lambda _s: None)
+    _write_checkpoint(tmp_path / "ckpt")
+    for _ in range(20):
+        hub.fail_next("/preupload/", 503)
+
+    with pytest.raises(StoreError) as info:
+        store.upload(tmp_path / "ckpt", repo=REPO)
+
+    assert info.value.reason == "unreachable" and "hf preupload repo=" in _single_line(info.value)
+    preuploads = [path for _, path in hub.requests if "/preupload/" in path]
+    assert len(preuploads) == 6  # huggingface_hub's own: 1 + 5 retries, and nothing on top
+
+
+def test_failed_commit_is_retried_without_uploading_again(
+    hub: HubServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """huggingface_hub sends the commit request once; connito retries that request alone."""
+    store = _store(hub, max_retries=2)
+    files = _write_checkpoint(tmp_path / "ckpt")
+    hub.fail_next("/commit/", 503)
+
+    with caplog.at_level(logging.WARNING, logger="connito.hub.hf"):
+        ref = store.upload(tmp_path / "ckpt", repo=REPO)
+
+    assert hub.files_at(REPO, ref.revision) == files
+    assert sum("/preupload/" in path for _, path in hub.requests) == 1
+    assert sum("/commit/" in path for _, path in hub.requests) == 2
+    warnings = _connito_warnings(caplog)
+    assert len(warnings) == 1 and "commit failed" in warnings[0] and "attempt=1/3" in warnings[0]
+
+
+def test_file_get_rate_limit_is_left_to_huggingface_hub(
+    hub: HubServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A 429 on a file download is huggingface_hub's to retry (it reads Retry-After); connito stays out."""
+    sleeps: list[float] = []
+    store = _store(hub, max_retries=3, sleep=sleeps.append)
+    files = _write_checkpoint(tmp_path / "ckpt")
+    ref = store.upload(tmp_path / "ckpt", repo=REPO)
+    hub.fail_next("/resolve/", 429, retry_after_s=0)
+
+    with caplog.at_level(logging.WARNING, logger="connito.hub.hf"):
+        store.download(ref, tmp_path / "dest", max_bytes=1 << 20)
+
+    assert (tmp_path / "dest" / "experts.safetensors").read_bytes() == files["experts.safetensors"]
+    assert _connito_warnings(caplog) == [] and sleeps == []

@@ -70,11 +70,14 @@ class HfHubStore:
 
     The token comes only from the constructor: ``token=None`` means anonymous, never a token
     that huggingface_hub would otherwise pick up from the environment or a login file.
-    Transient failures (connection errors, 408/429/5xx) are retried ``max_retries`` times, one
-    WARNING line per retried failure; the last failure is raised as a ``StoreError``. The wait is
-    what the Hub asked for (``Retry-After`` or ``RateLimit`` headers, read with huggingface_hub's
-    parser), else exponential backoff from ``backoff_s`` (capped at ``MAX_BACKOFF_S``). Requests
-    huggingface_hub retries itself (preupload, LFS, file GETs) go through its ``http_backoff``.
+    Retries: every request is retried by exactly one layer. Requests huggingface_hub retries
+    itself go through its own backoff and are not wrapped again (the preupload and LFS/Xet
+    transfer of an upload, tree listings, and the file GET's connection errors and 408/429);
+    connito retries only what huggingface_hub sends once (``create_repo``, ``paths-info``, the
+    small final commit request, a file GET's 5xx): ``max_retries`` times, one WARNING line per
+    retried failure, waiting what the Hub asked for (``Retry-After`` or ``RateLimit`` headers,
+    read with huggingface_hub's parser) else exponential backoff from ``backoff_s``. The last
+    failure leaves as a ``StoreError``.
     """
 
     kind: str = HF_KIND
@@ -144,13 +147,19 @@ class HfHubStore:
             None,
             lambda: self._api.create_repo(repo, repo_type="model", private=self.private, exist_ok=True),
         )
+        operations = [
+            CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path)) for name, path in paths.items()
+        ]
+        # The bytes go up once, under huggingface_hub's own backoff; a retried commit below only
+        # re-sends the commit request (large files are referenced by hash, not sent again).
+        self._call(
+            "preupload",
+            repo,
+            None,
+            lambda: self._api.preupload_lfs_files(repo, operations, repo_type="model"),
+        )
 
         def commit() -> str:
-            # Fresh operations per attempt: huggingface_hub marks an operation as used.
-            operations = [
-                CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path))
-                for name, path in paths.items()
-            ]
             info = self._api.create_commit(
                 repo,
                 operations,
@@ -284,7 +293,7 @@ class HfHubStore:
                 if isinstance(e, StoreError):
                     raise
                 error = _to_store_error(e, what=what, repo=repo, revision=revision)
-                if not _is_transient(e) or attempt == attempts:
+                if not _is_transient(e) or _retried_by_hub(what, e) or attempt == attempts:
                     raise error from e
                 delay_s = _retry_delay_s(
                     e, fallback_s=min(self.backoff_s * 2 ** (attempt - 1), MAX_BACKOFF_S)
@@ -348,6 +357,32 @@ def _retry_delay_s(error: BaseException, *, fallback_s: float) -> float:
 def _status(error: BaseException) -> int | None:
     response = getattr(error, "response", None)
     return getattr(response, "status_code", None)
+
+
+# What huggingface_hub (2.x) already retried inside each call before the error reached us.
+_HUB_RETRIED_TRANSPORT = (httpx2.ConnectError, httpx2.TimeoutException, httpx2.RemoteProtocolError)
+_HUB_RETRIES_EVERYTHING = frozenset({"preupload", "list_files"})  # http_backoff on every request
+_HUB_RETRIES_DOWNLOAD_GET = frozenset({408, 429})  # http_get: these and connection drops (HEAD: all)
+
+
+def _retried_by_hub(what: str, error: BaseException) -> bool:
+    """True when huggingface_hub has already spent its own retries on this failure.
+
+    Wrapping those calls again would multiply the attempts (5 x 4) and the waits; what the Hub
+    library sends only once (``create_repo``, ``paths-info``, the commit request) is ours to retry.
+    """
+    if what in _HUB_RETRIES_EVERYTHING:
+        return True
+    if what != "download":
+        return False
+    cause = error.__cause__ if isinstance(error, LocalEntryNotFoundError) else error
+    if isinstance(cause, _HUB_RETRIED_TRANSPORT):
+        return True
+    if not isinstance(cause, HfHubHTTPError):
+        return False
+    # hf_hub_download retries its metadata HEAD on every transient status, the GET only on these.
+    request = getattr(cause.response, "request", None)
+    return getattr(request, "method", "GET") == "HEAD" or _status(cause) in _HUB_RETRIES_DOWNLOAD_GET
 
 
 def _is_transient(error: BaseException) -> bool:
