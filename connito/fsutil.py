@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write", "atomic_write_json", "fsync_dir", "sweep_temp_files"]
+__all__ = ["atomic_write", "atomic_write_json", "fsync_dir", "keep_newest", "sweep_temp_files", "touch"]
 
 
 def fsync_dir(directory: Path) -> None:
@@ -71,3 +71,40 @@ def sweep_temp_files(root: Path) -> list[Path]:
 def atomic_write_json(path: str | Path, obj: Any) -> None:
     """``atomic_write`` of canonical, human-readable JSON."""
     atomic_write(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+
+
+def touch(path: Path) -> None:
+    """Mark ``path`` as just used (its mtime), so ``keep_newest`` keeps what is read, not only written."""
+    try:
+        os.utime(path)
+    except OSError:
+        pass  # a read-only cache still serves; it is only evicted earlier
+
+
+def keep_newest(folder: Path, *, keep: int, pattern: str = "*") -> list[Path]:
+    """Delete all but the ``keep`` most recently used entries of ``folder`` matching ``pattern``.
+
+    A cache keyed by content (tokens, tokenizers) gains an entry whenever its input changes and
+    would otherwise grow for as long as a node runs. Returns what was deleted; an entry that
+    vanishes or cannot be deleted meanwhile is skipped (another process may share the cache).
+    """
+    if not folder.is_dir():
+        return []
+    entries = []
+    for entry in folder.glob(pattern):
+        try:
+            entries.append((entry.stat().st_mtime, entry.name, entry))
+        except OSError:
+            continue
+    entries.sort(reverse=True)
+    deleted: list[Path] = []
+    for _, _, entry in entries[keep:]:
+        try:
+            if entry.is_dir():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        except OSError:
+            continue
+        deleted.append(entry)
+    return deleted

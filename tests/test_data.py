@@ -189,26 +189,26 @@ def test_files_source_reads_jsonl_with_text_field_and_cap(tmp_path):
     rows = [{"body": f"document number {i}", "id": i} for i in range(5)] + [{"body": "   ", "id": 5}]
     (tmp_path / "part-0.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     source = DataSource(kind="files", name=str(tmp_path / "*.jsonl"), text_field="body")
-    assert load_documents(source, cache_dir=tmp_path) == [f"document number {i}" for i in range(5)]
+    assert load_documents(source) == [f"document number {i}" for i in range(5)]
     capped = source.model_copy(update={"max_documents": 2})
-    assert load_documents(capped, cache_dir=tmp_path) == ["document number 0", "document number 1"]
+    assert load_documents(capped) == ["document number 0", "document number 1"]
 
 
 def test_files_source_reads_text_files_by_paragraph(tmp_path):
     (tmp_path / "a.txt").write_text("first paragraph\nstill first\n\nsecond paragraph\n")
-    documents = load_documents(DataSource(kind="files", name=str(tmp_path / "*.txt")), cache_dir=tmp_path)
+    documents = load_documents(DataSource(kind="files", name=str(tmp_path / "*.txt")))
     assert [doc.strip() for doc in documents] == ["first paragraph\nstill first", "second paragraph"]
 
 
 def test_files_source_errors_name_the_problem(tmp_path):
     with pytest.raises(ConfigError, match="no files match"):
-        load_documents(DataSource(kind="files", name=str(tmp_path / "*.jsonl")), cache_dir=tmp_path)
+        load_documents(DataSource(kind="files", name=str(tmp_path / "*.jsonl")))
     (tmp_path / "a.jsonl").write_text(json.dumps({"content": "x"}) + "\n")
     with pytest.raises(ConfigError, match="text_field"):
-        load_documents(DataSource(kind="files", name=str(tmp_path / "*.jsonl")), cache_dir=tmp_path)
+        load_documents(DataSource(kind="files", name=str(tmp_path / "*.jsonl")))
     (tmp_path / "b.txt").write_text("y\n")
     with pytest.raises(ConfigError, match="one type"):
-        load_documents(DataSource(kind="files", name=str(tmp_path / "*")), cache_dir=tmp_path)
+        load_documents(DataSource(kind="files", name=str(tmp_path / "*")))
 
 
 # ---- tokenizer ----------------------------------------------------------------------------------

@@ -314,7 +314,9 @@ def test_retry_after_is_capped(hub: HubServer, tmp_path: Path) -> None:
 
 
 def _connito_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == "connito.hub.hf" and r.levelno >= logging.WARNING]
+    return [
+        r.getMessage() for r in caplog.records if r.name == "connito.hub.hf" and r.levelno >= logging.WARNING
+    ]
 
 
 def test_preupload_is_retried_by_huggingface_hub_alone(

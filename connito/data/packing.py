@@ -20,13 +20,16 @@ import torch
 from transformers import PreTrainedTokenizerFast
 
 from connito.data.tokenizer import corpus_digest, tokenizer_digest
-from connito.fsutil import atomic_write
+from connito.fsutil import atomic_write, keep_newest, touch
 
 __all__ = ["TokenizedDocuments", "tokenize_documents", "concat_tokenized", "pack_blocks"]
 
 logger = logging.getLogger(__name__)
 
 _CACHE_FORMAT = 1  # bump when the on-disk layout changes
+# Token files kept (least recently used go first): a build writes one per source and split, so
+# this holds several builds while data that changed long ago stops taking disk.
+TOKEN_CACHE_ENTRIES = 32
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -63,6 +66,7 @@ def tokenize_documents(
 
     The cache key hashes the tokenizer's full state and the ordered document digests; files are
     written atomically, so a crash mid-write leaves no half file that a later run would trust.
+    The folder keeps the ``TOKEN_CACHE_ENTRIES`` most recently used files.
     """
     path = None
     if cache_dir is not None:
@@ -71,6 +75,7 @@ def tokenize_documents(
         ).hexdigest()[:32]
         path = Path(cache_dir) / "tokens" / f"{key}.npz"
         if path.is_file():
+            touch(path)
             with np.load(path, allow_pickle=False) as stored:
                 return TokenizedDocuments(tokens=stored["tokens"], offsets=stored["offsets"])
     tokenized = _encode(texts, tokenizer)
@@ -78,6 +83,7 @@ def tokenize_documents(
         buffer = io.BytesIO()
         np.savez(buffer, tokens=tokenized.tokens, offsets=tokenized.offsets)
         atomic_write(path, buffer.getvalue())
+        keep_newest(path.parent, keep=TOKEN_CACHE_ENTRIES, pattern="*.npz")
         logger.debug("tokens cached path=%s documents=%d tokens=%d", path, len(texts), tokenized.num_tokens)
     return tokenized
 

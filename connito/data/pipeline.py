@@ -230,7 +230,7 @@ def build_domain_data(
             left empty.
     """
     _check_inline_vocab(data, model)
-    texts = _load_texts(data, cache_dir=cache_dir, private_validation=private_validation)
+    texts = _load_texts(data, private_validation=private_validation)
     tokenizer = resolve_tokenizer(data.tokenizer, corpus=texts.corpus, cache_dir=cache_dir, model=model)
     if model is not None and model.inline is not None and "vocab_size" in model.inline:
         check_vocab_fits(tokenizer, int(model.inline["vocab_size"]))
@@ -262,22 +262,16 @@ class _Texts:
     corpus: list[str]  # public text the tokenizer trains on (no private files)
 
 
-def _load_texts(
-    data: DataConfig, *, cache_dir: str | Path, private_validation: Sequence[str | Path]
-) -> _Texts:
-    explicit = [doc for source in data.validation for doc in load_documents(source, cache_dir=cache_dir)]
-    private = [
-        doc for path in private_validation for doc in load_documents(_files(path), cache_dir=cache_dir)
-    ]
+def _load_texts(data: DataConfig, *, private_validation: Sequence[str | Path]) -> _Texts:
+    explicit = [doc for source in data.validation for doc in load_documents(source)]
+    private = [doc for path in private_validation for doc in load_documents(_files(path))]
     fraction = None if data.validation else data.heldout_fraction
     train_splits = [
-        split_documents(
-            load_documents(source, cache_dir=cache_dir), heldout_fraction=fraction, exclude=explicit
-        )
+        split_documents(load_documents(source), heldout_fraction=fraction, exclude=explicit)
         for source in data.train
     ]
     general_splits = [
-        split_documents(load_documents(source, cache_dir=cache_dir), heldout_fraction=data.heldout_fraction)
+        split_documents(load_documents(source), heldout_fraction=data.heldout_fraction)
         for source in data.general
     ]
     # a private document is evaluation data only if no miner can read it: not in any public source

@@ -2,9 +2,11 @@
 
 ``generated`` sources come from connito's offline generators (``Dataset.from_dict``), ``hub``
 sources are streamed with ``datasets.load_dataset(name, subset, split=..., revision=...,
-streaming=True)`` up to ``max_documents`` (no copy of the source in any cache), and ``files`` sources from
-``load_dataset("json" | "text" | "parquet", data_files=...)`` chosen by file extension. Every path
-ends in a one-column dataset named ``text``, capped at ``max_documents`` in source order.
+streaming=True)`` and ``files`` sources with ``load_dataset("json" | "text" | "parquet",
+data_files=..., streaming=True)`` chosen by file extension. Both read rows in order up to
+``max_documents`` and write no Arrow copy of the source to any cache, so an operator's disk holds
+no second copy of the data however often the sources change. Every path ends in a one-column
+dataset named ``text``, capped at ``max_documents`` in source order.
 """
 
 from __future__ import annotations
@@ -27,13 +29,12 @@ logger = logging.getLogger(__name__)
 FILE_FORMATS = {".json": "json", ".jsonl": "json", ".txt": "text", ".parquet": "parquet"}
 
 
-def load_source(source: DataSource, *, cache_dir: str | Path | None = None) -> datasets.Dataset:
+def load_source(source: DataSource) -> datasets.Dataset:
     """A ``datasets.Dataset`` with one ``text`` column holding the source's documents.
 
-    ``cache_dir`` keeps the Arrow cache of ``files`` sources out of the user's home (Hub sources
-    use datasets' own cache, shared with other tools). ``.txt`` files are read one document per
-    paragraph (blank-line separated), so the hash split works below file granularity. Local files
-    form a single split, so ``split`` applies to ``hub`` sources only.
+    ``.txt`` files are read one document per paragraph (blank-line separated), so the hash split
+    works below file granularity. Local files form a single split, so ``split`` applies to
+    ``hub`` sources only.
 
     Raises:
         ConfigError: no matching files, mixed or unknown file types, a missing ``text_field``, or
@@ -44,19 +45,17 @@ def load_source(source: DataSource, *, cache_dir: str | Path | None = None) -> d
         return datasets.Dataset.from_dict({"text": texts})
     if source.kind == "hub":
         return _stream_hub(source)
-    else:
-        dataset = _load_files(source, cache_dir)
-    return _select_text(dataset, source)
+    return _stream_files(source)
 
 
-def load_documents(source: DataSource, *, cache_dir: str | Path | None = None) -> list[str]:
+def load_documents(source: DataSource) -> list[str]:
     """The source's documents as Python strings, blank ones dropped, in source order.
 
     Raises:
         ConfigError: as ``load_source``, or a non-string value in ``text_field``.
     """
     documents: list[str] = []
-    for row, text in enumerate(load_source(source, cache_dir=cache_dir)["text"]):
+    for row, text in enumerate(load_source(source)["text"]):
         if not isinstance(text, str):
             raise ConfigError(
                 f"row {row}: expected a string, got {type(text).__name__}",
@@ -84,26 +83,11 @@ def _stream_hub(source: DataSource) -> datasets.Dataset:
     stream = _load(
         source, source.name, source.subset, split=source.split, revision=source.revision, streaming=True
     )
-    if source.text_field not in (stream.column_names or [source.text_field]):
-        raise ConfigError(
-            f"column {source.text_field!r} not found, columns are {stream.column_names}",
-            path=source.name,
-            field="text_field",
-        )
-    rows = stream if source.max_documents is None else stream.take(source.max_documents)
-    try:
-        texts = [row[source.text_field] for row in rows]
-    except (OSError, ValueError, KeyError, datasets.exceptions.DatasetsError) as exc:
-        raise ConfigError(
-            f"cannot stream dataset: {type(exc).__name__}: {str(exc)[:200]}", path=source.name
-        ) from exc
-    logger.debug(
-        "data source streamed name=%s revision=%s documents=%d", source.name, source.revision, len(texts)
-    )
-    return datasets.Dataset.from_dict({"text": texts})
+    return _take_text(stream, source)
 
 
-def _load_files(source: DataSource, cache_dir: str | Path | None) -> datasets.Dataset:
+def _stream_files(source: DataSource) -> datasets.Dataset:
+    """Stream local ``json``/``jsonl``/``txt``/``parquet`` files (one type per source)."""
     files = sorted(p for p in glob.glob(source.name, recursive=True) if Path(p).is_file())
     if not files:
         raise ConfigError("no files match this glob", path=source.name, field="name")
@@ -117,8 +101,38 @@ def _load_files(source: DataSource, cache_dir: str | Path | None) -> datasets.Da
         )
     builder = formats.pop()
     options = {"sample_by": "paragraph"} if builder == "text" else {}
-    cache = str(Path(cache_dir) / "datasets") if cache_dir is not None else None
-    return _load(source, builder, data_files=files, split="train", cache_dir=cache, **options)
+    stream = _load(source, builder, data_files=files, split="train", streaming=True, **options)
+    return _take_text(stream, source)
+
+
+def _take_text(stream: datasets.IterableDataset, source: DataSource) -> datasets.Dataset:
+    """The first ``max_documents`` values of ``text_field``, read row by row, as a ``text`` column."""
+    columns = stream.column_names
+    if columns is not None and source.text_field not in columns:
+        raise ConfigError(
+            f"column {source.text_field!r} not found, columns are {columns}",
+            path=source.name,
+            field="text_field",
+        )
+    rows = stream if source.max_documents is None else stream.take(source.max_documents)
+    try:
+        texts = [row[source.text_field] for row in rows]
+    except KeyError as exc:
+        raise ConfigError(
+            f"column {source.text_field!r} not found in a row", path=source.name, field="text_field"
+        ) from exc
+    except (OSError, ValueError, datasets.exceptions.DatasetsError) as exc:
+        raise ConfigError(
+            f"cannot read dataset: {type(exc).__name__}: {str(exc)[:200]}", path=source.name
+        ) from exc
+    logger.debug(
+        "data source streamed kind=%s name=%s revision=%s documents=%d",
+        source.kind,
+        source.name,
+        source.revision,
+        len(texts),
+    )
+    return datasets.Dataset.from_dict({"text": texts})
 
 
 def _load(source: DataSource, *args: object, **kwargs: object):  # noqa: ANN202 - Dataset or IterableDataset
@@ -129,19 +143,3 @@ def _load(source: DataSource, *args: object, **kwargs: object):  # noqa: ANN202 
             f"cannot load dataset: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
             path=source.name,
         ) from exc
-
-
-def _select_text(dataset: datasets.Dataset, source: DataSource) -> datasets.Dataset:
-    if source.text_field not in dataset.column_names:
-        raise ConfigError(
-            f"column {source.text_field!r} not found, columns are {dataset.column_names}",
-            path=source.name,
-            field="text_field",
-        )
-    dataset = dataset.select_columns([source.text_field])
-    if source.text_field != "text":
-        dataset = dataset.rename_column(source.text_field, "text")
-    if source.max_documents is not None and len(dataset) > source.max_documents:
-        dataset = dataset.select(range(source.max_documents))
-    logger.debug("data source loaded kind=%s name=%s documents=%d", source.kind, source.name, len(dataset))
-    return dataset

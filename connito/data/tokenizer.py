@@ -22,7 +22,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 from connito.config import ModelConfig, TokenizerConfig
 from connito.data.split import document_digest
 from connito.errors import ConfigError
-from connito.fsutil import atomic_write
+from connito.fsutil import atomic_write, keep_newest, touch
 
 __all__ = [
     "EOS_TOKEN",
@@ -40,6 +40,7 @@ logger = logging.getLogger(__name__)
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
+TOKENIZER_CACHE_ENTRIES = 4  # trained tokenizers kept (least recently used go first)
 _CACHE_FORMAT = 1  # bump when the trained tokenizer's recipe changes
 
 
@@ -84,10 +85,12 @@ def load_or_train_bpe_tokenizer(
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode("utf-8")).hexdigest()[:24]
     path = Path(cache_dir) / "tokenizer" / f"bpe-{key}" / "tokenizer.json"
     if path.is_file():
+        touch(path.parent)
         logger.info("tokenizer cache hit key=%s vocab_size=%d", key, vocab_size)
         return PreTrainedTokenizerFast(tokenizer_file=str(path), eos_token=EOS_TOKEN, pad_token=PAD_TOKEN)
     tokenizer = train_bpe_tokenizer(texts, vocab_size=vocab_size)
     atomic_write(path, tokenizer.backend_tokenizer.to_str().encode("utf-8"))
+    keep_newest(path.parent.parent, keep=TOKENIZER_CACHE_ENTRIES, pattern="bpe-*")
     logger.info("tokenizer trained key=%s vocab_size=%d documents=%d", key, len(tokenizer), len(texts))
     return tokenizer
 
