@@ -391,3 +391,19 @@ def test_file_get_rate_limit_is_left_to_huggingface_hub(
 
     assert (tmp_path / "dest" / "experts.safetensors").read_bytes() == files["experts.safetensors"]
     assert _connito_warnings(caplog) == [] and sleeps == []
+
+
+def test_downloads_leave_nothing_in_the_operators_hf_cache(hub: HubServer, tmp_path: Path) -> None:
+    """A validator downloads every submission every cycle: none of it may pile up in HF_HUB_CACHE."""
+    store = _store(hub)
+    refs = []
+    for i in range(3):
+        _write_checkpoint(tmp_path / f"ckpt-{i}", payload=bytes([i]) * 4096)
+        refs.append(store.upload(tmp_path / f"ckpt-{i}", repo=REPO))
+    for i, ref in enumerate(refs):
+        store.download(ref, tmp_path / f"dest-{i}", max_bytes=1 << 20)
+        assert (tmp_path / f"dest-{i}" / "experts.safetensors").read_bytes() == bytes([i]) * 4096
+        assert sorted(p.name for p in (tmp_path / f"dest-{i}").iterdir()) == sorted(CHECKPOINT_FILES)
+
+    cached = [p for p in (tmp_path / "hf_home" / "hub").rglob("*") if p.is_file()]
+    assert cached == []
