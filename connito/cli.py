@@ -75,6 +75,14 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print the plan as one JSON object")
 
 
+def _add_pin(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "pin", help="replace the model's and Hub datasets' branch names by the commit shas they name now"
+    )
+    p.add_argument("--config", required=True, type=Path, help="domain YAML (rewritten in place unless --out)")
+    p.add_argument("--out", type=Path, default=None, help="write the pinned YAML here instead")
+
+
 def _add_verify(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("verify-checkpoint", help="check an untrusted expert checkpoint as a validator would")
     p.add_argument("path", type=Path, help="checkpoint folder (experts.safetensors + manifest.json)")
@@ -116,7 +124,7 @@ def _add_localnet(sub: argparse._SubParsersAction) -> None:
 
 
 # Verbs whose parser and fail-fast checks import no torch: a refused model is one line in seconds.
-_LIGHT_COMMANDS = ("select", "plan")
+_LIGHT_COMMANDS = ("select", "plan", "pin")
 
 
 def build_parser(*, light: bool = False) -> argparse.ArgumentParser:
@@ -126,6 +134,7 @@ def build_parser(*, light: bool = False) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_select(sub)
     _add_plan(sub)
+    _add_pin(sub)
     if light:
         return parser
     from connito.library.commands import add_library_parsers
@@ -186,6 +195,10 @@ def _dispatch(args: argparse.Namespace) -> int:
             as_json=args.json,
             eval_tflops=args.eval_tflops,
         )
+    if args.command == "pin":
+        from connito.owner.pin import run_pin
+
+        return run_pin(args.config, out=args.out)
     if args.command == "verify-checkpoint":
         from connito.protocol.strict_loader import verify_checkpoint_cli
 

@@ -239,6 +239,10 @@ class _HubHandler(BaseHTTPRequestHandler):
             return self._create_repo(json.loads(body or b"{}"))
         if segments[:2] == ["api", "validate-yaml"] and method == "POST":
             return self._validate_yaml(json.loads(body or b"{}"))
+        if segments[:2] == ["api", "datasets"] and len(segments) >= 4 and method == "GET":
+            repo_id, rest = _split_repo(segments[2:])  # dataset repos live under "datasets/<id>"
+            revision = rest[1] if rest[:1] == ["revision"] and len(rest) >= 2 else DEFAULT_BRANCH
+            return self._model_info(f"datasets/{repo_id}", revision, query)
         if segments[:2] == ["api", "models"] and len(segments) >= 4:
             repo_id, rest = _split_repo(segments[2:])
             return self._api_models(method, repo_id, rest, query, body)
@@ -328,7 +332,8 @@ class _HubHandler(BaseHTTPRequestHandler):
             {"rfilename": path, **({"size": len(data), "blobId": git_blob_sha1(data)} if with_blobs else {})}
             for path, data in sorted(tree.items())
         ]
-        self._send_json({"id": repo_id, "sha": sha, "private": repo.private, "siblings": siblings})
+        public_id = repo_id.removeprefix("datasets/")
+        self._send_json({"id": public_id, "sha": sha, "private": repo.private, "siblings": siblings})
 
     def _tree(self, repo_id: str, revision: str, prefix: str, query: dict[str, list[str]]) -> None:
         repo = self._repo(repo_id)

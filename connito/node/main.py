@@ -16,6 +16,7 @@ import torch
 
 from connito.config import DomainConfig, config_digest, load_domain_config
 from connito.errors import ChainError, ConfigError, ConnitoError, FatalNodeError, StoreError
+from connito.hub.base import is_commit_sha
 from connito.hub.metered import MeteredStore
 from connito.ml.distributed import Distributed, barrier, init_distributed
 from connito.ml.selection_record import load_domain_selection
@@ -95,6 +96,12 @@ def build_context(args: NeuronArgs, config: DomainConfig, chain) -> NodeContext:
     metrics = open_metrics(args, config, chain.hotkey)
     cache = args.data_cache or args.workdir / "cache"
     args.workdir.mkdir(parents=True, exist_ok=True)
+    hub_model = config.model.id is not None and not Path(config.model.id).exists()
+    if hub_model and not is_commit_sha(config.model.revision):
+        logger.warning(
+            "model.revision %r is a branch, not a commit: nodes may load different weights; run connito pin",
+            config.model.revision,
+        )
     if args.role == "validator" and not args.eval_private_data:
         logger.warning(
             "no --eval.private-data: scoring on the public held-out split, which miners can train on"
