@@ -115,3 +115,42 @@ def test_standin_publishes_when_the_lead_dies(tmp_path, when: str) -> None:
         assert subnet.nodes[miner].global_state.revision == standin.global_state.revision
     if when == "during":  # the dead lead's upload reached the store, yet nobody adopted it
         assert (tmp_path / "hub" / "nodes" / "v0").is_dir()
+
+
+class _DiesAfterGlobalCommit(_DiesOnGlobalCommit):
+    """The stand-in's chain: its global commitment lands, then the process dies before saving."""
+
+    def commit(self, data: bytes) -> int:
+        block = self.inner.commit(data)
+        if isinstance(decode_commitment(data), GlobalPayload):
+            raise _Killed
+        return block
+
+
+def test_a_restarted_standin_does_not_publish_the_cycle_twice(tmp_path) -> None:
+    """The stand-in dies between its chain write and its state save; restarted inside its window,
+    it finds its own publication on chain, adopts it, and commits nothing more."""
+    config = domain_config(cycle__merge_blocks=6)
+    subnet = build_subnet(tmp_path, config, miners=2, validators=3)
+    merge_first, merge_last = phase_bounds(0, "merge", config.cycle)
+    subnet.run_until(merge_first - 1)
+    del subnet.nodes["v0"]  # the lead is down: the stand-in publishes
+    standin = subnet.nodes["v1"]
+    subnet.nodes["v1"] = Validator(
+        dataclasses.replace(standin.ctx, chain=_DiesAfterGlobalCommit(standin.ctx.chain))
+    )
+    with pytest.raises(_Killed):
+        subnet.run_until(merge_last)
+    assert subnet.chain.current_block() < merge_last  # died inside its window, with time left
+    subnet.nodes["v1"] = Validator(standin.ctx)  # restarted from its workdir
+    subnet.run_until(phase_bounds(1, "train", config.cycle)[1])
+
+    globals_committed = [
+        c for c in subnet.chain.commitment_history(standin.ctx.hotkey)
+        if isinstance(decode_commitment(c.data), GlobalPayload)
+    ]  # fmt: skip
+    assert len(globals_committed) == 1
+    restarted = subnet.nodes["v1"]
+    assert restarted.state.results[0].decision in ("merged", "best_single")
+    assert restarted.global_state.cycle == 0
+    assert subnet.nodes["v2"].global_state.revision == restarted.global_state.revision

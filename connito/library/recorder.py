@@ -14,11 +14,11 @@ import sqlite3
 import tempfile
 from pathlib import Path
 
-from connito.chain.base import Chain, Commitment, lead_validator
+from connito.chain.base import Chain
 from connito.chain.local import LocalChain
-from connito.config import DomainConfig, config_digest
+from connito.config import CycleConfig, DomainConfig, config_digest
 from connito.data import DomainData
-from connito.errors import CommitmentDecodeError, ConnitoError, InvalidSubmission, LibraryError, StoreError
+from connito.errors import ConnitoError, InvalidSubmission, LibraryError, StoreError
 from connito.hub.base import CheckpointStore, StoreRef
 from connito.library.index import Library
 from connito.library.records import Contributor, StoreLocation, VersionDraft, VersionRecord
@@ -26,11 +26,10 @@ from connito.ml.modeling import load_model
 from connito.ml.moe import read_experts
 from connito.ml.selection_record import ExpertSelection
 from connito.protocol.checkpoint import ExpertSpec
-from connito.protocol.commitments import GlobalPayload, decode_commitment
-from connito.protocol.global_state import GlobalState, fetch_global, find_global_payload
+from connito.protocol.global_state import GlobalState, fetch_global
 from connito.protocol.heldout import LossFn, heldout_losses
 from connito.protocol.merge import record_digest
-from connito.protocol.phases import phase_bounds
+from connito.protocol.publication import Publication, publication_of_cycle, publisher_history, publisher_ranks
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +108,7 @@ def record_global(
         ):
             return existing
         if block is None:
-            block = _commit_block(chain, state)
+            block = _commit_block(chain, state, config.cycle)
         measured = losses(state.experts, LIBRARY_EVAL_SEED)
         library.put_domain(config, selection)
         library.put_base(selection.model_id, selection.model_revision, str(Path(base_dir).resolve()))
@@ -125,26 +124,28 @@ def record_global(
         return None
 
 
-def _commit_block(chain: Chain, state: GlobalState) -> int | None:
-    """The block of the lead's global commitment for ``state``, while it is still the current one."""
+def _commit_block(chain: Chain, state: GlobalState, cycle_config: CycleConfig) -> int | None:
+    """The block of the valid publication (lead's or stand-in's) of ``state``'s cycle, if still on chain."""
+    if state.record is None:
+        return None
     try:
-        found = find_global_payload(chain)
+        found = publication_of_cycle(chain, cycle_config, state.record.cycle)
     except ConnitoError:
         return None
-    if found is None or state.record is None or found[2].cycle != state.record.cycle:
-        return None
-    return found[1]
+    return None if found is None else found.block
 
 
-def _global_history(chain: Chain, lead: str) -> list[Commitment]:
-    """The lead's commitments, oldest first: the whole history on a LocalChain, else the current one.
+def _publications(chain: Chain, cycle_config: CycleConfig) -> list[Publication]:
+    """Each cycle's chosen publication: the whole history on a LocalChain, else what is on chain now.
 
-    A subtensor node keeps one commitment per hotkey, so there a rebuild can only add the version
+    A subtensor node keeps one commitment per hotkey, so there a rebuild can only add the versions
     committed now; running it once per cycle (or recording in the validators) keeps a library whole.
     """
     if isinstance(chain, LocalChain):
-        return chain.commitment_history(lead)
-    return [c for c in chain.commitments() if c.hotkey == lead]
+        return publisher_history(chain.commitment_history, chain, cycle_config)
+    return publisher_history(
+        lambda hotkey: [c for c in chain.commitments() if c.hotkey == hotkey], chain, cycle_config
+    )
 
 
 def rebuild_library(
@@ -157,17 +158,17 @@ def rebuild_library(
     base_dir: Path,
     data: DomainData,
 ) -> list[VersionRecord]:
-    """Record every global the current lead validator published, from the chain and the store.
+    """Record every global the network adopted (lead's or stand-in's), from the chain and the store.
 
-    Each publication is fetched and verified as a validator would (strict loader, tensors digest,
-    merge record digest bound on chain); a publication that fails is skipped with a WARNING, as
-    is one committed after its cycle's merge phase (validators never adopt those).
+    Each cycle's chosen publication (``protocol.publication``: inside its publisher's window,
+    lowest rank) is fetched and verified as a validator would (strict loader, tensors digest,
+    merge record digest bound on chain); a publication that fails is skipped with a WARNING.
+    Commitments outside their window are never adopted by validators, so never recorded.
 
     Raises:
-        LibraryError: the chain has no lead validator.
+        LibraryError: the chain has no validator with a permit (nobody may publish).
     """
-    lead = lead_validator(chain.metagraph())
-    if lead is None:
+    if not publisher_ranks(chain.metagraph()):
         raise LibraryError("rebuild: the chain has no validator with a permit (no lead)")
     model = load_model(base_dir, config.model)
     base_experts = read_experts(model, selection.experts_by_layer)
@@ -176,25 +177,15 @@ def rebuild_library(
     library.put_base(selection.model_id, selection.model_revision, str(Path(base_dir).resolve()))
     recorded = []
     with tempfile.TemporaryDirectory(prefix="connito-rebuild-") as tmp:
-        for commitment in _global_history(chain, lead.hotkey):
-            payload = _global_payload(commitment)
-            if payload is None:
-                continue
-            _, merge_last = phase_bounds(payload.cycle, "merge", config.cycle)
-            if commitment.block > merge_last:
-                logger.warning(
-                    "rebuild skipped cycle=%d: committed at block %d after the merge phase",
-                    payload.cycle,
-                    commitment.block,
-                )
-                continue
+        for publication in _publications(chain, config.cycle):
+            payload, block = publication.payload, publication.block
             try:
                 state = fetch_global(
-                    store, lead.hotkey, payload, Path(tmp) / f"{commitment.block}",
+                    store, publication.hotkey, payload, Path(tmp) / f"{block}",
                     selection=selection, expected=expected, max_bytes=config.scoring.max_payload_bytes * 4,
                 )  # fmt: skip
             except (StoreError, InvalidSubmission) as exc:
-                logger.warning("rebuild skipped cycle=%d block=%d: %s", payload.cycle, commitment.block, exc)
+                logger.warning("rebuild skipped cycle=%d block=%d: %s", payload.cycle, block, exc)
                 continue
             losses = heldout_losses(
                 model,
@@ -205,21 +196,8 @@ def rebuild_library(
                 seed=LIBRARY_EVAL_SEED,
             )
             draft = version_draft(
-                state,
-                config=config,
-                selection=selection,
-                ref=state.ref,
-                block=commitment.block,
-                losses=losses,
+                state, config=config, selection=selection, ref=state.ref, block=block, losses=losses
             )
             record, _ = library.record(draft, state.experts)
             recorded.append(record)
     return recorded
-
-
-def _global_payload(commitment: Commitment) -> GlobalPayload | None:
-    try:
-        payload = decode_commitment(commitment.data)
-    except CommitmentDecodeError:
-        return None
-    return payload if isinstance(payload, GlobalPayload) else None

@@ -50,12 +50,12 @@ from connito.protocol.commitments import eval_seed
 from connito.protocol.global_state import (
     GlobalState,
     expected_specs,
-    find_global_payload,
     genesis_global,
 )
 from connito.protocol.heldout import general_ceiling, heldout_losses, seeded_samples
 from connito.protocol.own_work import OwnWorkProbe
 from connito.protocol.phases import PhaseInfo, seed_block
+from connito.protocol.publication import publication_of_cycle
 from connito.protocol.replay import MERGE_SOURCE, ReplayHistory
 from connito.protocol.scoring import Candidate, pseudo_gradient, score_submissions
 from connito.protocol.submissions import observe_commitments
@@ -339,9 +339,11 @@ class Validator:
             self._record(with_merge(result, record).model_copy(update={"decision": "adopted"}))
 
     def _published(self, cycle: int) -> bool:
-        """True when our own publication for ``cycle`` is already on chain (a restart after commit)."""
-        found = find_global_payload(self.ctx.chain)
-        if found is None or found[0] != self.ctx.hotkey or found[2].cycle != cycle:
+        """True when our own valid publication for ``cycle`` is on chain (a restart after commit).
+
+        As lead or as stand-in: a stand-in restarted mid-merge must not publish the cycle twice.
+        """
+        if publication_of_cycle(self.ctx.chain, self.ctx.config.cycle, cycle, hotkey=self.ctx.hotkey) is None:
             return False
         self.sync_global(cycle + 1)
         result = self.state.results[cycle]

@@ -1,4 +1,4 @@
-"""The global expert state: find the lead validator's latest publication, fetch it, verify it.
+"""The global expert state: genesis, fetching a publication from the store, and verifying it.
 
 A global state is the selected experts' tensors (its revision is their digest), the outer
 optimizer state, and the merge record that produced it. Genesis is the base model's experts.
@@ -14,15 +14,14 @@ from pathlib import Path
 
 import torch
 
-from connito.chain.base import Chain, lead_validator
-from connito.config import CycleConfig, DomainConfig
-from connito.errors import CommitmentDecodeError, InvalidSubmission
+from connito.config import DomainConfig
+from connito.errors import InvalidSubmission
 from connito.fsutil import atomic_write
 from connito.hub.base import CheckpointStore, StoreRef
 from connito.ml.outer import OuterOptimizer, OuterState
 from connito.ml.selection_record import ExpertSelection
 from connito.protocol.checkpoint import EXPERTS_FILE, MANIFEST_FILE, ExpertSpec, write_checkpoint
-from connito.protocol.commitments import GlobalPayload, decode_commitment, short_digest
+from connito.protocol.commitments import GlobalPayload, short_digest
 from connito.protocol.merge import (
     MERGE_RECORD_FILE,
     OUTER_STATE_FILE,
@@ -31,7 +30,6 @@ from connito.protocol.merge import (
     record_digest,
     state_revision,
 )
-from connito.protocol.phases import phase_bounds
 from connito.protocol.strict_loader import load_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -41,8 +39,6 @@ __all__ = [
     "GlobalState",
     "genesis_global",
     "expected_specs",
-    "find_global_payload",
-    "adoptable_global",
     "fetch_global",
     "save_global",
     "load_global",
@@ -74,41 +70,6 @@ def genesis_global(experts: dict[str, torch.Tensor]) -> GlobalState:
 def expected_specs(state: GlobalState) -> dict[str, ExpertSpec]:
     """The key, shape and dtype that every payload against ``state`` must have."""
     return {key: ExpertSpec(tuple(tensor.shape), tensor.dtype) for key, tensor in state.experts.items()}
-
-
-def find_global_payload(chain: Chain) -> tuple[str, int, GlobalPayload] | None:
-    """The lead validator's current global publication: (lead hotkey, block, payload), if any."""
-    lead = lead_validator(chain.metagraph())
-    if lead is None:
-        return None
-    for commitment in chain.commitments():
-        if commitment.hotkey != lead.hotkey:
-            continue
-        try:
-            payload = decode_commitment(commitment.data)
-        except CommitmentDecodeError:
-            return None
-        if isinstance(payload, GlobalPayload):
-            return lead.hotkey, commitment.block, payload
-    return None
-
-
-def adoptable_global(
-    chain: Chain, cycle_config: CycleConfig, *, newer_than: int, before: int
-) -> tuple[str, GlobalPayload] | None:
-    """The lead's publication a node adopts before cycle ``before``: (lead hotkey, payload), if any.
-
-    It must be for a cycle after ``newer_than`` (the node's own global) and before ``before``, and
-    committed within that cycle's merge phase: a late publication came after the nodes moved on.
-    """
-    found = find_global_payload(chain)
-    if found is None:
-        return None
-    lead, block, payload = found
-    _, merge_last = phase_bounds(payload.cycle, "merge", cycle_config)
-    if payload.cycle <= newer_than or payload.cycle >= before or block > merge_last:
-        return None
-    return lead, payload
 
 
 def save_outer(outer: OuterState, path: Path) -> None:

@@ -21,6 +21,7 @@ May import: connito.chain.base, connito.config, connito.errors, connito.protocol
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from connito.chain.base import Chain, Commitment, Neuron
@@ -37,6 +38,8 @@ __all__ = [
     "publication_window",
     "valid_publications",
     "chosen_publication",
+    "publication_of_cycle",
+    "publisher_history",
     "may_publish",
 ]
 
@@ -141,3 +144,36 @@ def may_publish(chain: Chain, hotkey: str, *, block: int, cycle: int, cycle_conf
         return True
     earlier = valid_publications(chain.commitments(), ranks, cycle_config)
     return not any(p.payload.cycle == cycle and p.rank < rank for p in earlier)
+
+
+def publication_of_cycle(
+    chain: Chain, cycle_config: CycleConfig, cycle: int, *, hotkey: str | None = None
+) -> Publication | None:
+    """The valid publication of ``cycle`` still on chain (``hotkey``'s only, when given).
+
+    Lowest rank first, as nodes choose. A restarted publisher asks for its own (did my commit
+    land?), the library for the block of the global it records. A later commitment by the same
+    hotkey replaces this one on a subtensor chain, so it answers for the current cycle only.
+    """
+    for publication in valid_publications(
+        chain.commitments(), publisher_ranks(chain.metagraph()), cycle_config
+    ):
+        if publication.payload.cycle == cycle and (hotkey is None or publication.hotkey == hotkey):
+            return publication
+    return None
+
+
+def publisher_history(
+    history: Callable[[str], list[Commitment]], chain: Chain, cycle_config: CycleConfig
+) -> list[Publication]:
+    """Every cycle's chosen publication from the publishers' whole commitment ``history``, oldest first.
+
+    Ranks are today's (the metagraph as it stands), so a cycle published by a validator that has
+    since lost its rank is not found: the library's rebuild says so for the cycles it misses.
+    """
+    ranks = publisher_ranks(chain.metagraph())
+    commitments = [c for hotkey in ranks for c in history(hotkey)]
+    chosen: dict[int, Publication] = {}
+    for publication in valid_publications(commitments, ranks, cycle_config):
+        chosen.setdefault(publication.payload.cycle, publication)  # lowest rank first
+    return [chosen[cycle] for cycle in sorted(chosen)]
