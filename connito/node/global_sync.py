@@ -6,7 +6,7 @@ stand-in's, committed inside its publisher's window), fetched from the store at 
 revision and checked by the strict loader. A failed fetch is one WARNING line: the node keeps
 its global and tries again at the next block.
 
-May import: the protocol (global state) and ``connito.node.context``.
+May import: the protocol (global state), ``connito.node.context`` and the node's start-up checks.
 """
 
 from __future__ import annotations
@@ -17,12 +17,14 @@ from pathlib import Path
 
 from connito.errors import InvalidSubmission, StoreError
 from connito.node.context import NodeContext
-from connito.protocol.global_state import GlobalState, expected_specs, fetch_global
+from connito.node.startup_checks import recover_missing_global
+from connito.node.validator_state import ValidatorState
+from connito.protocol.global_state import GlobalState, expected_specs, fetch_global, load_global
 from connito.protocol.publication import chosen_publication
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["pull_global"]
+__all__ = ["held_global", "pull_global"]
 
 GLOBAL_SIZE_FACTOR = 4  # a global carries experts, outer master and momentum: a few payloads' bytes
 
@@ -53,3 +55,20 @@ def pull_global(
         logger.warning("global fetch failed cycle=%d: %s", payload.cycle, exc)
         return None
     return lead, fetched
+
+
+def held_global(ctx: NodeContext, state: ValidatorState, state_path: Path, base: GlobalState) -> GlobalState:
+    """The global a validator held when it stopped: genesis (``base``) before any adoption, else
+    the folder of ``state.global_cycle`` in its workdir, healed from chain and store when gone."""
+    if state.global_cycle < 0:
+        return base
+    folder = ctx.workdir / "global" / str(state.global_cycle)
+    if not folder.is_dir():  # heal from chain and store rather than fail every poll
+        return recover_missing_global(state, folder, state_path, base)
+    return load_global(
+        folder,
+        selection=ctx.selection,
+        expected=expected_specs(base),
+        max_bytes=2**40,
+        cycle=state.global_cycle,
+    )

@@ -33,8 +33,8 @@ from connito.ml.update_bound import max_weight_change
 from connito.node.context import NodeContext, node_loop
 from connito.node.disk_retention import Retention
 from connito.node.failover import publication_counts, should_publish
-from connito.node.global_sync import pull_global
-from connito.node.startup_checks import load_state_file, recover_missing_global
+from connito.node.global_sync import held_global, pull_global
+from connito.node.startup_checks import load_state_file
 from connito.node.validator_downloads import SubmissionDownloads, downloads_root
 from connito.node.validator_history import observe_window_ends, previous_step_norm, remember_accepted
 from connito.node.validator_merge import (
@@ -49,7 +49,6 @@ from connito.node.validator_state import CycleResult, ValidatorState, score_row,
 from connito.protocol.commitments import eval_seed
 from connito.protocol.global_state import (
     GlobalState,
-    expected_specs,
     genesis_global,
 )
 from connito.protocol.heldout import general_ceiling, heldout_losses, seeded_samples
@@ -397,20 +396,7 @@ class Validator:
         """The adopted global state saved in the workdir, or genesis (the base model's experts)."""
         base = genesis_global(read_experts(self._resident_model_raw(), self.ctx.selection.experts_by_layer))
         self._base_state = base.experts
-        if self.state.global_cycle < 0:
-            return base
-        from connito.protocol.global_state import load_global
-
-        folder = self.ctx.workdir / "global" / str(self.state.global_cycle)
-        if not folder.is_dir():  # heal from chain and store rather than fail every poll
-            return recover_missing_global(self.state, folder, self._state_path, base)
-        return load_global(
-            folder,
-            selection=self.ctx.selection,
-            expected=expected_specs(base),
-            max_bytes=2**40,
-            cycle=self.state.global_cycle,
-        )
+        return held_global(self.ctx, self.state, self._state_path, base)
 
     def _eval_pool(self, model: torch.nn.Module) -> EvalPool | None:
         """The resident model and a replica, loaded from the base folder, on each other eval device."""
