@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from hub_server import HubServer, running_hub
 from connito.cli import main
 from connito.config import load_domain_config
 from connito.errors import ConfigError
+from connito.hub.base import is_commit_sha
 from connito.owner.pin import pin_domain, resolve_with_hub
 
 SHIPPED = Path(__file__).resolve().parents[1] / "configs" / "domains" / "math-olmoe-1b-7b.yaml"
@@ -25,10 +27,26 @@ def hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[HubServer]:
         yield server
 
 
+def _unpinned_text() -> str:
+    """The shipped config as an owner starts it: model on ``main``, sources without a revision."""
+    text = SHIPPED.read_text(encoding="utf-8")
+    text = re.sub(r"(\n  revision: )[0-9a-f]{40}", r"\1main", text)
+    return re.sub(r", revision: [0-9a-f]{40}\}", "}", text)
+
+
 def _copy_shipped(tmp_path: Path) -> Path:
     path = tmp_path / "domain.yaml"
-    path.write_text(SHIPPED.read_text(encoding="utf-8"), encoding="utf-8")
+    path.write_text(_unpinned_text(), encoding="utf-8")
     return path
+
+
+@pytest.mark.parametrize("path", sorted(SHIPPED.parent.glob("math-*.yaml")), ids=lambda p: p.stem)
+def test_shipped_real_configs_are_pinned(path: Path) -> None:
+    """Every Hub reference of a shipped real domain names a commit, so all nodes read the same bytes."""
+    config = load_domain_config(path)
+    assert is_commit_sha(config.model.revision)
+    sources = config.data.train + config.data.validation + config.data.general
+    assert [s.name for s in sources if s.kind == "hub" and not is_commit_sha(s.revision)] == []
 
 
 def _env(hub: HubServer) -> dict[str, str]:
@@ -107,7 +125,7 @@ def test_cli_pins_to_out(hub: HubServer, tmp_path: Path, capsys: pytest.CaptureF
 
     assert main(["pin", "--config", str(path), "--out", str(out)]) == 0
 
-    assert path.read_text(encoding="utf-8") == SHIPPED.read_text(encoding="utf-8")
+    assert path.read_text(encoding="utf-8") == _unpinned_text()
     assert load_domain_config(out).model.revision != "main"
     printed = capsys.readouterr().out
     assert "model.revision: allenai/OLMoE-1B-7B-0924@main -> " in printed

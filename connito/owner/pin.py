@@ -161,9 +161,13 @@ def _set_model_revision(lines: list[str], sha: str) -> None:
         len(lines),
     )
     for i in range(start + 1, end):
-        match = re.match(r"^(\s+revision:\s*)(\S+)(.*)$", lines[i].rstrip("\n"))
+        match = re.match(r"^(\s+revision:\s*)(\S+)(\s*)(#.*)?$", lines[i].rstrip("\n"))
         if match is not None:
-            lines[i] = f"{match[1]}{sha}{match[3]}\n"
+            comment = match[4] or ""
+            if comment:  # keep the comment's column when the sha fits before it
+                column = len(match[1]) + len(match[2]) + len(match[3])
+                comment = " " * max(2, column - len(match[1]) - len(sha)) + comment
+            lines[i] = f"{match[1]}{sha}{comment}\n"
             return
     lines.insert(start + 1, f"  revision: {sha}\n")
 
