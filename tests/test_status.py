@@ -76,3 +76,24 @@ def test_status_command_prints_one_json_verdict(run, tmp_path: Path, capsys) -> 
     )  # fmt: skip
     status = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert code == 1 and status["reason"] == "non_finite" and status["hotkey"] == hotkey
+
+
+def test_status_sees_the_history_a_validator_held(tmp_path: Path) -> None:
+    """Cycle 1: a replay of cycle 0's accepted update is named as the validators named it, and an
+    honest miner's loss equals the lead's to the bit (its step length comes from cycle 0)."""
+    root = tmp_path / "run"
+    config = domain_config()
+    subnet = build_subnet(root, config, miners=2, validators=1, adversaries=("replay",))
+    subnet.run_until(phase_bounds(1, "merge", config.cycle)[1])
+    recorded = {row.hotkey: row for row in subnet.nodes["v0"].state.results[1].scores}
+    replayer, honest = subnet.keys["adv-replay"].ss58_address, subnet.keys["m0"].ss58_address
+    assert recorded[replayer].reason == "replay"
+
+    status = explain_submission(_ctx(root, subnet, tmp_path / "replay"), replayer, 1)
+    assert (status.accepted, status.reason) == (False, "replay"), format_status(status)
+    assert "cycle 0" in status.detail
+    status = explain_submission(_ctx(root, subnet, tmp_path / "honest"), honest, 1)
+    assert status.accepted and status.domain_loss == recorded[honest].domain_loss
+    # without the look-back the replay goes unseen: the history is what makes the verdict right
+    blind = explain_submission(_ctx(root, subnet, tmp_path / "blind"), replayer, 1, history_cycles=0)
+    assert blind.reason != "replay"

@@ -5,8 +5,15 @@ chain's commitments give the commit and the reveal, the store gives the revealed
 domain config and the seed block give the evaluation sample, and a shadow validator (the real
 ``Validator``, in a scratch workdir, with a chain it cannot write to) re-runs every check and the
 Proof-of-Loss scoring for the cycle. Validation is deterministic, so its verdict (accepted or the
-rejection reason, loss against the global, rank, this cycle's weight) is the honest validators'
-verdict. The chain adds the weights validators set; the published merge record says whether the
+rejection reason, rank, this cycle's weight) is the honest validators' verdict. Two rules look
+back: a submission may not replay an update accepted (or a merge adopted) in the last
+``scoring.replay_cycles`` cycles, and its step length comes from the previous cycle's accepted
+updates. So the shadow first evaluates those earlier cycles, in order, adopting each published
+global as a validator does; that history is exactly what a validator held. Validators that score
+on private evaluation data (``--eval.private-data``) measure Proof-of-Loss on samples nobody else
+sees: the shadow measures on the public split, so its losses (and, for close miners, the order)
+can differ from theirs, while every check that decides acceptance needs no private data.
+The chain adds the weights validators set; the published merge record says whether the
 submission was merged and with what weight.
 
 On the embedded chain every commitment ever written is readable, so any cycle whose files are
@@ -99,10 +106,14 @@ class _ReadOnlyHistory:
         raise ChainError("connito status never writes to the chain")
 
 
-def explain_submission(ctx: NodeContext, hotkey: str, cycle: int) -> SubmissionStatus:
+def explain_submission(
+    ctx: NodeContext, hotkey: str, cycle: int, *, history_cycles: int | None = None
+) -> SubmissionStatus:
     """Re-run the cycle's evaluation as a validator and read the hotkey's verdict.
 
     ``ctx`` is a node context whose chain is only read and whose workdir is scratch space.
+    ``history_cycles`` earlier cycles (default ``scoring.replay_cycles``) are evaluated first,
+    so that the replay check and the step length see what a validator saw.
 
     Raises:
         ChainError, StoreError: the chain or the store cannot be read.
@@ -116,6 +127,9 @@ def explain_submission(ctx: NodeContext, hotkey: str, cycle: int) -> SubmissionS
     shadow = Validator(shadow_ctx, progress_bars=False)
     observe_commitments(shadow.state.observed, chain.commitments(), ctx.config, ignore=validators)
     observation = shadow.state.observed.get(cycle, {}).get(hotkey)
+    lookback = ctx.config.scoring.replay_cycles if history_cycles is None else history_cycles
+    for earlier in range(max(0, cycle - lookback), cycle):
+        shadow.evaluate(earlier)  # accepted updates and adopted merges: the validator's history
     shadow.evaluate(cycle)
     result = shadow.state.results[cycle]
     row = next((r for r in result.scores if r.hotkey == hotkey), None)
@@ -204,6 +218,13 @@ def add_status_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--data-cache", type=Path, default=None, help="data and tokenizer cache (default: WORKDIR/cache)"
     )
+    p.add_argument(
+        "--history",
+        type=int,
+        default=None,
+        help="earlier cycles to evaluate first, for the replay check and step length "
+        "(default: the YAML's scoring.replay_cycles; 0 is faster but misses replays)",
+    )
     p.add_argument("--json", action="store_true", help="print the status as one JSON object")
 
 
@@ -211,7 +232,7 @@ def run_status(args: argparse.Namespace) -> int:
     """``connito status``: print the verdict; 0 when accepted, 1 when rejected."""
     with tempfile.TemporaryDirectory(prefix="connito-status-") as scratch:
         ctx = status_context(args, workdir=args.workdir or Path(scratch))
-        status = explain_submission(ctx, args.hotkey, args.cycle)
+        status = explain_submission(ctx, args.hotkey, args.cycle, history_cycles=args.history)
     print(json.dumps(status.model_dump(), sort_keys=True) if args.json else format_status(status))
     return 0 if status.accepted else 1
 
