@@ -10,9 +10,13 @@ an old one, or an update trained on the public held-out pool learned none of thi
 documents: its assigned drop is no larger than its control drop, whatever its held-out score.
 
 This is the before/after test of Templar's Gauntlet, applied to held-out documents a miner chose
-none of. When it fails, the probe also measures the drop on the assigned documents of the
-earlier submission closest in direction (a near-copy learned those) and on the public held-out
-pool (training on the evaluation data), so the rejection names what the update did.
+none of. The probe also measures the drop on the assigned documents of the other submission
+closest in direction, whichever committed first: an update that learned that miner's documents
+at least as well as its own is a (noisy, or partly) copy of it, even when its own gap cleared the
+margin by chance; the original learned its own documents far better than the copier's, so the
+rule needs no commit order (a colluding sybil may commit before its source). When the update
+fails, the drop on the public held-out pool (training on the evaluation data) is measured too,
+so the rejection names what the update did.
 
 May import: connito.config, connito.data, connito.ml (the scoring types only for annotations).
 """
@@ -36,7 +40,7 @@ from connito.ml.modeling import mean_batch_loss
 if TYPE_CHECKING:
     from connito.protocol.scoring import Candidate
 
-__all__ = ["OwnWorkProbe", "OwnWorkVerdict", "nearest_earlier"]
+__all__ = ["OwnWorkProbe", "OwnWorkVerdict", "nearest_other"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -46,25 +50,37 @@ class OwnWorkVerdict:
     assigned_drop: float  # relative loss drop on the miner's assigned documents
     control_drop: float  # relative loss drop on the control documents
     public_pool_drop: float | None = None  # on the public held-out pool; measured only on failure
-    nearest: str | None = None  # the earlier submission closest in direction; probed only on failure
+    nearest: str | None = None  # the other submission closest in direction
     nearest_cosine: float = 0.0
     nearest_drop: float | None = None  # relative loss drop on ``nearest``'s assigned documents
 
     def passes(self, margin: float) -> bool:
         """The update lowered the loss on its assigned documents by ``margin`` more than on the
-        control ones, and by ``margin`` at least: hurting the control set is no evidence."""
-        return self.assigned_drop - max(self.control_drop, 0.0) > margin
+        control ones (hurting the control set is no evidence), and not less than on the documents
+        of the submission closest to it in direction."""
+        return self.assigned_drop - max(self.control_drop, 0.0) > margin and not self.learned_nearest(margin)
+
+    def learned_nearest(self, margin: float) -> bool:
+        """It learned ``nearest``'s assigned documents (by ``margin`` over control) at least as well as its own."""
+        if self.nearest_drop is None:
+            return False
+        return (
+            self.nearest_drop - max(self.control_drop, 0.0) > margin
+            and self.nearest_drop >= self.assigned_drop
+        )
 
     def reason(self, margin: float) -> tuple[str, str]:
         """The rejection code and detail of a failing verdict: what the update learned instead.
 
-        It learned an earlier submission's assigned documents (a near-copy of that submission),
+        It learned another submission's assigned documents (a near-copy of that submission),
         or the public held-out pool (training on the evaluation data), or nothing of its own.
         The pool is named when its drop is the largest of the three and at least half the margin:
         the update is rejected either way, and a near-copy is named before it.
         """
         own = f"its assigned documents {self.assigned_drop:.2%}, unassigned {self.control_drop:.2%}"
-        if self.nearest_drop is not None and self.nearest_drop - self.control_drop > margin:
+        if self.nearest_drop is not None and (
+            self.learned_nearest(margin) or self.nearest_drop - self.control_drop > margin
+        ):
             return (
                 "near_copy",
                 f"learned hotkey={self.nearest}'s assigned documents (loss fell {self.nearest_drop:.2%} there, "
@@ -167,8 +183,8 @@ class OwnWorkProbe:
     ) -> OwnWorkVerdict:
         """The verdict on the experts ``model`` holds now (the submission's).
 
-        ``baseline`` must have been taken for ``hotkey`` and for the ``nearest`` earlier submission
-        (its hotkey and pseudo-gradient cosine), whose assignment is probed only on failure.
+        ``baseline`` must have been taken for ``hotkey`` and for the ``nearest`` other submission
+        (its hotkey and pseudo-gradient cosine), whose assignment is always probed.
         """
         assigned = self.assigned(hotkey)
         if not assigned:  # nothing assigned: no evidence either way, so no payment either
@@ -177,15 +193,14 @@ class OwnWorkProbe:
             assigned_drop=_drop(self._baselines[hotkey], mean_batch_loss(model, assigned)),
             control_drop=_drop(self.control_global, mean_batch_loss(model, self.control)),
         )
+        if nearest is not None and self.assigned(nearest[0]):
+            other, cosine = nearest
+            learned = _drop(self._baselines[other], mean_batch_loss(model, self.assigned(other)))
+            verdict = dataclasses.replace(verdict, nearest=other, nearest_cosine=cosine, nearest_drop=learned)
         if verdict.passes(self.margin):
             return verdict
         public = _drop(self.public_pool_global, mean_batch_loss(model, self.public_pool))
-        verdict = dataclasses.replace(verdict, public_pool_drop=public)
-        if nearest is None or not self.assigned(nearest[0]):
-            return verdict
-        other, cosine = nearest
-        learned = _drop(self._baselines[other], mean_batch_loss(model, self.assigned(other)))
-        return dataclasses.replace(verdict, nearest=other, nearest_cosine=cosine, nearest_drop=learned)
+        return dataclasses.replace(verdict, public_pool_drop=public)
 
 
 def _drop(before: float, after: float) -> float:
@@ -194,14 +209,16 @@ def _drop(before: float, after: float) -> float:
     return drop if drop == drop else float("-inf")
 
 
-def nearest_earlier(kept: Sequence[tuple[Candidate, DeltaSketch]]) -> dict[str, tuple[str, float]]:
-    """For each kept candidate, the earlier-committed one closest in direction, and their cosine."""
+def nearest_other(kept: Sequence[tuple[Candidate, DeltaSketch]]) -> dict[str, tuple[str, float]]:
+    """For each kept candidate, the other one closest in direction (either commit order), and their cosine."""
     out: dict[str, tuple[str, float]] = {}
     for index, (candidate, sketch) in enumerate(kept):
-        earlier = [
-            (cosine_estimate(sketch, other_sketch), other.hotkey) for other, other_sketch in kept[:index]
+        others = [
+            (cosine_estimate(sketch, other_sketch), other.hotkey)
+            for position, (other, other_sketch) in enumerate(kept)
+            if position != index
         ]
-        if earlier:
-            cosine, hotkey = max(earlier)
+        if others:
+            cosine, hotkey = max(others)
             out[candidate.hotkey] = (hotkey, cosine)
     return out

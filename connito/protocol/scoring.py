@@ -27,7 +27,7 @@ from connito.ml.delta_sketch import DeltaSketch, cosine_upper_bound, sketch_delt
 from connito.ml.eval_pool import EvalPool
 from connito.ml.modeling import batch_losses, mean_batch_loss
 from connito.ml.moe import write_experts
-from connito.protocol.own_work import OwnWorkProbe, nearest_earlier
+from connito.protocol.own_work import OwnWorkProbe, nearest_other
 from connito.protocol.step_length import LOSS_RESOLUTION, at_step, improving_median
 
 if TYPE_CHECKING:
@@ -275,7 +275,7 @@ def score_submissions(
     )
     kept, scores = _screen_copies(candidates, global_state, config.duplicate_cosine, max_change, replay)
     norms = {candidate.hotkey: sketch.norm for candidate, sketch in kept}
-    nearest = nearest_earlier(kept) if own_work is not None else {}
+    nearest = nearest_other(kept) if own_work is not None else {}
     step = None
     if kept and config.normalised_step:
         step = step_norm or improving_median(
