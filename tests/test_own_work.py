@@ -225,3 +225,18 @@ def test_training_a_little_and_adding_anothers_update_is_a_near_copy(world):
     scores = _score(world, {"alice": updates["alice"], "mixer": mixed})
     assert scores["alice"].accepted
     assert scores["mixer"].reason == "near_copy", scores["mixer"]
+
+
+def test_the_reason_names_what_the_update_learned_most():
+    """Seen in a localnet run: an update trained on the public pool also fell 3.5% on an honest
+    miner's assignment (general domain learning) and was named near_copy; the pool fell more."""
+    from connito.protocol.own_work import OwnWorkVerdict
+
+    pool_trained = OwnWorkVerdict(
+        assigned_drop=-0.0038, control_drop=0.0088, public_pool_drop=0.09, nearest="m2", nearest_drop=0.0349
+    )
+    assert pool_trained.reason(0.025)[0] == "trained_on_eval_pool"
+    copier = OwnWorkVerdict(
+        assigned_drop=0.055, control_drop=0.065, public_pool_drop=0.06, nearest="m1", nearest_drop=0.103
+    )
+    assert copier.reason(0.025)[0] == "near_copy"

@@ -74,24 +74,26 @@ class OwnWorkVerdict:
 
         It learned another submission's assigned documents (a near-copy of that submission),
         or the public held-out pool (training on the evaluation data), or nothing of its own.
-        The pool is named when its drop is the largest of the three and at least half the margin:
-        the update is rejected either way, and a near-copy is named before it.
+        Whichever of the two it learned most is named: the pool when its drop beats the control,
+        the own and the other submission's drops (and half the margin); the update is rejected
+        either way.
         """
         own = f"its assigned documents {self.assigned_drop:.2%}, unassigned {self.control_drop:.2%}"
+        public = self.public_pool_drop
+        pool = f", the public held-out pool {public:.2%}" if public is not None else ""
+        learned = [self.control_drop, self.assigned_drop, margin / 2]
+        if public is not None and public > max(learned + [self.nearest_drop or float("-inf")]):
+            return (
+                "trained_on_eval_pool",
+                f"learned the public held-out pool most: loss fell on {own}{pool}",
+            )
         if self.nearest_drop is not None and (
             self.learned_nearest(margin) or self.nearest_drop - self.control_drop > margin
         ):
             return (
                 "near_copy",
                 f"learned hotkey={self.nearest}'s assigned documents (loss fell {self.nearest_drop:.2%} there, "
-                f"pseudo-gradient cosine {self.nearest_cosine:.3f}), not its own: {own}",
-            )
-        public = self.public_pool_drop
-        pool = f", the public held-out pool {public:.2%}" if public is not None else ""
-        if public is not None and public > max(self.control_drop, self.assigned_drop, margin / 2):
-            return (
-                "trained_on_eval_pool",
-                f"learned the public held-out pool most: loss fell on {own}{pool}",
+                f"pseudo-gradient cosine {self.nearest_cosine:.3f}) at least as well as its own: {own}",
             )
         return (
             "not_own_work",
