@@ -97,3 +97,33 @@ def test_status_sees_the_history_a_validator_held(tmp_path: Path) -> None:
     # without the look-back the replay goes unseen: the history is what makes the verdict right
     blind = explain_submission(_ctx(root, subnet, tmp_path / "blind"), replayer, 1, history_cycles=0)
     assert blind.reason != "replay"
+
+
+def test_status_explains_several_hotkeys_from_one_replay(run, tmp_path: Path, capsys) -> None:
+    """An operator with several miners asks once: one verdict per hotkey, exit 1 if any was rejected."""
+    root, _, subnet = run
+    config_path = tmp_path / "domain.yaml"
+    import yaml
+    from e2e_harness import TINY_DOMAIN
+
+    config_path.write_text(yaml.safe_dump(TINY_DOMAIN))
+    names = ("m0", "adv-lazy", "adv-copy")
+    hotkeys = [subnet.keys[name].ss58_address for name in names]
+    code = main(
+        [
+            "status", "--config", str(config_path), "--selection", str(root / "selection.json"),
+            *[arg for hotkey in hotkeys for arg in ("--hotkey", hotkey)],
+            "--cycle", "0", "--chain", f"local:{root / 'chain.sqlite'}",
+            "--hub", f"local:{root / 'hub'}", "--model-path", str(root / "base"),
+            "--workdir", str(tmp_path / "scratch"), "--data-cache", str(root / "cache"), "--json",
+        ]
+    )  # fmt: skip
+    lines = [
+        json.loads(line) for line in capsys.readouterr().out.strip().splitlines() if line.startswith("{")
+    ]
+    assert code == 1
+    assert [(s["hotkey"], s["accepted"], s["reason"]) for s in lines] == [
+        (hotkeys[0], True, None),
+        (hotkeys[1], False, "lazy"),
+        (hotkeys[2], False, "duplicate"),
+    ]

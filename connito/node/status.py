@@ -43,7 +43,14 @@ from connito.protocol.publication import chosen_publication
 from connito.protocol.submissions import observe_commitments
 from connito.protocol.weights import ranked
 
-__all__ = ["SubmissionStatus", "explain_submission", "add_status_parser", "run_status", "format_status"]
+__all__ = [
+    "SubmissionStatus",
+    "explain_submission",
+    "explain_submissions",
+    "add_status_parser",
+    "run_status",
+    "format_status",
+]
 
 _RECORD_MAX_BYTES = 1 << 20
 
@@ -118,42 +125,54 @@ def explain_submission(
     Raises:
         ChainError, StoreError: the chain or the store cannot be read.
     """
+    return explain_submissions(ctx, [hotkey], cycle, history_cycles=history_cycles)[0]
+
+
+def explain_submissions(
+    ctx: NodeContext, hotkeys: list[str], cycle: int, *, history_cycles: int | None = None
+) -> list[SubmissionStatus]:
+    """``explain_submission`` for several hotkeys from one replay (an operator with many miners)."""
     from connito.node.validator import Validator  # loads the model stack only when asked
 
     chain = _ReadOnlyHistory(ctx.chain)
-    shadow_ctx = dataclasses.replace(ctx, chain=chain, hotkey=f"status-{hotkey[:16]}", keep_cycles=None)
+    shadow_ctx = dataclasses.replace(ctx, chain=chain, hotkey="status-shadow", keep_cycles=None)
     neurons = chain.metagraph()
     validators = {n.hotkey for n in neurons if n.validator_permit}
     shadow = Validator(shadow_ctx, progress_bars=False)
     observe_commitments(shadow.state.observed, chain.commitments(), ctx.config, ignore=validators)
-    observation = shadow.state.observed.get(cycle, {}).get(hotkey)
     lookback = ctx.config.scoring.replay_cycles if history_cycles is None else history_cycles
     for earlier in range(max(0, cycle - lookback), cycle):
         shadow.evaluate(earlier)  # accepted updates and adopted merges: the validator's history
     shadow.evaluate(cycle)
     result = shadow.state.results[cycle]
-    row = next((r for r in result.scores if r.hotkey == hotkey), None)
     order = [s.hotkey for s in ranked(submission_scores(result))]
-    merged, merge_weight, publisher = _merge_of(ctx, chain, hotkey, cycle)
-    uid = next((n.uid for n in neurons if n.hotkey == hotkey), None)
-    return SubmissionStatus(
-        hotkey=hotkey,
-        cycle=cycle,
-        uid=uid,
-        committed=observation is not None and observation.commit_digest is not None,
-        revealed=observation is not None and observation.reveal_revision is not None,
-        accepted=row is not None and row.accepted,
-        reason=None if row is not None and row.accepted else (row.reason if row else "no_commit"),
-        detail=row.detail if row else "no commitment of this hotkey was found for the cycle",
-        domain_loss=row.domain_loss if row else None,
-        global_domain_loss=result.global_domain_loss,
-        rank=order.index(hotkey) + 1 if hotkey in order else None,
-        cycle_weight=result.cycle_weights.get(hotkey, 0.0),
-        chain_weights=_chain_weights(ctx.chain, neurons, uid),
-        merged=merged,
-        merge_weight=merge_weight,
-        publisher=publisher,
-    )
+    statuses = []
+    for hotkey in hotkeys:
+        observation = shadow.state.observed.get(cycle, {}).get(hotkey)
+        row = next((r for r in result.scores if r.hotkey == hotkey), None)
+        merged, merge_weight, publisher = _merge_of(ctx, chain, hotkey, cycle)
+        uid = next((n.uid for n in neurons if n.hotkey == hotkey), None)
+        statuses.append(
+            SubmissionStatus(
+                hotkey=hotkey,
+                cycle=cycle,
+                uid=uid,
+                committed=observation is not None and observation.commit_digest is not None,
+                revealed=observation is not None and observation.reveal_revision is not None,
+                accepted=row is not None and row.accepted,
+                reason=None if row is not None and row.accepted else (row.reason if row else "no_commit"),
+                detail=row.detail if row else "no commitment of this hotkey was found for the cycle",
+                domain_loss=row.domain_loss if row else None,
+                global_domain_loss=result.global_domain_loss,
+                rank=order.index(hotkey) + 1 if hotkey in order else None,
+                cycle_weight=result.cycle_weights.get(hotkey, 0.0),
+                chain_weights=_chain_weights(ctx.chain, neurons, uid),
+                merged=merged,
+                merge_weight=merge_weight,
+                publisher=publisher,
+            )
+        )
+    return statuses
 
 
 def _chain_weights(chain: Chain, neurons: list[Neuron], uid: int | None) -> dict[str, float]:
@@ -208,7 +227,9 @@ def add_status_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--config", required=True, type=Path, help="domain YAML")
     p.add_argument("--selection", required=True, type=Path, help="the domain's SELECTION.json")
-    p.add_argument("--hotkey", required=True, help="ss58 of the miner hotkey to explain")
+    p.add_argument(
+        "--hotkey", required=True, action="append", help="ss58 of a miner hotkey to explain (repeatable)"
+    )
     p.add_argument("--cycle", required=True, type=int, help="the cycle to explain")
     p.add_argument("--chain", required=True, help="local:PATH (a local ledger) or a subtensor network/URL")
     p.add_argument("--netuid", type=int, default=None, help="subnet (default: the YAML's netuid)")
@@ -229,12 +250,13 @@ def add_status_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run_status(args: argparse.Namespace) -> int:
-    """``connito status``: print the verdict; 0 when accepted, 1 when rejected."""
+    """``connito status``: print each verdict; 0 when every hotkey was accepted, else 1."""
     with tempfile.TemporaryDirectory(prefix="connito-status-") as scratch:
         ctx = status_context(args, workdir=args.workdir or Path(scratch))
-        status = explain_submission(ctx, args.hotkey, args.cycle, history_cycles=args.history)
-    print(json.dumps(status.model_dump(), sort_keys=True) if args.json else format_status(status))
-    return 0 if status.accepted else 1
+        statuses = explain_submissions(ctx, args.hotkey, args.cycle, history_cycles=args.history)
+    for status in statuses:
+        print(json.dumps(status.model_dump(), sort_keys=True) if args.json else format_status(status))
+    return 0 if all(status.accepted for status in statuses) else 1
 
 
 def status_context(args: argparse.Namespace, *, workdir: Path) -> NodeContext:
