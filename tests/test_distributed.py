@@ -38,6 +38,11 @@ RUNS = {
     "ddp-full-pools": ("ddp", "full", 2, (1, 2)),
 }
 
+# fsdp reduce-scatters gradients in another order than one process sums them; AdamW divides by
+# sqrt(v), so a last-bit difference in a near-zero gradient moves a weight by up to ~1e-5 over 3
+# steps (seen: 5 of 512 elements, 2.1e-5, only when OMP_NUM_THREADS is set), 200x below one step (lr).
+ATOL = {name: 5e-5 if strategy == "fsdp" else 2e-6 for name, (strategy, *_rest) in RUNS.items()}
+
 
 def _batches(count: int) -> list[torch.Tensor]:
     return [random_batch(seed=100 + i) for i in range(count)]
@@ -116,7 +121,7 @@ def test_ranks_agree_and_equal_one_process_on_the_global_batch(rank_outputs, nam
     assert ranks[0].keys() == ranks[1].keys() == reference.keys()
     for key in reference:
         assert torch.equal(ranks[0][key], ranks[1][key]), key
-        torch.testing.assert_close(ranks[0][key], reference[key], rtol=0, atol=2e-6)
+        torch.testing.assert_close(ranks[0][key], reference[key], rtol=0, atol=ATOL[name])
         assert not torch.equal(reference[key], base[key]), key  # it did train
 
 
