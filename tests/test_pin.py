@@ -129,3 +129,21 @@ def test_cli_pins_to_out(hub: HubServer, tmp_path: Path, capsys: pytest.CaptureF
     assert load_domain_config(out).model.revision != "main"
     printed = capsys.readouterr().out
     assert "model.revision: allenai/OLMoE-1B-7B-0924@main -> " in printed
+
+
+def test_a_source_already_at_a_commit_is_left_alone(hub: HubServer, tmp_path: Path) -> None:
+    """Two sources of one repo, one pinned by hand to an older commit: only the other moves."""
+    old_sha = hub.add_commit("datasets/openai/gsm8k", {"main/test.parquet": b"old"})
+    new_sha = hub.add_commit("datasets/openai/gsm8k", {"main/test.parquet": b"new"})
+    path = _copy_shipped(tmp_path)
+    text = path.read_text(encoding="utf-8").replace(
+        "split: test, text_field: answer}", f"split: test, text_field: answer, revision: {old_sha}}}"
+    )
+    path.write_text(text, encoding="utf-8")
+
+    pins = pin_domain(path, resolve_with_hub(_env(hub)))
+
+    config = load_domain_config(path)
+    assert config.data.validation[0].revision == old_sha  # the owner's pin stands
+    assert config.data.train[0].revision == new_sha
+    assert "data.validation[0].revision" not in {p.field for p in pins}

@@ -137,13 +137,20 @@ def _rewrite(text: str, pins: list[Pin]) -> str:
         if match is None or "kind: hub" not in match["body"]:
             continue
         body = match["body"]
+        revision = re.search(r"\brevision:\s*([^,\s]+)", body)
+        was = revision[1] if revision else None  # a line already at a commit has no pin: left alone
         pin = next(
-            (p for p in source_pins if re.search(rf"\bname:\s*{re.escape(p.repo)}\s*(,|$)", body)), None
+            (
+                p
+                for p in source_pins
+                if p.was == was and re.search(rf"\bname:\s*{re.escape(p.repo)}\s*(,|$)", body)
+            ),
+            None,
         )
         if pin is None:
             continue
-        if re.search(r"\brevision:", body):
-            body = re.sub(r"\brevision:\s*[^,]*", f"revision: {pin.sha}", body)
+        if revision is not None:
+            body = body[: revision.start(1)] + pin.sha + body[revision.end(1) :]
         else:
             body = body.rstrip() + f", revision: {pin.sha}"
         newline = "\n" if line.endswith("\n") else ""
