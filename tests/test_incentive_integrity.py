@@ -200,3 +200,39 @@ def test_a_small_domain_still_gives_every_miner_and_the_control_set_documents():
         for hotkey in ("a", "b", "c"):
             mine = assigned_mask(keys, domain="d", cycle=cycle, hotkey=hotkey, fraction=1 / 128)
             assert mine.sum() >= MIN_DOCUMENTS and not (mine & control).any()
+
+
+def test_the_history_keeps_the_screens_sketch_without_reading_the_payload_again(setup, tmp_path):  # noqa: F811
+    """An accepted update is remembered from the sketch the copy screen made: the same bits as
+    sketching it anew, and no second read of the payload (the validator reads it from disk)."""
+    import dataclasses as _dc
+
+    from connito.node.validator_history import remember_accepted
+    from connito.protocol.global_state import GlobalState
+    from connito.protocol.scoring import Candidate
+
+    model, _clean, global_state, good = setup
+    reads = []
+
+    def load():
+        reads.append(1)
+        return good
+
+    candidate = Candidate(hotkey="miner", uid=1, commit_block=10, tensors_sha256="sha-good", load=load)
+    score = _scored(model, global_state, [candidate])["miner"]
+    assert score.accepted and score.sketch is not None
+    screened = len(reads)
+    history = ReplayHistory(tmp_path / "replay")
+    ctx = _dc.make_dataclass("Ctx", ["config"])(
+        config=_dc.make_dataclass("Cfg", ["scoring"])(scoring=ScoringConfig(replay_cycles=3))
+    )
+    held = GlobalState(cycle=0, revision="r", experts=global_state, outer=None)  # type: ignore[arg-type]
+    remember_accepted(ctx, history, 1, [score], {"miner": candidate}, held)
+
+    assert len(reads) == screened  # not read again
+    fresh = ReplayHistory(tmp_path / "replay-fresh")
+    fresh.add(1, "miner", pseudo_gradient(global_state, good))
+    stored = ReplayHistory(tmp_path / "replay")._read(1)
+    again = fresh._read(1)
+    assert [s for s, _ in stored] == [s for s, _ in again] == ["miner"]
+    assert torch.equal(stored[0][1].q, again[0][1].q) and torch.equal(stored[0][1].scales, again[0][1].scales)

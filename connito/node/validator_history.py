@@ -64,12 +64,19 @@ def remember_accepted(
     candidates: dict[str, Candidate],
     global_state: GlobalState,
 ) -> None:
-    """Keep sketches of ``cycle``'s accepted updates and forget cycles beyond the replay window."""
+    """Keep sketches of ``cycle``'s accepted updates and forget cycles beyond the replay window.
+
+    The copy screen already sketched every kept update (``SubmissionScore.sketch``); only a score
+    without one (built elsewhere) costs a read of its payload.
+    """
     for score in scores:
-        if score.accepted:
-            history.add(
-                cycle, score.hotkey, pseudo_gradient(global_state.experts, candidates[score.hotkey].experts())
-            )
+        if not score.accepted:
+            continue
+        if score.sketch is not None:
+            history.add_sketch(cycle, score.hotkey, score.sketch)
+        else:
+            experts = candidates[score.hotkey].experts()
+            history.add(cycle, score.hotkey, pseudo_gradient(global_state.experts, experts))
     history.prune(keep_from=cycle - ctx.config.scoring.replay_cycles)
 
 

@@ -62,7 +62,10 @@ class ReplayHistory:
         """Keep the sketch of ``delta`` (a flat fp32 pseudo-gradient) as ``source`` of ``cycle``."""
         if not torch.isfinite(delta).all() or float(delta.abs().max()) == 0.0:
             return
-        sketch = sketch_delta(delta)
+        self.add_sketch(cycle, source, sketch_delta(delta))
+
+    def add_sketch(self, cycle: int, source: str, sketch: DeltaSketch) -> None:
+        """Keep ``sketch`` (of a finite, non-zero pseudo-gradient) as ``source`` of ``cycle``."""
         meta = {"norm": sketch.norm, "sketch_norm": sketch.sketch_norm, "error": sketch.error}
         blob = save({"q": sketch.q, "scales": sketch.scales}, metadata={"sketch": json.dumps(meta)})
         atomic_write(self.folder / str(cycle) / f"{_safe(source)}.safetensors", blob)

@@ -15,7 +15,7 @@ import dataclasses
 import logging
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -92,6 +92,8 @@ class SubmissionScore:
     scored_norm: float | None = None  # the step length it was measured at (the cycle's, or as sent)
     assigned_drop: float | None = None  # own-work evidence (connito.protocol.own_work)
     control_drop: float | None = None
+    # the int8 sketch of its pseudo-gradient from the copy screen, for the replay history to keep
+    sketch: DeltaSketch | None = field(default=None, repr=False, compare=False)
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -274,7 +276,8 @@ def score_submissions(
         _History(store=history, cycle=cycle, window=config.replay_cycles) if history is not None else None
     )
     kept, scores = _screen_copies(candidates, global_state, config.duplicate_cosine, max_change, replay)
-    norms = {candidate.hotkey: sketch.norm for candidate, sketch in kept}
+    sketches = {candidate.hotkey: sketch for candidate, sketch in kept}
+    norms = {hotkey: sketch.norm for hotkey, sketch in sketches.items()}
     nearest = nearest_other(kept) if own_work is not None else {}
     step = None
     if kept and config.normalised_step:
@@ -306,7 +309,12 @@ def score_submissions(
             )
         finally:
             write_experts(replica, global_state)
-        return dataclasses.replace(score, update_norm=norms[candidate.hotkey], scored_norm=measured_at)
+        return dataclasses.replace(
+            score,
+            update_norm=norms[candidate.hotkey],
+            scored_norm=measured_at,
+            sketch=sketches[candidate.hotkey],
+        )
 
     queue = [candidate for candidate, _sketch in kept]
     if pool is None:
