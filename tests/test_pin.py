@@ -98,7 +98,9 @@ def test_unknown_dataset_is_one_line_and_writes_nothing(hub: HubServer, tmp_path
     with pytest.raises(ConfigError) as info:
         pin_domain(path, resolve_with_hub(_env(hub)))
 
-    assert "dataset nobody/nothing@main not found" in str(info.value) and "\n" not in str(info.value)
+    message = str(info.value)
+    assert message.startswith(f"{path}: data source nobody/nothing: dataset nobody/nothing@main not found")
+    assert "\n" not in message
     assert path.read_text(encoding="utf-8") == text
 
 

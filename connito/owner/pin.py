@@ -83,7 +83,7 @@ def pin_domain(config_path: Path, resolve: Resolver, *, out: Path | None = None)
             file would not carry exactly the resolved shas (nothing written).
     """
     config = load_domain_config(config_path)
-    pins = _resolve_all(config, resolve)
+    pins = _resolve_all(config, _naming(resolve, config_path))
     if not pins:
         return []
     text = config_path.read_text(encoding="utf-8")
@@ -92,6 +92,19 @@ def pin_domain(config_path: Path, resolve: Resolver, *, out: Path | None = None)
     _check_rewrite(pinned_text, pins, config_path)
     atomic_write(target, pinned_text.encode("utf-8"))
     return pins
+
+
+def _naming(resolve: Resolver, config_path: Path) -> Resolver:
+    """``resolve``, its one-line errors prefixed with the YAML file they come from."""
+
+    def named(kind: str, repo: str, revision: str) -> str:
+        try:
+            return resolve(kind, repo, revision)
+        except ConfigError as exc:
+            field = "model.revision" if kind == "model" else f"data source {repo}"
+            raise ConfigError(exc.reason, path=str(config_path), field=field) from None
+
+    return named
 
 
 def _hub_sources(config: DomainConfig) -> list[tuple[str, DataSource]]:
