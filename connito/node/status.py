@@ -146,11 +146,13 @@ def explain_submissions(
     shadow.evaluate(cycle)
     result = shadow.state.results[cycle]
     order = [s.hotkey for s in ranked(submission_scores(result))]
+    record, publisher = _published_merge(ctx, chain, cycle)  # read once for every hotkey asked
+    weights = _weights_by_validator(ctx.chain, neurons)
     statuses = []
     for hotkey in hotkeys:
         observation = shadow.state.observed.get(cycle, {}).get(hotkey)
         row = next((r for r in result.scores if r.hotkey == hotkey), None)
-        merged, merge_weight, publisher = _merge_of(ctx, chain, hotkey, cycle)
+        merge_weight = next((i.weight for i in record.inputs if i.hotkey == hotkey), None) if record else None
         uid = next((n.uid for n in neurons if n.hotkey == hotkey), None)
         statuses.append(
             SubmissionStatus(
@@ -166,8 +168,8 @@ def explain_submissions(
                 global_domain_loss=result.global_domain_loss,
                 rank=order.index(hotkey) + 1 if hotkey in order else None,
                 cycle_weight=result.cycle_weights.get(hotkey, 0.0),
-                chain_weights=_chain_weights(ctx.chain, neurons, uid),
-                merged=merged,
+                chain_weights={} if uid is None else {v: on.get(uid, 0.0) for v, on in weights.items()},
+                merged=None if record is None else merge_weight is not None,
                 merge_weight=merge_weight,
                 publisher=publisher,
             )
@@ -175,31 +177,30 @@ def explain_submissions(
     return statuses
 
 
-def _chain_weights(chain: Chain, neurons: list[Neuron], uid: int | None) -> dict[str, float]:
-    """Each validator's current weight on ``uid`` (the embedded chain exposes weights; else empty)."""
+def _weights_by_validator(chain: Chain, neurons: list[Neuron]) -> dict[str, dict[int, float]]:
+    """Each validator's current weight row by its hotkey (the embedded chain exposes weights; else empty)."""
     weights = getattr(chain, "weights", None)
-    if uid is None or not callable(weights):
+    if not callable(weights):
         return {}
     by_uid = {n.uid: n.hotkey for n in neurons}
-    return {by_uid.get(v, str(v)): row.get(uid, 0.0) for v, row in sorted(weights().items())}
+    return {by_uid.get(v, str(v)): row for v, row in sorted(weights().items())}
 
 
-def _merge_of(
-    ctx: NodeContext, chain: _ReadOnlyHistory, hotkey: str, cycle: int
-) -> tuple[bool | None, float | None, str | None]:
-    """(merged, merge weight, publisher) from the cycle's published merge record, if any."""
+def _published_merge(
+    ctx: NodeContext, chain: _ReadOnlyHistory, cycle: int
+) -> tuple[MergeRecord | None, str | None]:
+    """The cycle's published merge record and its publisher; (None, publisher) when unreadable."""
     found = chosen_publication(chain, ctx.config.cycle, newer_than=cycle - 1, before=cycle + 1)
     if found is None or found.payload.cycle != cycle:
-        return None, None, None
+        return None, None
     ref = StoreRef(kind=found.payload.store_kind, repo=found.payload.repo, revision=found.payload.revision)
     with tempfile.TemporaryDirectory(prefix="connito-status-") as scratch:
         try:
             ctx.store.download(ref, Path(scratch), max_bytes=_RECORD_MAX_BYTES, files=(MERGE_RECORD_FILE,))
             record = MergeRecord.model_validate_json((Path(scratch) / MERGE_RECORD_FILE).read_bytes())
         except (StoreError, InvalidSubmission, ValidationError, OSError):
-            return None, None, found.hotkey
-    weight = next((i.weight for i in record.inputs if i.hotkey == hotkey), None)
-    return weight is not None, weight, found.hotkey
+            return None, found.hotkey
+    return record, found.hotkey
 
 
 def format_status(status: SubmissionStatus) -> str:
