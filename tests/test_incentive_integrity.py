@@ -208,7 +208,6 @@ def test_the_history_keeps_the_screens_sketch_without_reading_the_payload_again(
     import dataclasses as _dc
 
     from connito.node.validator_history import remember_accepted
-    from connito.protocol.global_state import GlobalState
     from connito.protocol.scoring import Candidate
 
     model, _clean, global_state, good = setup
@@ -226,8 +225,7 @@ def test_the_history_keeps_the_screens_sketch_without_reading_the_payload_again(
     ctx = _dc.make_dataclass("Ctx", ["config"])(
         config=_dc.make_dataclass("Cfg", ["scoring"])(scoring=ScoringConfig(replay_cycles=3))
     )
-    held = GlobalState(cycle=0, revision="r", experts=global_state, outer=None)  # type: ignore[arg-type]
-    remember_accepted(ctx, history, 1, [score], {"miner": candidate}, held)
+    remember_accepted(ctx, history, 1, [score])
 
     assert len(reads) == screened  # not read again
     fresh = ReplayHistory(tmp_path / "replay-fresh")

@@ -197,7 +197,7 @@ class Validator:
             cycle=cycle,
             step_norm=step_norm,
         )
-        remember_accepted(self.ctx, self._history, cycle, scores, candidates, self.global_state)
+        remember_accepted(self.ctx, self._history, cycle, scores)
         rows.update({s.hotkey: score_row(s, rows.get(s.hotkey)) for s in scores})
         cycle_weights = rank_weights(scores, config.scoring)
         self.state.ema = update_ema(

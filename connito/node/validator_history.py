@@ -20,10 +20,9 @@ import statistics
 from connito.errors import ChainError
 from connito.node.context import NodeContext
 from connito.node.validator_state import CycleResult
-from connito.protocol.global_state import GlobalState
 from connito.protocol.phases import phase_bounds
 from connito.protocol.replay import ReplayHistory
-from connito.protocol.scoring import Candidate, SubmissionScore, pseudo_gradient
+from connito.protocol.scoring import SubmissionScore
 from connito.protocol.submissions import Observation, observe_commitments
 
 logger = logging.getLogger(__name__)
@@ -57,26 +56,17 @@ def observe_window_ends(
 
 
 def remember_accepted(
-    ctx: NodeContext,
-    history: ReplayHistory,
-    cycle: int,
-    scores: list[SubmissionScore],
-    candidates: dict[str, Candidate],
-    global_state: GlobalState,
+    ctx: NodeContext, history: ReplayHistory, cycle: int, scores: list[SubmissionScore]
 ) -> None:
     """Keep sketches of ``cycle``'s accepted updates and forget cycles beyond the replay window.
 
-    The copy screen already sketched every kept update (``SubmissionScore.sketch``); only a score
-    without one (built elsewhere) costs a read of its payload.
+    The sketch is the one the copy screen made of each kept update (``SubmissionScore.sketch``):
+    the payload is not read again.
     """
     for score in scores:
-        if not score.accepted:
-            continue
-        if score.sketch is not None:
+        if score.accepted:
+            assert score.sketch is not None, "score_submissions sketches every update it accepts"
             history.add_sketch(cycle, score.hotkey, score.sketch)
-        else:
-            experts = candidates[score.hotkey].experts()
-            history.add(cycle, score.hotkey, pseudo_gradient(global_state.experts, experts))
     history.prune(keep_from=cycle - ctx.config.scoring.replay_cycles)
 
 
