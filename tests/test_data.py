@@ -374,3 +374,8 @@ def test_explicit_validation_is_held_out_and_private_files_are_the_evaluation_po
     leaked.write_text(json.dumps({"text": math[100]}) + "\n")
     with pytest.raises(ConfigError, match="no document outside the public sources"):
         build_domain_data(config, cache_dir=tmp_path, private_validation=[leaked])
+    # a general source's documents are in the miners' training mixture: public too
+    english = generate_documents("english", max_documents=80)[0]
+    leaked.write_text(json.dumps({"text": english}) + "\n")
+    with pytest.raises(ConfigError, match="no document outside the public sources"):
+        build_domain_data(config, cache_dir=tmp_path, private_validation=[leaked])

@@ -275,7 +275,8 @@ def _load_texts(data: DataConfig, *, private_validation: Sequence[str | Path]) -
         for source in data.general
     ]
     # a private document is evaluation data only if no miner can read it: not in any public source
-    public = {document_digest(doc) for split in train_splits for doc in split.train + split.heldout}
+    readable = train_splits + general_splits  # miners train on general sources' training parts too
+    public = {document_digest(doc) for split in readable for doc in split.train + split.heldout}
     public |= {document_digest(doc) for doc in explicit}
     private = [doc for doc in unique_documents(private) if document_digest(doc) not in public]
     train = [split.train for split in train_splits]
