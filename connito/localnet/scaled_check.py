@@ -22,7 +22,7 @@ from torch import nn
 
 from connito.config import DomainConfig
 from connito.data import DomainData
-from connito.ml.modeling import batch_losses
+from connito.ml.modeling import mean_batch_loss
 from connito.ml.moe import write_experts
 from connito.protocol.checkpoint import EXPERTS_FILE
 from connito.protocol.step_length import at_step
@@ -70,8 +70,7 @@ def scaled_rows(
         int(record["eval_seed"]), scoring.eval_batches, scoring.eval_batch_size
     )
     write_experts(model, point)
-    losses = batch_losses(model, batches)
-    unscaled_loss = sum(losses) / len(losses)
+    unscaled_loss = mean_batch_loss(model, batches)
     out.update(
         domain_loss=row["domain_loss"],
         unscaled_domain_loss=unscaled_loss,
