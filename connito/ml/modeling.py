@@ -38,10 +38,6 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
 }
 
 
-def _check_supported(model_type: str) -> None:
-    check_model_type(model_type)
-
-
 def build_model(model_cfg: ModelConfig) -> PreTrainedModel:
     """A freshly initialised model from an inline transformers config (seeded, offline).
 
@@ -52,7 +48,7 @@ def build_model(model_cfg: ModelConfig) -> PreTrainedModel:
     if model_cfg.inline is None:
         raise ConfigError("build_model needs model.inline", field="model.inline")
     inline = dict(model_cfg.inline)
-    _check_supported(str(inline.get("model_type")))
+    check_model_type(str(inline.get("model_type")))
     try:
         hf_config = AutoConfig.for_model(**inline)
     except (ValueError, TypeError, KeyError) as exc:
@@ -83,7 +79,7 @@ def load_model(path_or_id: str | Path, model_cfg: ModelConfig) -> PreTrainedMode
         hf_config = AutoConfig.from_pretrained(str(path_or_id), **source)  # the family, before any weights
     except (OSError, ValueError) as exc:  # unknown or unreachable id, gated repo: one line
         raise _unloadable(path_or_id, model_cfg, exc) from None
-    _check_supported(hf_config.model_type)
+    check_model_type(hf_config.model_type)
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path_or_id), config=hf_config, **kwargs)
     except (OSError, ValueError) as exc:  # no weights, a damaged shard: one line
