@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-
-from transformers import AutoConfig, PretrainedConfig
+from typing import TYPE_CHECKING
 
 from connito.config import ModelConfig
 from connito.errors import ConfigError, UnsupportedModelError
 from connito.ml.moe_families import family_of, refusal_reason
+
+if TYPE_CHECKING:  # transformers is imported where a config is read: the path helper stays light
+    from transformers import PretrainedConfig
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +33,8 @@ def config_copy_path(config_path: Path, model_id: str) -> Path:
 
 
 def _from_file_or_hub(source: str, *, revision: str | None, where: str) -> PretrainedConfig:
+    from transformers import AutoConfig
+
     try:
         if revision is None:
             return AutoConfig.from_pretrained(source, trust_remote_code=False)
@@ -57,6 +61,8 @@ def read_model_config(
     if model_dir is not None:
         return _from_file_or_hub(str(model_dir), revision=None, where="--model")
     if model_cfg.inline is not None:
+        from transformers import AutoConfig, PretrainedConfig
+
         inline = dict(model_cfg.inline)
         if family_of(str(inline.get("model_type"))) is None:
             return PretrainedConfig(model_type=str(inline.get("model_type")))  # refused by the caller

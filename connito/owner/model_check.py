@@ -5,7 +5,8 @@ config, so that a family connito refuses stops the command with one line in well
 seconds. A Hub id without a local copy is left to ``connito.ml.model_config``, which fetches that
 one file through transformers.
 
-May import: connito.config, connito.errors, connito.ml.moe_families.
+May import: connito.config, connito.errors, connito.ml.moe_families, connito.ml.model_config
+(its path helper; transformers is imported there only when a config is read).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 
 from connito.config import ModelConfig
 from connito.errors import ConfigError, UnsupportedModelError
+from connito.ml.model_config import config_copy_path
 from connito.ml.moe_families import family_of, refusal_reason
 
 __all__ = ["local_model_type", "check_family_early"]
@@ -45,7 +47,7 @@ def local_model_type(
         return str(model_cfg.inline["model_type"])
     if model_cfg.id is None:
         return None
-    copy = config_path.resolve().parent.parent / "models" / (model_cfg.id.replace("/", "--") + ".json")
+    copy = config_copy_path(config_path, model_cfg.id)
     if copy.exists():
         return _read_model_type(copy, where="model.id")
     if (Path(model_cfg.id) / "config.json").exists():
