@@ -16,6 +16,7 @@ from typing import Protocol, runtime_checkable
 from connito.errors import StoreError
 
 __all__ = [
+    "COMMIT_SHA",
     "is_commit_sha",
     "check_ref",
     "StoreRef",
@@ -34,12 +35,12 @@ MAX_FILE_NAME_CHARS = 128
 # Each part starts and ends with a letter or digit: no ".", "..", leading "/" or "-", no separators.
 _REPO_PART = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?")
 _FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-_COMMIT_SHA = re.compile(r"[0-9a-f]{40}")
+COMMIT_SHA = re.compile(r"[0-9a-f]{40}")  # a Hub (git) commit: the only revision that cannot move
 
 
 def is_commit_sha(revision: str | None) -> bool:
     """A 40-hex lowercase git commit: the only Hub revision that cannot move after it is read."""
-    return revision is not None and _COMMIT_SHA.fullmatch(revision) is not None
+    return revision is not None and COMMIT_SHA.fullmatch(revision) is not None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

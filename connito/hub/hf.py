@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -37,7 +36,15 @@ from huggingface_hub.hf_api import RepoFile
 from huggingface_hub.utils import parse_ratelimit_headers
 
 from connito.errors import ConfigError, StoreError
-from connito.hub.base import CHECKPOINT_FILES, StoreRef, check_ref, validate_file_names, validate_repo_id
+from connito.hub.base import (
+    CHECKPOINT_FILES,
+    COMMIT_SHA,
+    StoreRef,
+    check_ref,
+    is_commit_sha,
+    validate_file_names,
+    validate_repo_id,
+)
 
 __all__ = ["HfHubStore", "HF_KIND", "DEFAULT_ENDPOINT"]
 
@@ -49,7 +56,6 @@ DEFAULT_MAX_RETRIES = 3
 DEFAULT_BACKOFF_S = 1.0
 MAX_BACKOFF_S = 30.0
 MAX_RETRY_AFTER_S = 300  # the longest Retry-After a node honours (seconds)
-_COMMIT_SHA = re.compile(r"[0-9a-f]{40}")
 _TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 # Errors that call for a retry: the request may not have reached the Hub, or the Hub was busy.
 _TRANSPORT_ERRORS = (httpx2.TransportError, OfflineModeIsEnabled)
@@ -169,7 +175,7 @@ class HfHubStore:
             return str(info.oid)
 
         revision = self._call("commit", repo, None, commit)
-        if _COMMIT_SHA.fullmatch(revision) is None:
+        if not is_commit_sha(revision):
             raise StoreError(
                 f"hf upload repo={repo}: Hub returned commit id {revision!r}, expected 40 hex chars",
                 repo=repo,
@@ -317,7 +323,7 @@ def _check_ref(ref: StoreRef) -> None:
     check_ref(
         ref,
         kind=HF_KIND,
-        revision=_COMMIT_SHA,
+        revision=COMMIT_SHA,
         rule="a 40-hex lowercase commit sha (a branch or tag can move after the commit deadline)",
     )
 
