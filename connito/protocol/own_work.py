@@ -82,7 +82,9 @@ class OwnWorkVerdict:
         public = self.public_pool_drop
         pool = f", the public held-out pool {public:.2%}" if public is not None else ""
         learned = [self.control_drop, self.assigned_drop, margin / 2]
-        if public is not None and public > max(learned + [self.nearest_drop or float("-inf")]):
+        if self.nearest_drop is not None:
+            learned.append(self.nearest_drop)
+        if public is not None and public > max(learned):
             return (
                 "trained_on_eval_pool",
                 f"learned the public held-out pool most: loss fell on {own}{pool}",
